@@ -1,0 +1,109 @@
+"""The ``featuredao`` command: validate, fetch and demo (exit 0 ok, 1 runtime failure, 2 usage or config)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from featuredao import config as config_mod
+from featuredao.errors import ConfigError, FeatureDaoError
+
+
+def _keys(text: str) -> list[str]:
+    return [k for k in (p.strip() for p in text.split(",")) if k]
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """featuredao: batch-first feature serving for recommender systems."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def validate(config: str) -> None:
+    """Check a configuration file and report every problem with its JSON path."""
+    cfg = config_mod.load(config)
+    click.echo(f"OK: {len(cfg.sources)} source(s), {len(cfg.views)} view(s)")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--user", "user_id", help="User id: merge the features of every user view.")
+@click.option("--items", default="", help="Comma-separated item ids.")
+@click.option("--view", help="Read one view instead of merging all.")
+@click.option("--keys", default="", help="Comma-separated keys (with --view).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--deadline-ms", type=float, help="Overall deadline (default from config).")
+def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: str, as_json: bool,
+          deadline_ms: float | None) -> None:
+    """Fetch features: a user and items from every view, or keys from one view."""
+    from featuredao.service import FeatureService
+
+    if view is None and user_id is None and not items:
+        raise click.UsageError("give --user and/or --items, or --view with --keys")
+    if view is not None and (user_id is not None or items):
+        raise click.UsageError("--view reads one view: use --keys, not --user/--items")
+    with FeatureService.from_config(config) as service:
+        if view is not None:
+            if view not in service.daos:
+                raise click.UsageError(f"unknown view {view!r}; known: {', '.join(service.daos)}")
+            batch = service.read_view(view, _keys(keys))
+            out: dict[str, Any] = {str(k): r for k, r in batch.as_dict().items()}
+            if batch.degraded:
+                click.echo(_dump({"degraded": [d.to_dict() for d in batch.degraded]}), err=True)
+        else:
+            out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms).to_dict()
+    if as_json:
+        click.echo(_dump(out))
+    else:
+        click.echo(json.dumps(out, ensure_ascii=False, indent=2, default=str))
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Where the dataset and its config go.")
+@click.option("--users", default=10_000, show_default=True)
+@click.option("--items", default=100_000, show_default=True)
+@click.option("--fetch-items", default=500, show_default=True, help="Items fetched for the user.")
+def demo(directory: Path, users: int, items: int, fetch_items: int) -> None:
+    """Build an embedded SQLite dataset, fetch one user with 500 items, print features and timings."""
+    from featuredao import demo as demo_mod
+
+    demo_mod.run(directory, users, items, min(fetch_items, items))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: map our errors to exit codes without tracebacks."""
+    try:
+        cli.main(args=argv, prog_name="featuredao", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except FeatureDaoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The JSON configuration: schema, ``${ENV}`` resolution and validation that reports every problem at once."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from featuredao.errors import ConfigError, ConfigIssue
+from featuredao.types import FeatureType, FeatureValue, fits
+
+if TYPE_CHECKING:
+    from featuredao.dao import Source
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+QUALIFIED = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
+"""A column, field or key name: letters, digits and underscores, not starting with a digit."""
+QualifiedName = Annotated[str, StringConstraints(pattern=QUALIFIED)]
+"""A table name, optionally qualified by one schema/database name."""
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Values at paths whose last segment matches this are never echoed back.
+_SECRET_NAME = re.compile(r"(pass|secret|token|credential|auth|private)", re.IGNORECASE)
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(StrictModel):
+    """Options model of an adapter that takes none."""
+
+
+class ServiceConfig(StrictModel):
+    """Settings of FeatureService itself."""
+
+    deadline_ms: int = Field(default=100, gt=0)
+    max_workers: int = Field(default=16, gt=0, le=256)
+    strict: bool = False
+
+
+class ViewConfig(StrictModel):
+    """One feature view: a table or keyspace in one source, keyed by one entity."""
+
+    name: Identifier
+    entity: Literal["user", "item"]
+    source: str
+    table: QualifiedName
+    key: Identifier
+    key_type: Literal["str", "int"] = "str"
+    features: dict[Identifier, FeatureType] = Field(min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{0,32}$")] = ""
+    timeout_ms: int = Field(default=50, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RawConfig(StrictModel):
+    """The top-level document before adapter-specific validation."""
+
+    sources: dict[Identifier, dict[str, Any]] = Field(min_length=1)
+    views: list[ViewConfig] = Field(min_length=1)
+    service: ServiceConfig = ServiceConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A validated source: its name, adapter type and the adapter's own options model."""
+
+    name: str
+    type: str
+    options: Any
+
+    def __repr__(self) -> str:
+        # Options models hold SecretStr for credentials, so their repr is safe.
+        return f"SourceSpec(name={self.name!r}, type={self.type!r}, options={self.options!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A validated view, with its adapter-specific options parsed."""
+
+    name: str
+    entity: str
+    source: str
+    table: str
+    key: str
+    key_type: str
+    features: dict[str, FeatureType]
+    defaults: dict[str, FeatureValue]
+    prefix: str
+    timeout_ms: int
+    options: Any = None
+    config: ViewConfig | None = field(default=None, repr=False, compare=False)
+
+    def output_name(self, feature: str) -> str:
+        """The name a feature has in a service result."""
+        return self.prefix + feature
+
+    def default_row(self) -> dict[str, FeatureValue]:
+        """Every feature at its default (None where no default is declared)."""
+        return {f: self.defaults.get(f) for f in self.features}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A fully validated configuration."""
+
+    sources: dict[str, SourceSpec]
+    views: dict[str, View]
+    service: ServiceConfig
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+
+def json_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """Render a location as a JSON path: ``$.views[0].features.age``."""
+    out = "$"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _resolve_env(node: Any, loc: tuple[int | str, ...], issues: list[ConfigIssue],
+                 secrets: dict[str, str]) -> Any:
+    """Replace ``${VAR}`` references; remember which paths hold resolved values."""
+    if isinstance(node, dict):
+        return {k: _resolve_env(v, (*loc, k), issues, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_env(v, (*loc, i), issues, secrets) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        def sub(m: re.Match[str]) -> str:
+            var = m.group(1)
+            if var not in os.environ:
+                issues.append(ConfigIssue(json_path(loc), f"environment variable {var} is not set",
+                                          repr(node)))
+                return ""
+            return os.environ[var]
+
+        resolved = _ENV_REF.sub(sub, node)
+        secrets[json_path(loc)] = node
+        return resolved
+    return node
+
+
+def _shown(path: str, value: Any, secrets: Mapping[str, str]) -> str | None:
+    """How a value may appear in an error: references instead of secrets, scalars only."""
+    if path in secrets:
+        return repr(secrets[path])
+    if _SECRET_NAME.search(path.rsplit(".", 1)[-1]):
+        return "'***'"
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return None
+
+
+def _pydantic_issues(exc: ValidationError, prefix: tuple[int | str, ...],
+                     secrets: Mapping[str, str]) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = (*prefix, *err["loc"])
+        path = json_path(loc)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "enum":
+            message = "unknown type; " + message.lower()
+        elif err["type"] == "string_pattern_mismatch":
+            message = "invalid identifier; " + message.lower()
+        # A missing key's "input" is the enclosing object: never echo it.
+        value = None if err["type"] == "missing" else _shown(path, err.get("input"), secrets)
+        issues.append(ConfigIssue(path, message, value))
+    return issues
+
+
+def read_document(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a config file (or take a dict) as plain JSON data."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+            from None
+    if not isinstance(doc, dict):
+        raise ConfigError([ConfigIssue("$", "the configuration must be a JSON object")])
+    return doc
+
+
+def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
+    """Load and validate a configuration; raise ConfigError listing every problem found."""
+    from featuredao import registry  # registry imports this module
+
+    doc = read_document(source)
+    # Relative file paths in adapter options are relative to the config file, not to the cwd.
+    context = {"base_dir": Path.cwd() if isinstance(source, Mapping) else Path(source).resolve().parent}
+    issues: list[ConfigIssue] = []
+    secrets: dict[str, str] = {}
+    resolved = _resolve_env(doc, (), issues, secrets)
+    try:
+        raw = RawConfig.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(issues + _pydantic_issues(exc, (), secrets)) from None
+
+    sources: dict[str, SourceSpec] = {}
+    adapters: dict[str, type[Source]] = {}
+    for name, body in raw.sources.items():
+        loc: tuple[int | str, ...] = ("sources", name)
+        kind = body.get("type")
+        if not isinstance(kind, str):
+            issues.append(ConfigIssue(json_path((*loc, "type")), "a source needs a string 'type'",
+                                      _shown(json_path((*loc, "type")), kind, secrets)))
+            continue
+        try:
+            adapter = registry.get_adapter(kind)
+        except LookupError as exc:
+            issues.append(ConfigIssue(json_path((*loc, "type")), str(exc), repr(kind)))
+            continue
+        options = {k: v for k, v in body.items() if k != "type"}
+        try:
+            parsed = adapter.options_model.model_validate(options, context=context)
+        except ValidationError as exc:
+            issues.extend(_pydantic_issues(exc, loc, secrets))
+            continue
+        adapters[name] = adapter
+        sources[name] = SourceSpec(name, kind, parsed)
+
+    views: dict[str, View] = {}
+    outputs: dict[tuple[str, str], str] = {}
+    for i, vc in enumerate(raw.views):
+        loc = ("views", i)
+        ok = True
+        if vc.name in views:
+            issues.append(ConfigIssue(json_path((*loc, "name")), "duplicate view name", repr(vc.name)))
+            ok = False
+        if vc.source not in raw.sources:
+            hint = difflib.get_close_matches(vc.source, list(raw.sources), n=1)
+            msg = "unknown source" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            issues.append(ConfigIssue(json_path((*loc, "source")), msg, repr(vc.source)))
+            ok = False
+        defaults: dict[str, FeatureValue] = {}
+        for fname, value in vc.defaults.items():
+            dloc = json_path((*loc, "defaults", fname))
+            if fname not in vc.features:
+                issues.append(ConfigIssue(dloc, "default for an undeclared feature", repr(value)))
+                ok = False
+            elif not fits(value, vc.features[fname]):
+                issues.append(ConfigIssue(dloc, f"default does not fit type {vc.features[fname].value}",
+                                          _shown(dloc, value, secrets) or json.dumps(value)[:80]))
+                ok = False
+            else:
+                defaults[fname] = float(value) if vc.features[fname] is FeatureType.FLOAT else value
+        for fname in vc.features:
+            out = vc.prefix + fname
+            other = outputs.get((vc.entity, out))
+            if other is not None and other != vc.name:
+                issues.append(ConfigIssue(json_path((*loc, "features", fname)),
+                                          f"output feature {out!r} of entity {vc.entity!r} "
+                                          f"is also produced by view {other!r}", repr(fname)))
+                ok = False
+            outputs.setdefault((vc.entity, out), vc.name)
+        view_options: Any = None
+        adapter_cls = adapters.get(vc.source)
+        if adapter_cls is not None:
+            try:
+                view_options = adapter_cls.view_options_model.model_validate(vc.options, context=context)
+            except ValidationError as exc:
+                issues.extend(_pydantic_issues(exc, (*loc, "options"), secrets))
+                ok = False
+        elif vc.source in raw.sources:
+            ok = False  # the source itself is invalid; already reported
+        if ok:
+            views[vc.name] = View(vc.name, vc.entity, vc.source, vc.table, vc.key, vc.key_type,
+                                  dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc)
+    if issues:
+        raise ConfigError(issues)
+    return Config(sources, views, raw.service, doc)
+
+
+def quote_identifier(name: str, quote: str = '"') -> str:
+    """Quote a validated (optionally qualified) identifier for SQL; refuse anything else."""
+    if not re.match(QUALIFIED, name):
+        raise ConfigError([ConfigIssue("$", "invalid identifier", repr(name))])
+    return ".".join(f"{quote}{part}{quote}" for part in name.split("."))

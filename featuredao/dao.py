@@ -1,0 +1,383 @@
+"""The batch-first FeatureDao contract, the Source an adapter implements, and the shared base class.
+
+An adapter supplies two small classes: a :class:`Source` (one configured connection pool) and a
+:class:`BaseDao` subclass that implements ``_fetch_batch`` and ``_write_batch`` for one chunk.
+Everything else (key normalisation, dedupe, chunking, concurrency, deadlines, error mapping,
+coercion, realignment in input order) happens here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel
+
+from featuredao.config import NoOptions, View
+from featuredao.errors import (
+    BackendError,
+    BackendQueryError,
+    BackendTimeout,
+    FeatureDaoError,
+)
+from featuredao.types import (
+    BatchResult,
+    CoercionError,
+    Degraded,
+    FeatureType,
+    FeatureValue,
+    Key,
+    RawRows,
+    Reason,
+    Row,
+    RowFailure,
+    coercer,
+)
+
+log = logging.getLogger("featuredao")
+
+ErrorMap = Sequence[tuple[type[BaseException], type[BackendError]]]
+# Per feature: name, the exact Python type that needs no conversion, the converter, the default.
+_Plan = list[tuple[str, type[Any], Callable[[Any], FeatureValue], FeatureValue]]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an adapter can do; callers branch on these, never on the adapter's name."""
+
+    write: bool = True
+    """Has a write path (upsert)."""
+    projection: bool = True
+    """Reads only the requested features from the store."""
+    server_timeout: bool = False
+    """Cancels work on the server when the time left runs out."""
+    concurrent_chunks: bool = True
+    """Chunks of one read may run concurrently (the pool has several connections)."""
+    create: bool = True
+    """Can create the table or keyspace a view needs (``prepare``)."""
+
+
+class FeatureDao(ABC):
+    """Read and write the features of one view, many keys per call."""
+
+    view: View
+
+    @abstractmethod
+    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+             timeout_s: float | None = None) -> BatchResult:
+        """Return one entry per key in input order; a missing key is ``None`` in its place."""
+
+    @abstractmethod
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Write rows idempotently (whole rows: absent features are written as null); return the count."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise a BackendError when the store cannot serve."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most DAOs hold nothing
+        """Release what this DAO holds (the source's pool is closed by its owner)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Source(ABC):
+    """One configured connection to a store; owns the pool and builds a DAO per view."""
+
+    type_name: ClassVar[str] = ""
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    view_options_model: ClassVar[type[BaseModel]] = NoOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    error_map: ClassVar[ErrorMap] = ()
+    """(driver exception, featuredao exception) pairs, most specific first."""
+    default_batch_size: ClassVar[int] = 1000
+
+    def __init__(self, name: str, options: Any) -> None:
+        self.name = name
+        self.options = options
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    @abstractmethod
+    def dao(self, view: View) -> BaseDao:
+        """Build the DAO that serves ``view`` from this source."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Round-trip to the store; raise a mapped BackendError on failure."""
+
+    def close(self) -> None:
+        """Close the pool."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    @property
+    def batch_size(self) -> int:
+        """Most keys sent to the store in one round trip."""
+        return int(getattr(self.options, "batch_size", None) or self.default_batch_size)
+
+    @property
+    def concurrency(self) -> int:
+        """How many chunks of one read may be in flight at once (the pool size)."""
+        return int(getattr(self.options, "pool_size", None) or 1)
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The thread pool that runs the chunks of one read concurrently."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                                    thread_name_prefix=f"featuredao-{self.name}")
+            return self._executor
+
+    def map_error(self, exc: BaseException) -> type[BackendError] | None:
+        """The featuredao exception a driver exception stands for (None: not a store error)."""
+        for driver_exc, ours in self.error_map:
+            if isinstance(exc, driver_exc):
+                return ours
+        return None
+
+    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
+        """Turn a driver exception into ours (keeping featuredao exceptions as they are)."""
+        if isinstance(exc, FeatureDaoError):
+            return exc
+        kind = self.map_error(exc)
+        if kind is None:
+            return exc
+        # Driver messages may quote the statement but never contain our secrets: those live in
+        # SecretStr options that are only read when connecting.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return kind(f"{type(exc).__name__}: {detail}", source=self.name, view=view)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def normaliser(key_type: str) -> Callable[[Any], Key]:
+    """Return the function that brings a caller's key to the view's key type."""
+    if key_type == "int":
+        def to_int(k: Any) -> Key:
+            if isinstance(k, bool) or not isinstance(k, int | str):
+                raise TypeError(f"key {k!r} is not an int")
+            return int(k)
+        return to_int
+
+    def to_str(k: Any) -> Key:
+        if isinstance(k, str):
+            return k
+        if isinstance(k, int) and not isinstance(k, bool):
+            return str(k)
+        if isinstance(k, bytes):
+            return k.decode()
+        raise TypeError(f"key {k!r} is not a str")
+    return to_str
+
+
+class BaseDao(FeatureDao):
+    """Shared batch logic; a backend implements ``_fetch_batch`` and ``_write_batch`` for one chunk."""
+
+    def __init__(self, source: Source, view: View) -> None:
+        self.source = source
+        self.view = view
+        self._norm = normaliser(view.key_type)
+        self._all_fields = list(view.features)
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+
+    # -- per-backend hooks ---------------------------------------------------------------
+    @abstractmethod
+    def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        """Read one chunk of distinct keys: raw stored values by key, absent keys left out."""
+
+    def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        """Write one chunk of distinct keys (whole rows, already coerced)."""
+        raise BackendQueryError(f"adapter {self.source.type_name!r} has no write path",
+                                source=self.source.name, view=self.view.name)
+
+    def prepare(self) -> None:
+        """Create the table or keyspace the view needs, if the store has such a thing."""
+
+    # -- the shared work -----------------------------------------------------------------
+    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+             timeout_s: float | None = None) -> BatchResult:
+        """Return one entry per key in input order; a missing key is ``None`` in its place."""
+        started = time.perf_counter()
+        norm = [self._norm(k) for k in keys]
+        fields = self._fields(features)
+        result = BatchResult(norm, [None] * len(norm))
+        if not norm:
+            return result  # no round trip for an empty batch
+        unique = list(dict.fromkeys(norm))
+        size = max(1, self.source.batch_size)
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        deadline = None if timeout_s is None else started + timeout_s
+        raw: dict[Key, Any] = {}
+        for part in self._run_chunks(chunks, fields, deadline):
+            raw.update(part)
+        plan = self._plan(fields)
+        rows: dict[Key, Row | None] = {}
+        for key in unique:
+            found = raw.get(key)
+            if found is None:
+                continue
+            if isinstance(found, RowFailure):
+                result.degraded.append(Degraded(self.view.name, Reason.ROW_ERROR, found.reason, (key,)))
+                continue
+            rows[key] = self._coerce_row(key, found, plan, result.degraded)
+        result.rows = [rows.get(k) for k in norm]
+        result.elapsed_s = time.perf_counter() - started
+        return result
+
+    def _run_chunks(self, chunks: list[list[Key]], fields: list[str],
+                    deadline: float | None) -> Iterator[RawRows]:
+        def left() -> float | None:
+            if deadline is None:
+                return None
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise BackendTimeout("deadline passed before the store answered",
+                                     source=self.source.name, view=self.view.name)
+            return remaining
+
+        if len(chunks) == 1 or not self.source.capabilities.concurrent_chunks or \
+                self.source.concurrency <= 1:
+            for chunk in chunks:
+                yield self._call(chunk, fields, left())
+            return
+        pool = self.source.executor()
+        futures: list[Future[RawRows]] = [pool.submit(self._call, c, fields, left()) for c in chunks]
+        try:
+            for fut in futures:
+                try:
+                    yield fut.result(timeout=left())
+                except FutureTimeout:
+                    raise BackendTimeout("deadline passed before the store answered",
+                                         source=self.source.name, view=self.view.name) from None
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def _call(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        try:
+            return self._fetch_batch(keys, fields, timeout_s)
+        except Exception as exc:
+            mapped = self.source.translate(exc, self.view.name)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _fields(self, features: Sequence[str] | None) -> list[str]:
+        if features is None:
+            return self._all_fields
+        unknown = [f for f in features if f not in self.view.features]
+        if unknown:
+            raise BackendQueryError(f"unknown features {unknown}", source=self.source.name,
+                                    view=self.view.name)
+        return list(dict.fromkeys(features))
+
+    _PY: ClassVar[dict[FeatureType, type[Any]]] = {
+        FeatureType.INT: int, FeatureType.FLOAT: float, FeatureType.STR: str, FeatureType.BOOL: bool,
+    }
+
+    def _plan(self, fields: list[str]) -> _Plan:
+        plan = self._plans.get(tuple(fields))
+        if plan is None:
+            plan = []
+            for f in fields:
+                ftype = self.view.features[f]
+                # Lists always go through the coercer: elements need checking too.
+                exact = self._PY.get(ftype, type(None))
+                plan.append((f, exact, coercer(ftype), self.view.defaults.get(f)))
+            self._plans[tuple(fields)] = plan
+        return plan
+
+    def _coerce_row(self, key: Key, raw: Mapping[str, Any],
+                    plan: _Plan, degraded: list[Degraded]) -> Row:
+        row: Row = {}
+        for name, exact, convert, default in plan:
+            value = raw.get(name)
+            if value is None:
+                row[name] = default
+            elif type(value) is exact:
+                row[name] = value
+            else:
+                try:
+                    row[name] = convert(value)
+                except (CoercionError, TypeError, ValueError, UnicodeDecodeError, OverflowError) as exc:
+                    log.warning("view %s key %r feature %s: cannot coerce stored value: %s",
+                                self.view.name, key, name, exc)
+                    degraded.append(Degraded(self.view.name, Reason.COERCION, str(exc), (key,), name))
+                    row[name] = default
+        return row
+
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Write rows idempotently (whole rows: absent features are written as null); return the count."""
+        if not self.source.capabilities.write:
+            raise BackendQueryError("this adapter is read-only", source=self.source.name,
+                                    view=self.view.name)
+        prepared: dict[Key, Row] = {}
+        for key, values in rows:
+            prepared[self._norm(key)] = self._check_row(key, values)  # later duplicates win
+        items = list(prepared.items())
+        size = max(1, self.source.batch_size)
+        for i in range(0, len(items), size):
+            chunk = items[i:i + size]
+            try:
+                self._write_batch(chunk)
+            except Exception as exc:
+                mapped = self.source.translate(exc, self.view.name)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+        return len(items)
+
+    def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
+        unknown = set(values) - set(self.view.features)
+        if unknown:
+            raise CoercionError(f"view {self.view.name!r} key {key!r}: unknown features {sorted(unknown)}")
+        row: Row = {}
+        for name, ftype in self.view.features.items():
+            value = values.get(name)
+            if value is None:
+                row[name] = None
+                continue
+            try:
+                row[name] = coercer(ftype)(value)
+            except (CoercionError, TypeError, ValueError) as exc:
+                raise CoercionError(f"view {self.view.name!r} key {key!r} feature {name!r}: {exc}") \
+                    from exc
+        return row
+
+    def ping(self) -> None:
+        """Round-trip to the store."""
+        try:
+            self.source.ping()
+        except Exception as exc:
+            mapped = self.source.translate(exc, self.view.name)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(view={self.view.name!r}, source={self.source.name!r})"
+
+
