@@ -60,8 +60,6 @@ class SqliteSource(Source):
 
     def _connect(self) -> sqlite3.Connection:
         opts: SqliteOptions = self.options
-        if opts.path != ":memory:":
-            Path(opts.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(opts.path, timeout=opts.busy_timeout_ms / 1000, check_same_thread=False,
                                isolation_level=None, cached_statements=256)
         conn.execute("PRAGMA journal_mode=WAL")
