@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except FeatureDaoError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -70,7 +70,8 @@ class RawConfig(StrictModel):
     """The top-level document before adapter-specific validation."""
 
     sources: dict[Identifier, dict[str, Any]] = Field(min_length=1)
-    views: list[ViewConfig] = Field(min_length=1)
+    # Views are validated one by one so that one broken view does not hide the others' problems.
+    views: list[dict[str, Any]] = Field(min_length=1)
     service: ServiceConfig = ServiceConfig()
 
 
@@ -177,11 +178,18 @@ def _pydantic_issues(exc: ValidationError, prefix: tuple[int | str, ...],
         elif err["type"] == "enum":
             message = "unknown type; " + message.lower()
         elif err["type"] == "string_pattern_mismatch":
-            message = "invalid identifier; " + message.lower()
+            message = ("invalid name: letters, digits and underscores only, not starting with a digit, "
+                       "at most 63 characters")
         # A missing key's "input" is the enclosing object: never echo it.
         value = None if err["type"] == "missing" else _shown(path, err.get("input"), secrets)
         issues.append(ConfigIssue(path, message, value))
     return issues
+
+
+def _unknown_source(loc: tuple[int | str, ...], name: str, known: Mapping[str, Any]) -> ConfigIssue:
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    msg = "unknown source" + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}")
+    return ConfigIssue(json_path((*loc, "source")), msg, repr(name))
 
 
 def read_document(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -242,17 +250,25 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         sources[name] = SourceSpec(name, kind, parsed)
 
     views: dict[str, View] = {}
+    names: set[str] = set()
     outputs: dict[tuple[str, str], str] = {}
-    for i, vc in enumerate(raw.views):
+    for i, body in enumerate(raw.views):
         loc = ("views", i)
+        try:
+            vc = ViewConfig.model_validate(body)
+        except ValidationError as exc:
+            issues.extend(_pydantic_issues(exc, loc, secrets))
+            source_name = body.get("source")
+            if isinstance(source_name, str) and source_name not in raw.sources:
+                issues.append(_unknown_source(loc, source_name, raw.sources))
+            continue
         ok = True
-        if vc.name in views:
+        if vc.name in names:
             issues.append(ConfigIssue(json_path((*loc, "name")), "duplicate view name", repr(vc.name)))
             ok = False
+        names.add(vc.name)
         if vc.source not in raw.sources:
-            hint = difflib.get_close_matches(vc.source, list(raw.sources), n=1)
-            msg = "unknown source" + (f"; did you mean {hint[0]!r}?" if hint else "")
-            issues.append(ConfigIssue(json_path((*loc, "source")), msg, repr(vc.source)))
+            issues.append(_unknown_source(loc, vc.source, raw.sources))
             ok = False
         defaults: dict[str, FeatureValue] = {}
         for fname, value in vc.defaults.items():

@@ -38,10 +38,10 @@ def demo_config(db: str = "features.db") -> dict[str, Any]:
         "sources": {"local": {"type": "sqlite", "path": db, "pool_size": 4}},
         "views": [
             {"name": "user_profile", "entity": "user", "source": "local", "table": "user_profile",
-             "key": "user_id", "features": USER_FEATURES,
+             "key": "user_id", "features": dict(USER_FEATURES),
              "defaults": {"age": 0, "ctr_7d": 0.0, "is_vip": False}, "timeout_ms": 200},
             {"name": "item_features", "entity": "item", "source": "local", "table": "item_features",
-             "key": "item_id", "key_type": "int", "features": ITEM_FEATURES, "prefix": "item_",
+             "key": "item_id", "key_type": "int", "features": dict(ITEM_FEATURES), "prefix": "item_",
              "defaults": {"price": 0.0, "ctr_7d": 0.0}, "timeout_ms": 200},
         ],
         "service": {"deadline_ms": 500},

@@ -13,10 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from backends.base import ContractBackend  # noqa: E402
+from backends.base import ContractBackend
 
-from featuredao import factory  # noqa: E402
-from featuredao.dao import BaseDao  # noqa: E402
+from featuredao import factory
+from featuredao.dao import BaseDao
 
 FEATURES = {
     "f_int": "int", "f_float": "float", "f_str": "str", "f_bool": "bool",

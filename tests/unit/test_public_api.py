@@ -1,0 +1,41 @@
+"""The public surface: exactly what __all__ says, and importing it loads no driver."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import featuredao
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {n for n in vars(featuredao) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(featuredao, n)).__name__ == "module"}
+    assert set(featuredao.__all__) == (public - modules) | {"__version__"}
+    assert len(featuredao.__all__) == len(set(featuredao.__all__))
+
+
+def test_importing_featuredao_imports_no_driver() -> None:
+    code = (
+        "import sys, featuredao, featuredao.service, featuredao.cli\n"
+        "drivers = ['pymysql', 'psycopg', 'redis', 'happybase', 'thriftpy2', 'clickhouse_driver',"
+        " 'tablestore', 'featuredao.adapters.sqlite']\n"
+        "print(','.join(d for d in drivers if d in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_adapters_come_from_entry_points() -> None:
+    from featuredao import registry
+
+    assert {"sqlite", "mysql", "hologres", "clickhouse", "redis", "hbase", "tablestore"} <= set(
+        registry.available())
+    cls = registry.get_adapter("sqlite")
+    assert cls.__module__ == "featuredao.adapters.sqlite"
+
+
+def test_no_bare_top_level_adapters_package() -> None:
+    out = subprocess.run([sys.executable, "-c", "import adapters"], capture_output=True, text=True,
+                         cwd="/")
+    assert out.returncode != 0

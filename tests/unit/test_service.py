@@ -1,0 +1,147 @@
+"""FeatureService merging, deadlines and degradation, with in-memory fake DAOs (no store involved)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import pytest
+
+from featuredao.config import ServiceConfig, View
+from featuredao.dao import FeatureDao
+from featuredao.errors import BackendQueryError, BackendUnavailable, FetchError
+from featuredao.service import FeatureService, FetchResult
+from featuredao.types import BatchResult, FeatureType, FeatureValue, Key, Reason, Row
+
+
+def make_view(name: str, entity: str, prefix: str = "", timeout_ms: int = 200) -> View:
+    return View(name, entity, "src", name, "id", "str", {"a": FeatureType.INT, "b": FeatureType.STR},
+                {"a": -1}, prefix, timeout_ms)
+
+
+class FakeDao(FeatureDao):
+    """Serves rows from a dict; can sleep or raise."""
+
+    def __init__(self, view: View, rows: dict[Key, Row], delay: float = 0.0,
+                 error: Exception | None = None) -> None:
+        self.view = view
+        self.rows = rows
+        self.delay = delay
+        self.error = error
+        self.calls: list[list[Key]] = []
+        self.release = threading.Event()
+
+    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+             timeout_s: float | None = None) -> BatchResult:
+        self.calls.append(list(keys))
+        if self.delay:
+            self.release.wait(self.delay)
+        if self.error is not None:
+            raise self.error
+        return BatchResult(list(keys), [self.rows.get(k) for k in keys])
+
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        return 0
+
+    def ping(self) -> None:
+        pass
+
+
+def service(*daos: FeatureDao, deadline_ms: int = 500, strict: bool = False) -> FeatureService:
+    return FeatureService({d.view.name: d for d in daos},
+                          ServiceConfig(deadline_ms=deadline_ms, strict=strict))
+
+
+def test_merges_views_in_input_order_with_prefixes_and_defaults() -> None:
+    users = FakeDao(make_view("u", "user"), {"u1": {"a": 1, "b": "x"}})
+    items = FakeDao(make_view("i", "item"), {"i1": {"a": 10, "b": "p"}, "i3": {"a": 30, "b": None}})
+    stats = FakeDao(make_view("s", "item", prefix="s_"), {"i3": {"a": 3, "b": "q"}})
+    with service(users, items, stats) as svc:
+        result = svc.fetch("u1", ["i3", "i2", "i1", "i3"])
+    assert result.user == {"a": 1, "b": "x"}
+    assert result.item_ids == ["i3", "i2", "i1", "i3"]
+    assert result.items == [
+        {"a": 30, "b": None, "s_a": 3, "s_b": "q"},
+        {"a": -1, "b": None, "s_a": -1, "s_b": None},
+        {"a": 10, "b": "p", "s_a": -1, "s_b": None},
+        {"a": 30, "b": None, "s_a": 3, "s_b": "q"},
+    ]
+    assert result.degraded == []
+    assert result.to_dict()["items"]["i2"] == {"a": -1, "b": None, "s_a": -1, "s_b": None}
+
+
+def test_slow_view_gives_defaults_and_a_timeout_entry() -> None:
+    slow = FakeDao(make_view("slow", "item", timeout_ms=30), {"i1": {"a": 5, "b": "z"}}, delay=5)
+    fast = FakeDao(make_view("fast", "user"), {"u1": {"a": 1, "b": "x"}})
+    with service(slow, fast) as svc:
+        started = time.monotonic()
+        result = svc.fetch("u1", ["i1"])
+        elapsed = time.monotonic() - started
+        slow.release.set()
+    assert result.items == [{"a": -1, "b": None}]
+    assert result.user == {"a": 1, "b": "x"}
+    assert [(d.view, d.reason) for d in result.degraded] == [("slow", Reason.TIMEOUT)]
+    assert elapsed < 2.0  # bounded by the view's 30 ms, not by the 5 s the store takes
+
+
+def test_overall_deadline_caps_view_timeouts() -> None:
+    slow = FakeDao(make_view("slow", "user", timeout_ms=10_000), {}, delay=5)
+    with service(slow, deadline_ms=40) as svc:
+        result = svc.fetch("u1", [])
+        slow.release.set()
+    assert [d.reason for d in result.degraded] == [Reason.TIMEOUT]
+
+
+def test_failures_are_degraded_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    down = FakeDao(make_view("down", "user"), {}, error=BackendUnavailable("refused", source="db"))
+    bad = FakeDao(make_view("bad", "item"), {}, error=BackendQueryError("no such table", source="db"))
+    with service(down, bad) as svc, caplog.at_level(logging.WARNING, logger="featuredao"):
+        result = svc.fetch("u1", ["i1"])
+    assert {(d.view, d.reason) for d in result.degraded} == {("down", Reason.UNAVAILABLE),
+                                                             ("bad", Reason.QUERY_ERROR)}
+    assert result.user == {"a": -1, "b": None}
+    assert any(r.levelno == logging.ERROR and "bad" in r.getMessage() for r in caplog.records)
+
+
+def test_strict_mode_raises() -> None:
+    down = FakeDao(make_view("down", "user"), {}, error=BackendUnavailable("refused"))
+    with service(down, strict=True) as svc, pytest.raises(FetchError, match="down: unavailable"):
+        svc.fetch("u1", [])
+    with service(down) as svc, pytest.raises(FetchError):
+        svc.fetch("u1", [], strict=True)
+
+
+def test_views_are_read_concurrently() -> None:
+    a = FakeDao(make_view("a", "item"), {}, delay=0.3)
+    b = FakeDao(make_view("b", "item", prefix="b_"), {}, delay=0.3)
+    with service(a, b, deadline_ms=5000) as svc:
+        threading.Timer(0.05, lambda: (a.release.set(), b.release.set())).start()
+        result = svc.fetch(None, ["i1"])
+    assert result.degraded == [] and len(a.calls) == len(b.calls) == 1
+
+
+def test_afetch_does_not_block_the_event_loop() -> None:
+    slow = FakeDao(make_view("slow", "user", timeout_ms=300), {"u1": {"a": 2, "b": "y"}}, delay=0.2)
+
+    async def main() -> tuple[int, object]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        with service(slow) as svc:
+            result = await svc.afetch("u1", [])
+        task.cancel()
+        return ticks, result
+
+    ticks, result = asyncio.run(main())
+    assert isinstance(result, FetchResult)
+    assert ticks >= 5  # the loop kept running while the store was busy
+    assert result.user == {"a": 2, "b": "y"}
