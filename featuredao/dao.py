@@ -216,6 +216,10 @@ class BaseDao(FeatureDao):
     def prepare(self) -> None:
         """Create the table or keyspace the view needs, if the store has such a thing."""
 
+    def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
+        """The same read written by hand with the raw driver (a benchmark baseline), if any."""
+        return None
+
     # -- the shared work -----------------------------------------------------------------
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
              timeout_s: float | None = None) -> BatchResult:
