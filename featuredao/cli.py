@@ -57,8 +57,8 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
         raise click.UsageError("--view reads one view: use --keys, not --user/--items")
     with FeatureService.from_config(config) as service:
         if view is not None:
-            if view not in service.daos:
-                raise click.UsageError(f"unknown view {view!r}; known: {', '.join(service.daos)}")
+            if view not in service.views():
+                raise click.UsageError(f"unknown view {view!r}; known: {', '.join(service.views())}")
             batch = service.read_view(view, _keys(keys))
             out: dict[str, Any] = {str(k): r for k, r in batch.as_dict().items()}
             if batch.degraded:
@@ -69,6 +69,29 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
         click.echo(_dump(out))
     else:
         click.echo(json.dumps(out, ensure_ascii=False, indent=2, default=str))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for each source.")
+def health(config: str, timeout: float) -> None:
+    """Ping every source: latency and breaker state; exit 1 if any source is down."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from featuredao.service import FeatureService
+
+    with FeatureService.from_config(config) as service:
+        report = service.health(timeout)
+    table = Table(title="featuredao health")
+    for col in ("source", "type", "status", "latency ms", "breaker", "error"):
+        table.add_column(col)
+    for h in report:
+        table.add_row(h.source, h.type, "[green]up[/]" if h.ok else "[red]DOWN[/]", f"{h.latency_ms:.1f}",
+                      h.breaker, h.error)
+    Console().print(table)
+    if not all(h.ok for h in report):
+        sys.exit(1)
 
 
 @cli.command()

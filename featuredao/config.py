@@ -50,6 +50,46 @@ class ServiceConfig(StrictModel):
     strict: bool = False
 
 
+class CircuitBreakerConfig(StrictModel):
+    """Per source: open after N consecutive failures, fail fast, probe again after the reset timeout."""
+
+    failure_threshold: int = Field(default=5, ge=1)
+    reset_timeout_s: float = Field(default=10.0, gt=0)
+    enabled: bool = True
+
+
+class RetryConfig(StrictModel):
+    """Per source: bounded, jittered retries of reads, only within the time left."""
+
+    max: int = Field(default=0, ge=0, le=5)
+    backoff_ms: float = Field(default=5.0, ge=0)
+
+
+class L1Config(StrictModel):
+    """The in-process tier."""
+
+    ttl_s: float = Field(default=60.0, gt=0)
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class L2Config(StrictModel):
+    """The shared tier: a source whose adapter offers a key-value store (Redis)."""
+
+    source: str
+    ttl_s: float = Field(default=600.0, gt=0)
+    ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
+
+
+class CacheConfig(StrictModel):
+    """Per view: L1 and/or L2, negative caching, stale serving."""
+
+    l1: L1Config | None = None
+    l2: L2Config | None = None
+    negative_ttl_s: float = Field(default=0.0, ge=0)
+    stale_while_revalidate_s: float = Field(default=0.0, ge=0)
+    stale_if_error_s: float = Field(default=0.0, ge=0)
+
+
 class ViewConfig(StrictModel):
     """One feature view: a table or keyspace in one source, keyed by one entity."""
 
@@ -64,6 +104,9 @@ class ViewConfig(StrictModel):
     prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{0,32}$")] = ""
     timeout_ms: int = Field(default=50, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
+    fallback: list[str] = Field(default_factory=list)
+    fallback_on_missing: bool = False
+    cache: CacheConfig | None = None
 
 
 class RawConfig(StrictModel):
@@ -75,6 +118,10 @@ class RawConfig(StrictModel):
     service: ServiceConfig = ServiceConfig()
 
 
+# Keys every source accepts, handled by the core rather than by the adapter's options model.
+COMMON_SOURCE_KEYS = ("type", "circuit_breaker", "retries")
+
+
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
     """A validated source: its name, adapter type and the adapter's own options model."""
@@ -82,6 +129,8 @@ class SourceSpec:
     name: str
     type: str
     options: Any
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
 
     def __repr__(self) -> str:
         # Options models hold SecretStr for credentials, so their repr is safe.
@@ -104,6 +153,9 @@ class View:
     timeout_ms: int
     options: Any = None
     config: ViewConfig | None = field(default=None, repr=False, compare=False)
+    fallback: tuple[str, ...] = ()
+    fallback_on_missing: bool = False
+    cache: CacheConfig | None = None
 
     def output_name(self, feature: str) -> str:
         """The name a feature has in a service result."""
@@ -122,6 +174,11 @@ class Config:
     views: dict[str, View]
     service: ServiceConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def fallback_only(self) -> set[str]:
+        """Views named in another view's fallback chain: served only as fallbacks, never merged."""
+        return {name for view in self.views.values() for name in view.fallback}
 
 
 def json_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
@@ -240,16 +297,26 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         except LookupError as exc:
             issues.append(ConfigIssue(json_path((*loc, "type")), str(exc), repr(kind)))
             continue
-        options = {k: v for k, v in body.items() if k != "type"}
-        try:
-            parsed = adapter.options_model.model_validate(options, context=context)
-        except ValidationError as exc:
-            issues.extend(_pydantic_issues(exc, loc, secrets))
+        options = {k: v for k, v in body.items() if k not in COMMON_SOURCE_KEYS}
+        parts: list[Any] = []
+        for model, key, value in ((adapter.options_model, None, options),
+                                  (CircuitBreakerConfig, "circuit_breaker", body.get("circuit_breaker", {})),
+                                  (RetryConfig, "retries", body.get("retries", {}))):
+            try:
+                parts.append(model.model_validate(value, context=context))
+            except ValidationError as exc:
+                issues.extend(_pydantic_issues(exc, loc if key is None else (*loc, key), secrets))
+        if len(parts) < 3:
             continue
+        parsed, breaker, retries = parts
         adapters[name] = adapter
-        sources[name] = SourceSpec(name, kind, parsed)
+        sources[name] = SourceSpec(name, kind, parsed, breaker, retries)
 
+    # Fallback-only views are never merged, so their output names may repeat the primary's.
+    fallback_names = {n for body in raw.views if isinstance(body.get("fallback"), list)
+                      for n in body["fallback"] if isinstance(n, str)}
     views: dict[str, View] = {}
+    positions: dict[str, int] = {}
     names: set[str] = set()
     outputs: dict[tuple[str, str], str] = {}
     for i, body in enumerate(raw.views):
@@ -282,7 +349,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                 ok = False
             else:
                 defaults[fname] = float(value) if vc.features[fname] is FeatureType.FLOAT else value
-        for fname in vc.features:
+        for fname in vc.features if vc.name not in fallback_names else ():
             out = vc.prefix + fname
             other = outputs.get((vc.entity, out))
             if other is not None and other != vc.name:
@@ -303,10 +370,47 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
             ok = False  # the source itself is invalid; already reported
         if ok:
             views[vc.name] = View(vc.name, vc.entity, vc.source, vc.table, vc.key, vc.key_type,
-                                  dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc)
+                                  dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc,
+                                  tuple(vc.fallback), vc.fallback_on_missing, vc.cache)
+            positions[vc.name] = i
+    issues.extend(_check_chains(raw, views, positions, adapters))
     if issues:
         raise ConfigError(issues)
     return Config(sources, views, raw.service, doc)
+
+
+def _check_chains(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],
+                  adapters: Mapping[str, type[Source]]) -> list[ConfigIssue]:
+    """Fallback chains and cache tiers refer to views and sources that can serve them."""
+    issues = []
+    for view in views.values():
+        i = positions[view.name]
+        for j, name in enumerate(view.fallback):
+            path = json_path(("views", i, "fallback", j))
+            other = views.get(name)
+            if name == view.name:
+                issues.append(ConfigIssue(path, "a view cannot be its own fallback", repr(name)))
+            elif other is None:
+                issues.append(ConfigIssue(path, "unknown view", repr(name)))
+            elif other.entity != view.entity:
+                issues.append(ConfigIssue(path, f"fallback serves entity {other.entity!r}, "
+                                                f"not {view.entity!r}", repr(name)))
+            else:
+                lacking = [f for f in view.features if f not in other.features]
+                if lacking:
+                    issues.append(ConfigIssue(path, f"fallback lacks features {lacking}", repr(name)))
+                elif other.fallback:
+                    issues.append(ConfigIssue(path, "a fallback view cannot have a fallback of its own",
+                                              repr(name)))
+        if view.cache is not None and view.cache.l2 is not None:
+            path = json_path(("views", i, "cache", "l2", "source"))
+            adapter = adapters.get(view.cache.l2.source)
+            if view.cache.l2.source not in raw.sources:
+                issues.append(ConfigIssue(path, "unknown source", repr(view.cache.l2.source)))
+            elif adapter is not None and not adapter.capabilities.key_value:
+                issues.append(ConfigIssue(path, f"adapter {adapter.type_name!r} cannot hold a shared cache "
+                                                "(use a redis source)", repr(view.cache.l2.source)))
+    return issues
 
 
 def quote_identifier(name: str, quote: str = '"') -> str:

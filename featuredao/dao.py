@@ -26,6 +26,7 @@ from featuredao.errors import (
     BackendError,
     BackendQueryError,
     BackendTimeout,
+    BackendUnavailable,
     FeatureDaoError,
 )
 from featuredao.types import (
@@ -63,6 +64,32 @@ class Capabilities:
     """Chunks of one read may run concurrently (the pool has several connections)."""
     create: bool = True
     """Can create the table or keyspace a view needs (``prepare``)."""
+    key_value: bool = False
+    """Offers a shared key-value store (``Source.key_value()``) that can hold the L2 cache."""
+
+
+class KeyValueStore(ABC):
+    """The few key-value operations the shared cache tier needs; an adapter such as Redis supplies it."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[str], timeout_s: float | None = None) -> list[bytes | None]:
+        """Values in key order, None where absent: one round trip per node."""
+
+    @abstractmethod
+    def set_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
+        """Store (key, value, ttl seconds) triples, pipelined."""
+
+    @abstractmethod
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove keys."""
+
+    @abstractmethod
+    def publish(self, channel: str, message: bytes) -> None:
+        """Send a message to every subscriber of a channel."""
+
+    @abstractmethod
+    def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        """Call ``callback`` with each message on ``channel`` (from a background thread); return a stopper."""
 
 
 class FeatureDao(ABC):
@@ -74,6 +101,14 @@ class FeatureDao(ABC):
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
              timeout_s: float | None = None) -> BatchResult:
         """Return one entry per key in input order; a missing key is ``None`` in its place."""
+
+    def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                     timeout_s: float | None = None) -> BatchResult:
+        """Like ``read``, but keys the store could not serve are listed in ``failed`` instead of raising."""
+        try:
+            return self.read(keys, features, timeout_s=timeout_s)
+        except BackendUnavailable as exc:
+            return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=exc)
 
     @abstractmethod
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
@@ -142,6 +177,10 @@ class Source(ABC):
                 self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                                     thread_name_prefix=f"featuredao-{self.name}")
             return self._executor
+
+    def key_value(self) -> KeyValueStore:
+        """The shared key-value store of this source (adapters with ``capabilities.key_value``)."""
+        raise NotImplementedError(f"adapter {self.type_name!r} offers no key-value store")
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         """The featuredao exception a driver exception stands for (None: not a store error)."""
@@ -224,6 +263,14 @@ class BaseDao(FeatureDao):
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
              timeout_s: float | None = None) -> BatchResult:
         """Return one entry per key in input order; a missing key is ``None`` in its place."""
+        result = self.read_partial(keys, features, timeout_s=timeout_s)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                     timeout_s: float | None = None) -> BatchResult:
+        """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
         norm = [self._norm(k) for k in keys]
         fields = self._fields(features)
@@ -235,8 +282,12 @@ class BaseDao(FeatureDao):
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
         deadline = None if timeout_s is None else started + timeout_s
         raw: dict[Key, Any] = {}
-        for part in self._run_chunks(chunks, fields, deadline):
-            raw.update(part)
+        for chunk, part in zip(chunks, self._run_chunks(chunks, fields, deadline), strict=True):
+            if isinstance(part, BackendUnavailable):
+                result.failed.extend(chunk)
+                result.error = result.error or part
+            else:
+                raw.update(part)
         plan = self._plan(fields)
         rows: dict[Key, Row | None] = {}
         for key in unique:
@@ -251,36 +302,50 @@ class BaseDao(FeatureDao):
         result.elapsed_s = time.perf_counter() - started
         return result
 
+    def _timeout(self) -> BackendTimeout:
+        return BackendTimeout("deadline passed before the store answered", source=self.source.name,
+                              view=self.view.name)
+
     def _run_chunks(self, chunks: list[list[Key]], fields: list[str],
-                    deadline: float | None) -> Iterator[RawRows]:
+                    deadline: float | None) -> Iterator[RawRows | BackendUnavailable]:
+        """Each chunk's rows, or the BackendUnavailable it failed with; other errors propagate."""
         def left() -> float | None:
-            if deadline is None:
-                return None
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise BackendTimeout("deadline passed before the store answered",
-                                     source=self.source.name, view=self.view.name)
-            return remaining
+            return None if deadline is None else deadline - time.perf_counter()
 
         if len(chunks) == 1 or not self.source.capabilities.concurrent_chunks or \
                 self.source.concurrency <= 1:
+            failure: BackendUnavailable | None = None
             for chunk in chunks:
-                yield self._call(chunk, fields, left())
+                remaining = left()
+                if failure is None and remaining is not None and remaining <= 0:
+                    failure = self._timeout()
+                if failure is not None:
+                    yield failure  # don't keep knocking on a store that just failed
+                    continue
+                try:
+                    yield self._call(chunk, fields, remaining)
+                except BackendUnavailable as exc:
+                    failure = exc
+                    yield exc
             return
         pool = self.source.executor()
         futures: list[Future[RawRows]] = [pool.submit(self._call, c, fields, left()) for c in chunks]
         try:
             for fut in futures:
+                remaining = left()
                 try:
-                    yield fut.result(timeout=left())
+                    yield fut.result(timeout=None if remaining is None else max(0.0, remaining))
                 except FutureTimeout:
-                    raise BackendTimeout("deadline passed before the store answered",
-                                         source=self.source.name, view=self.view.name) from None
+                    yield self._timeout()
+                except BackendUnavailable as exc:
+                    yield exc
         finally:
             for fut in futures:
                 fut.cancel()
 
     def _call(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        if timeout_s is not None and timeout_s <= 0:
+            raise self._timeout()
         try:
             return self._fetch_batch(keys, fields, timeout_s)
         except Exception as exc:

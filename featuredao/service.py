@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from featuredao import factory
+from featuredao.cache import CachedDao
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
 from featuredao.errors import (
@@ -23,6 +24,7 @@ from featuredao.errors import (
     CircuitOpen,
     FetchError,
 )
+from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
 
 log = logging.getLogger("featuredao")
@@ -50,6 +52,18 @@ class FetchResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """One source's answer to a ping."""
+
+    source: str
+    type: str
+    ok: bool
+    latency_ms: float
+    breaker: str
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class _Task:
     view: View
     keys: list[Key]
@@ -72,9 +86,12 @@ class FeatureService:
     """What a recommendation service calls: ``fetch`` (threads) or ``await afetch`` (asyncio)."""
 
     def __init__(self, daos: Mapping[str, FeatureDao], settings: ServiceConfig | None = None, *,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, runtime: factory.Runtime | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.daos = dict(daos)
         self.settings = settings or ServiceConfig()
+        self.runtime = runtime
+        self._metrics = metrics or Metrics()
         self._on_close = on_close
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers,
                                         thread_name_prefix="featuredao-view")
@@ -85,8 +102,10 @@ class FeatureService:
     @classmethod
     def from_config(cls, cfg: Config | str | PathLike[str] | Mapping[str, Any]) -> FeatureService:
         """Build every source and view from a config file, dict or Config."""
-        runtime = factory.build(cfg)
-        return cls(runtime.daos, runtime.config.service, on_close=runtime.close)
+        metrics = Metrics()
+        runtime = factory.build(cfg, metrics)
+        return cls(runtime.served, runtime.config.service, on_close=runtime.close, runtime=runtime,
+                   metrics=metrics)
 
     # -- planning and merging are shared by fetch and afetch -----------------------------
     def _plan(self, user_id: Key | None, item_ids: Sequence[Key],
@@ -102,7 +121,14 @@ class FeatureService:
         return tasks, budget
 
     def _read(self, task: _Task) -> BatchResult:
-        return self.daos[task.view.name].read(task.keys, timeout_s=task.timeout_s)
+        started = time.perf_counter()
+        try:
+            result = self.daos[task.view.name].read(task.keys, timeout_s=task.timeout_s)
+        except Exception as exc:
+            self._metrics.error(task.view.name, _reason(exc).value)
+            raise
+        self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), result.found)
+        return result
 
     @staticmethod
     def _failure(task: _Task, exc: BaseException | None) -> Degraded:
@@ -185,11 +211,54 @@ class FeatureService:
     def read_view(self, view: str, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                   timeout_s: float | None = None) -> BatchResult:
         """Read one view directly (no merging, no defaults for missing keys)."""
-        try:
-            dao = self.daos[view]
-        except KeyError:
-            raise KeyError(f"unknown view {view!r}; known: {', '.join(self.daos)}") from None
+        dao = self.daos.get(view)
+        if dao is None and self.runtime is not None:
+            dao = self.runtime.daos.get(view)  # a fallback-only view, read directly
+        if dao is None:
+            raise KeyError(f"unknown view {view!r}; known: {', '.join(self.views())}")
         return dao.read(keys, features, timeout_s=timeout_s)
+
+    def views(self) -> list[str]:
+        """Every view name: served ones, then fallback-only ones."""
+        extra = [] if self.runtime is None else [v for v in self.runtime.daos if v not in self.daos]
+        return [*self.daos, *extra]
+
+    def invalidate(self, view: str, keys: Sequence[Key]) -> None:
+        """Drop keys of a view from every cache tier, in this process and (through L2 pub/sub) all others."""
+        dao = self.daos.get(view)
+        if dao is None:
+            raise KeyError(f"unknown view {view!r}")
+        if isinstance(dao, CachedDao):
+            dao.invalidate(keys)
+
+    def health(self, timeout_s: float = 2.0) -> list[SourceHealth]:
+        """Ping every source concurrently: whether it answers, how fast, and its breaker's state."""
+        if self.runtime is None:
+            return []
+        runtime = self.runtime
+
+        def check(name: str) -> SourceHealth:
+            started = time.perf_counter()
+            breaker = runtime.breakers[name].state.value
+            try:
+                runtime.sources[name].ping()
+            except Exception as exc:
+                mapped = runtime.sources[name].translate(exc)
+                return SourceHealth(name, runtime.config.sources[name].type, False,
+                                    (time.perf_counter() - started) * 1000, breaker,
+                                    f"{type(mapped).__name__}: {mapped}")
+            return SourceHealth(name, runtime.config.sources[name].type, True,
+                                (time.perf_counter() - started) * 1000, breaker)
+
+        futures = {n: self._pool.submit(check, n) for n in runtime.sources}
+        out = []
+        for name, fut in futures.items():
+            try:
+                out.append(fut.result(timeout=timeout_s))
+            except FutureTimeout:
+                out.append(SourceHealth(name, runtime.config.sources[name].type, False, timeout_s * 1000,
+                                        runtime.breakers[name].state.value, "no answer in time"))
+        return out
 
     def close(self) -> None:
         """Stop the worker threads and close every source."""

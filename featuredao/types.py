@@ -175,6 +175,8 @@ class Reason(StrEnum):
     CIRCUIT_OPEN = "circuit_open"
     COERCION = "coercion"
     ROW_ERROR = "row_error"
+    FALLBACK = "fallback"
+    STALE = "stale"
     ERROR = "error"
 
 
@@ -206,6 +208,10 @@ class BatchResult(Sequence[Row | None]):
     rows: list[Row | None]
     degraded: list[Degraded] = field(default_factory=list)
     elapsed_s: float = 0.0
+    failed: list[Key] = field(default_factory=list)
+    """Keys the store could not serve (``read_partial`` only); their rows are None."""
+    error: BaseException | None = None
+    """The first failure behind ``failed``."""
 
     def __len__(self) -> int:
         return len(self.rows)

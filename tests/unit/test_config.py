@@ -120,3 +120,40 @@ def test_quote_identifier_refuses_injection() -> None:
     assert config.quote_identifier("db.t_1", "`") == "`db`.`t_1`"
     with pytest.raises(ConfigError):
         config.quote_identifier('t"; DROP TABLE x; --')
+
+
+def test_fallback_and_cache_validation() -> None:
+    doc = good()
+    base = good()["views"][0]
+    doc["views"][0].update({"fallback": ["fb_ok", "fb_item", "fb_thin", "nowhere"],
+                            "cache": {"l1": {"ttl_s": 5}, "l2": {"source": "local"}}})
+    doc["views"] += [
+        {**base, "name": "fb_ok", "table": "t2"},
+        {**base, "name": "fb_item", "entity": "item", "table": "t3"},
+        {**base, "name": "fb_thin", "table": "t4", "features": {"age": "int"}, "defaults": {}},
+    ]
+    found = issues(doc)
+    assert "$.views[0].fallback[0]" not in found
+    assert "entity 'item'" in found["$.views[0].fallback[1]"]
+    assert "lacks features ['tags']" in found["$.views[0].fallback[2]"]
+    assert "unknown view" in found["$.views[0].fallback[3]"]
+    assert "cannot hold a shared cache" in found["$.views[0].cache.l2.source"]
+
+
+def test_fallback_views_are_served_only_as_fallbacks() -> None:
+    doc = good()
+    doc["views"][0]["fallback"] = ["backup"]
+    doc["views"].append({**good()["views"][0], "name": "backup", "table": "t2"})
+    cfg = config.load(doc)
+    assert cfg.fallback_only == {"backup"}
+    assert cfg.views["user_profile"].fallback == ("backup",)
+
+
+def test_source_resilience_keys() -> None:
+    doc = good()
+    doc["sources"]["local"].update({"circuit_breaker": {"failure_threshold": 2, "reset_timeout_s": 1},
+                                    "retries": {"max": 1, "backoff_ms": 5}})
+    spec = config.load(doc).sources["local"]
+    assert spec.circuit_breaker.failure_threshold == 2 and spec.retries.max == 1
+    doc["sources"]["local"]["retries"] = {"max": 99}
+    assert "$.sources.local.retries.max" in issues(doc)

@@ -6,48 +6,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
 
 import pytest
+from fakes import FakeDao, make_view
 
-from featuredao.config import ServiceConfig, View
+from featuredao.config import ServiceConfig
 from featuredao.dao import FeatureDao
 from featuredao.errors import BackendQueryError, BackendUnavailable, FetchError
 from featuredao.service import FeatureService, FetchResult
-from featuredao.types import BatchResult, FeatureType, FeatureValue, Key, Reason, Row
-
-
-def make_view(name: str, entity: str, prefix: str = "", timeout_ms: int = 200) -> View:
-    return View(name, entity, "src", name, "id", "str", {"a": FeatureType.INT, "b": FeatureType.STR},
-                {"a": -1}, prefix, timeout_ms)
-
-
-class FakeDao(FeatureDao):
-    """Serves rows from a dict; can sleep or raise."""
-
-    def __init__(self, view: View, rows: dict[Key, Row], delay: float = 0.0,
-                 error: Exception | None = None) -> None:
-        self.view = view
-        self.rows = rows
-        self.delay = delay
-        self.error = error
-        self.calls: list[list[Key]] = []
-        self.release = threading.Event()
-
-    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        self.calls.append(list(keys))
-        if self.delay:
-            self.release.wait(self.delay)
-        if self.error is not None:
-            raise self.error
-        return BatchResult(list(keys), [self.rows.get(k) for k in keys])
-
-    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        return 0
-
-    def ping(self) -> None:
-        pass
+from featuredao.types import Reason
 
 
 def service(*daos: FeatureDao, deadline_ms: int = 500, strict: bool = False) -> FeatureService:

@@ -1,0 +1,351 @@
+"""Two-level read-through cache (in-process L1, shared L2) that composes any FeatureDao.
+
+The read path is batch-aware: L1 first, then one L2 round trip for the L1 misses, then one source batch
+for what is left, reassembled in input order. Missing keys are cached too (negative caching), concurrent
+reads of one key share one source read (coalescing), and expired entries can be served while one
+background refresh runs (stale-while-revalidate) or when the source fails (stale-if-error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TLRUCache
+
+from featuredao.config import CacheConfig
+from featuredao.dao import FeatureDao, KeyValueStore, normaliser
+from featuredao.errors import BackendTimeout
+from featuredao.metrics import Metrics
+from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
+
+log = logging.getLogger("featuredao")
+
+CHANNEL = "featuredao:invalidate"
+# Background refreshes (stale-while-revalidate) of every cached view share these few threads.
+_refresher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="featuredao-refresh")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A cached row (None: known to be missing) and until when it is fresh, then usable as stale."""
+
+    row: Row | None
+    fresh_until: float
+    keep_until: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    rows: dict[Key, Row | None]
+    failed: set[Key]
+    error: BaseException | None
+    degraded: list[Degraded]
+
+
+def _packer() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    # msgpack: compact binary (a float is 9 bytes, not ~18 characters of JSON), keeps int/float/bool
+    # apart so rows come back typed, and both directions run in C. It ships with the redis extra.
+    import msgpack
+
+    def pack(obj: Any) -> bytes:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+        return data
+
+    def unpack(data: bytes) -> Any:
+        return msgpack.unpackb(data, raw=False)
+
+    return pack, unpack
+
+
+class CachedDao(FeatureDao):
+    """L1 (cachetools, behind a lock) and optional L2 (a shared key-value store) in front of a DAO."""
+
+    def __init__(self, inner: FeatureDao, config: CacheConfig, l2: KeyValueStore | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.inner = inner
+        self.view = inner.view
+        self.config = config
+        self._metrics = metrics or Metrics.disabled()
+        self._norm = normaliser(self.view.key_type)
+        self._lock = threading.Lock()
+        self._l1: TLRUCache[Key, Entry] | None = None
+        if config.l1 is not None:
+            self._l1 = TLRUCache(maxsize=config.l1.max_entries, ttu=lambda _k, e, _now: e.keep_until,
+                                 timer=time.time)
+        self._inflight: dict[Key, Future[_Outcome]] = {}
+        self._l2 = l2 if config.l2 is not None else None
+        # Rows cached under an older feature list must not be read back as this one.
+        schema = hashlib.sha1(repr(sorted((f, t.value) for f, t in self.view.features.items()))
+                              .encode()).hexdigest()[:8]
+        self._prefix = f"featuredao:{self.view.name}:{schema}:"
+        self._stale_window = max(config.stale_while_revalidate_s, config.stale_if_error_s)
+        self._l1_ttl = config.l1.ttl_s if config.l1 is not None else 0.0
+        self._l2_ttl = config.l2.ttl_s if config.l2 is not None else 0.0
+        self._origin = uuid.uuid4().hex
+        self._unsubscribe: Callable[[], None] | None = None
+        if self._l2 is not None:
+            self._pack, self._unpack = _packer()
+            self._unsubscribe = self._l2.subscribe(f"{CHANNEL}:{self.view.name}", self._on_invalidate)
+
+    # -- reading -------------------------------------------------------------------------
+    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+             timeout_s: float | None = None) -> BatchResult:
+        """Serve from L1, then L2, then one coalesced source batch; rows in input order."""
+        result = self.read_partial(keys, features, timeout_s=timeout_s)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                     timeout_s: float | None = None) -> BatchResult:
+        """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""
+        started = time.perf_counter()
+        deadline = None if timeout_s is None else started + timeout_s
+        norm = [self._norm(k) for k in keys]
+        unique = list(dict.fromkeys(norm))
+        now = time.time()
+        found: dict[Key, Row | None] = {}
+        stale: dict[Key, Entry] = {}
+        degraded: list[Degraded] = []
+
+        pending = self._from_l1(unique, now, found, stale)
+        if pending and self._l2 is not None:
+            pending = self._from_l2(pending, now, found, stale, deadline)
+        if pending and self.config.stale_while_revalidate_s > 0:
+            revalidate = [k for k in pending
+                          if k in stale and now < stale[k].fresh_until + self.config.stale_while_revalidate_s]
+            for k in revalidate:
+                found[k] = stale[k].row
+            if revalidate:
+                self._metrics.cache(self.view.name, "l1", "stale", len(revalidate))
+                self._refresh_later(revalidate)
+                pending = [k for k in pending if k not in found]
+        failed: list[Key] = []
+        error: BaseException | None = None
+        if pending:
+            outcome = self._load(pending, deadline)
+            degraded.extend(outcome.degraded)
+            for k in pending:
+                if k in outcome.failed:
+                    entry = stale.get(k)
+                    if entry is not None and now < entry.fresh_until + self.config.stale_if_error_s:
+                        found[k] = entry.row
+                    else:
+                        failed.append(k)
+                else:
+                    found[k] = outcome.rows.get(k)
+            served_stale = [k for k in pending if k in outcome.failed and k not in failed]
+            if served_stale:
+                degraded.append(Degraded(self.view.name, Reason.STALE,
+                                         f"{len(served_stale)} stale row(s) served: {outcome.error}"))
+            if failed:
+                error = outcome.error
+        rows = [self._project(found.get(k), features) for k in norm]
+        result = BatchResult(norm, rows, degraded, time.perf_counter() - started, failed, error)
+        return result
+
+    @staticmethod
+    def _project(row: Row | None, features: Sequence[str] | None) -> Row | None:
+        if row is None or features is None:
+            return row
+        return {f: row.get(f) for f in features}
+
+    def _from_l1(self, keys: list[Key], now: float, found: dict[Key, Row | None],
+                 stale: dict[Key, Entry]) -> list[Key]:
+        if self._l1 is None:
+            return keys
+        pending = []
+        with self._lock:
+            for k in keys:
+                entry = self._l1.get(k)
+                if entry is not None and entry.fresh_until > now:
+                    found[k] = entry.row
+                else:
+                    if entry is not None:
+                        stale[k] = entry
+                    pending.append(k)
+        self._metrics.cache(self.view.name, "l1", "hit", len(keys) - len(pending))
+        self._metrics.cache(self.view.name, "l1", "miss", len(pending))
+        return pending
+
+    def _from_l2(self, keys: list[Key], now: float, found: dict[Key, Row | None],
+                 stale: dict[Key, Entry], deadline: float | None) -> list[Key]:
+        assert self._l2 is not None
+        left = None if deadline is None else deadline - time.perf_counter()
+        try:
+            values = self._l2.get_many([self._prefix + str(k) for k in keys], left)
+        except Exception as exc:  # an L2 failure never fails a request: bypass it
+            log.warning("view %s: L2 cache unavailable, bypassed: %s", self.view.name, exc)
+            self._metrics.cache(self.view.name, "l2", "error", len(keys))
+            return keys
+        pending = []
+        fill = []
+        for k, raw in zip(keys, values, strict=True):
+            entry = self._decode(raw) if raw is not None else None
+            if entry is not None and entry.fresh_until > now:
+                found[k] = entry.row
+                fill.append((k, entry))
+            else:
+                if entry is not None and (k not in stale or entry.keep_until > stale[k].keep_until):
+                    stale[k] = entry
+                pending.append(k)
+        if fill and self._l1 is not None:
+            with self._lock:
+                for k, entry in fill:
+                    # Fresh in L1 no longer than L1's own TTL allows.
+                    local = self._entry(entry.row, now, self._l1_ttl)
+                    self._l1[k] = local if local.fresh_until < entry.fresh_until else entry
+        self._metrics.cache(self.view.name, "l2", "hit", len(keys) - len(pending))
+        self._metrics.cache(self.view.name, "l2", "miss", len(pending))
+        return pending
+
+    def _decode(self, raw: bytes) -> Entry | None:
+        try:
+            stored_at, row = self._unpack(raw)
+        except Exception:  # a foreign or corrupt value is a miss
+            return None
+        return self._entry(row, stored_at, self._l2_ttl)
+
+    def _entry(self, row: Row | None, at: float, ttl: float) -> Entry:
+        fresh = at + (self.config.negative_ttl_s if row is None else ttl)
+        return Entry(row, fresh, fresh + self._stale_window)
+
+    # -- the source, coalesced -----------------------------------------------------------
+    def _load(self, keys: list[Key], deadline: float | None) -> _Outcome:
+        mine: list[Key] = []
+        waits: dict[Key, Future[_Outcome]] = {}
+        own: Future[_Outcome] = Future()
+        with self._lock:
+            for k in keys:
+                other = self._inflight.get(k)
+                if other is None:
+                    mine.append(k)
+                    self._inflight[k] = own
+                else:
+                    waits[k] = other
+        merged = _Outcome({}, set(), None, [])
+        if mine:
+            try:
+                left = None if deadline is None else deadline - time.perf_counter()
+                res = self.inner.read_partial(mine, None, timeout_s=left)
+                outcome = _Outcome(dict(zip(res.keys, res.rows, strict=True)), set(res.failed), res.error,
+                                   res.degraded)
+                self._store({k: r for k, r in outcome.rows.items() if k not in outcome.failed})
+                own.set_result(outcome)
+            except BaseException as exc:
+                own.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    for k in mine:
+                        if self._inflight.get(k) is own:
+                            del self._inflight[k]
+            merged = outcome
+        for k, fut in waits.items():
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
+                theirs = fut.result(timeout=left)
+            except FutureTimeout:
+                merged.failed.add(k)
+                merged.error = merged.error or BackendTimeout("deadline passed waiting for a shared read",
+                                                              view=self.view.name)
+                continue
+            if k in theirs.failed:
+                merged.failed.add(k)
+                merged.error = merged.error or theirs.error
+            else:
+                merged.rows[k] = theirs.rows.get(k)
+        return merged
+
+    def _store(self, rows: Mapping[Key, Row | None]) -> None:
+        """Remember rows (and, with negative caching, missing keys) in L1 and L2."""
+        now = time.time()
+        if self.config.negative_ttl_s <= 0:
+            rows = {k: r for k, r in rows.items() if r is not None}
+        if not rows:
+            return
+        if self._l1 is not None:
+            with self._lock:
+                for k, row in rows.items():
+                    self._l1[k] = self._entry(row, now, self._l1_ttl)
+        if self._l2 is not None and self.config.l2 is not None:
+            jitter = self.config.l2.ttl_jitter
+            items = []
+            for k, row in rows.items():
+                # Jitter spreads the expiry of rows written together, so they don't all miss at once.
+                ttl = self.config.negative_ttl_s if row is None else self._l2_ttl
+                ttl = ttl * (1 + random.uniform(-jitter, jitter)) + self._stale_window
+                items.append((self._prefix + str(k), self._pack([now, row]), ttl))
+            try:
+                self._l2.set_many(items)
+            except Exception as exc:
+                log.warning("view %s: L2 cache write failed: %s", self.view.name, exc)
+                self._metrics.cache(self.view.name, "l2", "error", len(items))
+
+    def _refresh_later(self, keys: list[Key]) -> None:
+        with self._lock:
+            keys = [k for k in keys if k not in self._inflight]
+        if keys:
+            timeout = self.view.timeout_ms / 1000 * 10
+
+            def refresh() -> None:
+                try:
+                    self._load(keys, time.perf_counter() + timeout)
+                except Exception as exc:
+                    log.warning("view %s: background refresh failed: %s", self.view.name, exc)
+
+            _refresher.submit(refresh)
+
+    # -- invalidation --------------------------------------------------------------------
+    def invalidate(self, keys: Iterable[Key]) -> None:
+        """Drop keys from L1 and L2 and tell every other process to drop them from its L1."""
+        norm = [self._norm(k) for k in keys]
+        self._drop_l1(norm)
+        if self._l2 is not None:
+            self._l2.delete_many([self._prefix + str(k) for k in norm])
+            self._l2.publish(f"{CHANNEL}:{self.view.name}", self._pack([self._origin, norm]))
+
+    def _drop_l1(self, keys: Iterable[Key]) -> None:
+        if self._l1 is not None:
+            with self._lock:
+                for k in keys:
+                    self._l1.pop(k, None)
+
+    def _on_invalidate(self, message: bytes) -> None:
+        try:
+            _origin, keys = self._unpack(message)
+            self._drop_l1(self._norm(k) for k in keys)
+        except Exception as exc:
+            log.warning("view %s: bad invalidation message: %s", self.view.name, exc)
+
+    # -- the rest of the contract --------------------------------------------------------
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Write through to the store, then invalidate the written keys everywhere."""
+        batch = list(rows)
+        count = self.inner.upsert(batch)
+        self.invalidate(k for k, _ in batch)
+        return count
+
+    def ping(self) -> None:
+        """Ping the store behind the cache."""
+        self.inner.ping()
+
+    def close(self) -> None:
+        """Stop listening for invalidations and close the store's DAO."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"CachedDao({self.inner!r})"

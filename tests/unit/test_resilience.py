@@ -1,0 +1,116 @@
+"""Circuit breaker, retries and fallback chains over fake DAOs."""
+
+from __future__ import annotations
+
+import time
+
+from fakes import FakeDao, make_view
+
+from featuredao.config import CircuitBreakerConfig, RetryConfig
+from featuredao.errors import BackendQueryError, BackendUnavailable, CircuitOpen
+from featuredao.resilience import BreakerState, CircuitBreaker, ResilientDao
+from featuredao.types import Reason
+
+ROWS = {"a": {"a": 1, "b": "pa"}, "b": {"a": 2, "b": "pb"}}
+FALLBACK_ROWS = {"a": {"a": 10, "b": "fa"}, "b": {"a": 20, "b": "fb"}, "c": {"a": 30, "b": "fc"}}
+
+
+def breaker(threshold: int = 3, reset: float = 0.2) -> CircuitBreaker:
+    return CircuitBreaker("src", CircuitBreakerConfig(failure_threshold=threshold, reset_timeout_s=reset))
+
+
+def test_breaker_opens_fails_fast_probes_and_closes() -> None:
+    b = breaker(threshold=2, reset=0.1)
+    assert b.allow() and b.state is BreakerState.CLOSED
+    b.failure()
+    assert b.state is BreakerState.CLOSED
+    b.failure()
+    assert b.state is BreakerState.OPEN and not b.allow()
+    time.sleep(0.12)
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.allow() and not b.allow()  # one probe at a time
+    b.failure()
+    assert b.state is BreakerState.OPEN and not b.allow()
+    time.sleep(0.12)
+    assert b.allow()
+    b.success()
+    assert b.state is BreakerState.CLOSED and b.allow()
+
+
+def test_only_failed_keys_go_to_the_fallback() -> None:
+    primary = FakeDao(make_view("p"), ROWS, failing={"b"})
+    fallback = FakeDao(make_view("f"), FALLBACK_ROWS)
+    dao = ResilientDao(primary, breaker(), fallbacks=[ResilientDao(fallback, breaker())])
+    result = dao.read(["a", "b", "c"])
+    assert result.rows == [ROWS["a"], FALLBACK_ROWS["b"], None]  # c is simply missing: not sent
+    assert fallback.calls == [["b"]]
+    reasons = [d.reason for d in result.degraded]
+    assert Reason.UNAVAILABLE in reasons and Reason.FALLBACK in reasons
+
+
+def test_fallback_on_missing_sends_missing_keys_too() -> None:
+    primary = FakeDao(make_view("p"), ROWS)
+    fallback = FakeDao(make_view("f"), FALLBACK_ROWS)
+    dao = ResilientDao(primary, breaker(), fallbacks=[ResilientDao(fallback, breaker())],
+                       fallback_on_missing=True)
+    assert dao.read(["c", "a", "zz"]).rows == [FALLBACK_ROWS["c"], ROWS["a"], None]
+    assert fallback.calls == [["c", "zz"]]
+
+
+def test_chain_of_two_fallbacks_and_open_breaker() -> None:
+    primary = FakeDao(make_view("p"), ROWS, error=BackendUnavailable("down"))
+    first = FakeDao(make_view("f1"), {}, error=BackendUnavailable("down too"))
+    second = FakeDao(make_view("f2"), FALLBACK_ROWS)
+    b = breaker(threshold=2)
+    chain = [ResilientDao(first, breaker()), ResilientDao(second, breaker())]
+    dao = ResilientDao(primary, b, fallbacks=chain)
+    for _ in range(3):
+        assert dao.read(["a", "c"]).rows == [FALLBACK_ROWS["a"], FALLBACK_ROWS["c"]]
+    assert len(primary.calls) == 2  # the third call failed fast: breaker open
+    assert b.state is BreakerState.OPEN
+    assert any(d.reason is Reason.CIRCUIT_OPEN for d in dao.read(["a"]).degraded)
+
+
+def test_without_fallback_the_failure_is_raised() -> None:
+    primary = FakeDao(make_view("p"), ROWS, error=BackendUnavailable("down"))
+    dao = ResilientDao(primary, breaker(threshold=1))
+    try:
+        dao.read(["a"])
+    except BackendUnavailable:
+        pass
+    else:
+        raise AssertionError("expected BackendUnavailable")
+    try:
+        dao.read(["a"])
+    except CircuitOpen:
+        pass
+    else:
+        raise AssertionError("expected CircuitOpen")
+
+
+def test_query_errors_are_not_hidden_by_fallback() -> None:
+    primary = FakeDao(make_view("p"), ROWS, error=BackendQueryError("no such table"))
+    fallback = FakeDao(make_view("f"), FALLBACK_ROWS)
+    dao = ResilientDao(primary, breaker(), fallbacks=[ResilientDao(fallback, breaker())])
+    try:
+        dao.read(["a"])
+    except BackendQueryError:
+        pass
+    else:
+        raise AssertionError("expected BackendQueryError")
+    assert fallback.calls == []
+
+
+def test_retries_are_bounded_and_retry_only_failed_keys() -> None:
+    primary = FakeDao(make_view("p"), ROWS, failing={"b"})
+    dao = ResilientDao(primary, breaker(), RetryConfig(max=2, backoff_ms=1))
+    result = dao.read_partial(["a", "b"], timeout_s=1.0)
+    assert primary.calls == [["a", "b"], ["b"], ["b"]]
+    assert result.failed == ["b"] and result.rows[0] == ROWS["a"]
+
+
+def test_retries_stay_within_the_time_left() -> None:
+    primary = FakeDao(make_view("p"), ROWS, failing={"a"})
+    dao = ResilientDao(primary, breaker(), RetryConfig(max=5, backoff_ms=200))
+    dao.read_partial(["a"], timeout_s=0.05)
+    assert len(primary.calls) == 1
