@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from featuredao import config as config_mod
+from featuredao.bench import bench
 from featuredao.errors import ConfigError, FeatureDaoError
 
 
@@ -105,6 +106,9 @@ def demo(directory: Path, users: int, items: int, fetch_items: int) -> None:
     from featuredao import demo as demo_mod
 
     demo_mod.run(directory, users, items, min(fetch_items, items))
+
+
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
