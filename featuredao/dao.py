@@ -198,7 +198,8 @@ class Source(ABC):
             return exc
         # Driver messages may quote the statement but never contain our secrets: those live in
         # SecretStr options that are only read when connecting.
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(getattr(exc, "message", None) or exc).strip()  # Thrift exceptions print as reprs
+        detail = text.splitlines()[0] if text else type(exc).__name__
         return kind(f"{type(exc).__name__}: {detail}", source=self.name, view=view)
 
     def __enter__(self) -> Self:

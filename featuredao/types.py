@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -68,10 +67,7 @@ def _to_float(v: Any) -> float:
         return v
     if isinstance(v, bytes | bytearray | memoryview):
         v = bytes(v).decode()
-    f = float(v)
-    if math.isnan(f) and not isinstance(v, float):
-        raise CoercionError(f"{v!r} is not a number")
-    return f
+    return float(v)
 
 
 def _to_str(v: Any) -> str:
