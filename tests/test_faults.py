@@ -1,0 +1,199 @@
+"""Real faults on real servers: a primary store killed or frozen mid-stream, a shared cache down.
+
+The primary view lives in a throwaway Redis (which we SIGKILL and SIGSTOP), its fallback in SQLite, the
+shared L2 cache in another Redis. Every request must come back within its deadline plus a margin, with
+fallback, stale or default values and a degraded entry, and never raise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from featuredao import FeatureService, build
+from featuredao.resilience import BreakerState
+from featuredao.testing.servers import RedisServer
+from featuredao.types import Reason
+
+pytestmark = pytest.mark.redis
+
+FEATURES = {"a": "int", "b": "str"}
+DEADLINE_MS = 300
+MARGIN_S = 0.5  # scheduling slack on a loaded 2-core machine; the point is "not seconds"
+ITEMS = [f"i{n}" for n in range(50)]
+
+
+@pytest.fixture
+def primary() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    if server.frozen:
+        server.thaw()
+    server.stop()
+
+
+def config(tmp_path: Path, primary: RedisServer, cache: dict[str, Any] | None = None,
+           l2: RedisServer | None = None) -> dict[str, Any]:
+    view = {"entity": "item", "key": "id", "features": FEATURES, "timeout_ms": 150}
+    sources: dict[str, Any] = {
+        "hot": {"type": "redis", "host": primary.host, "port": primary.port, "pool_size": 4,
+                "socket_timeout_ms": 100, "connect_timeout_ms": 100, "pool_timeout_ms": 100,
+                "circuit_breaker": {"failure_threshold": 3, "reset_timeout_s": 0.5}},
+        "local": {"type": "sqlite", "path": str(tmp_path / "fallback.db")},
+    }
+    if l2 is not None:
+        sources["shared"] = {"type": "redis", "host": l2.host, "port": l2.port, "socket_timeout_ms": 100,
+                             "connect_timeout_ms": 100}
+    primary_view = {**view, "name": "items", "source": "hot", "table": "items",
+                    "options": {"layout": "string", "encoding": "msgpack"}, "fallback": ["items_backup"]}
+    if cache is not None:
+        primary_view["cache"] = cache
+    return {"sources": sources,
+            "views": [primary_view, {**view, "name": "items_backup", "source": "local", "table": "items"}],
+            "service": {"deadline_ms": DEADLINE_MS}}
+
+
+def seed(cfg: dict[str, Any], store: str = "both") -> None:
+    runtime = build(cfg)
+    try:
+        for name, label in (("items", "primary"), ("items_backup", "backup")):
+            if store in ("both", name):
+                dao = runtime.daos[name]
+                dao.prepare()  # type: ignore[attr-defined]
+                dao.upsert((k, {"a": i, "b": label}) for i, k in enumerate(ITEMS))
+    finally:
+        runtime.close()
+
+
+def timed_fetch(service: FeatureService) -> tuple[float, Any]:
+    started = time.monotonic()
+    result = service.fetch(None, ITEMS)
+    return time.monotonic() - started, result
+
+
+def labels(result: Any) -> set[str]:
+    return {row["b"] for row in result.items}
+
+
+def connected_clients(server: RedisServer) -> int:
+    client = redis.Redis(host=server.host, port=server.port)
+    try:
+        return int(client.info("clients")["connected_clients"]) - 1  # minus this one
+    finally:
+        client.close()
+
+
+def wait_for(predicate: Any, service: FeatureService, seconds: float = 10.0) -> Any:
+    """Fetch until the predicate holds (each fetch still within its deadline)."""
+    end = time.monotonic() + seconds
+    while True:
+        elapsed, result = timed_fetch(service)
+        assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
+        if predicate(result) or time.monotonic() > end:
+            return result
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_primary_fault_mid_stream(tmp_path: Path, primary: RedisServer, fault: str) -> None:
+    cfg = config(tmp_path, primary)
+    seed(cfg)
+    with FeatureService.from_config(cfg) as service:
+        assert service.runtime is not None
+        breaker = service.runtime.breakers["hot"]
+        for _ in range(5):
+            elapsed, result = timed_fetch(service)
+            assert labels(result) == {"primary"} and result.degraded == []
+        primary.kill() if fault == "kill" else primary.freeze()
+        for _ in range(8):
+            elapsed, result = timed_fetch(service)
+            assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
+            assert labels(result) == {"backup"}
+            assert [r["a"] for r in result.items] == list(range(len(ITEMS)))  # aligned
+            assert {d.reason for d in result.degraded} & {Reason.UNAVAILABLE, Reason.TIMEOUT,
+                                                          Reason.CIRCUIT_OPEN}
+            assert any(d.reason is Reason.FALLBACK for d in result.degraded)
+        assert breaker.state in (BreakerState.OPEN, BreakerState.HALF_OPEN)
+        if fault == "kill":
+            primary.restart()
+            seed(cfg, "items")  # a killed Redis keeps nothing
+        else:
+            primary.thaw()
+        result = wait_for(lambda r: labels(r) == {"primary"}, service)
+        assert labels(result) == {"primary"} and result.degraded == []
+        assert breaker.state is BreakerState.CLOSED
+        # No leaked connections: the pool holds at most pool_size of them.
+        assert connected_clients(primary) <= 4
+
+
+def test_without_fallback_a_dead_store_gives_defaults(tmp_path: Path, primary: RedisServer) -> None:
+    cfg = config(tmp_path, primary)
+    cfg["views"][0].pop("fallback")
+    cfg["views"][0]["defaults"] = {"a": -1, "b": "default"}
+    cfg["views"].pop()
+    seed(cfg, "items")
+    with FeatureService.from_config(cfg) as service:
+        primary.kill()
+        for _ in range(5):
+            elapsed, result = timed_fetch(service)
+            assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
+            assert labels(result) == {"default"} and result.degraded
+
+
+def test_l2_down_while_source_up(tmp_path: Path, primary: RedisServer) -> None:
+    l2 = RedisServer().start()
+    cfg = config(tmp_path, primary, {"l2": {"source": "shared", "ttl_s": 60}}, l2)
+    seed(cfg)
+    try:
+        with FeatureService.from_config(cfg) as service:
+            assert labels(service.fetch(None, ITEMS)) == {"primary"}
+            l2.kill()
+            for _ in range(3):
+                elapsed, result = timed_fetch(service)
+                assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
+                assert labels(result) == {"primary"} and result.degraded == []
+    finally:
+        l2.stop()
+
+
+def test_l2_up_source_down_serves_stale(tmp_path: Path, primary: RedisServer,
+                                        redis_server: RedisServer) -> None:
+    cache = {"l2": {"source": "shared", "ttl_s": 0.2, "ttl_jitter": 0}, "stale_if_error_s": 60}
+    cfg = config(tmp_path, primary, cache, redis_server)
+    cfg["views"][0].pop("fallback")
+    cfg["views"].pop()
+    seed(cfg, "items")
+    with FeatureService.from_config(cfg) as service:
+        assert labels(service.fetch(None, ITEMS)) == {"primary"}
+    time.sleep(0.3)  # every entry is past its TTL now
+    primary.kill()
+    with FeatureService.from_config(cfg) as fresh:  # nothing in L1: only the shared tier remembers
+        elapsed, result = timed_fetch(fresh)
+    assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
+    assert labels(result) == {"primary"}
+    assert [d.reason for d in result.degraded] == [Reason.STALE]
+
+
+def test_invalidation_across_two_service_instances(tmp_path: Path, primary: RedisServer,
+                                                   redis_server: RedisServer) -> None:
+    cache = {"l1": {"ttl_s": 60}, "l2": {"source": "shared", "ttl_s": 60}}
+    cfg = config(tmp_path, primary, cache, redis_server)
+    cfg["views"][0]["name"] = "items_inv"  # its own cache keys and channel
+    seed({**cfg, "views": [{**cfg["views"][0], "name": "items"}, cfg["views"][1]]})
+    with FeatureService.from_config(cfg) as one, FeatureService.from_config(cfg) as two:
+        assert one.fetch(None, ["i1"]).items[0]["b"] == "primary"
+        assert two.fetch(None, ["i1"]).items[0]["b"] == "primary"
+        assert one.runtime is not None
+        one.runtime.daos["items_inv"].upsert([("i1", {"a": 1, "b": "changed"})])  # behind the caches
+        assert two.fetch(None, ["i1"]).items[0]["b"] == "primary"  # still cached
+        one.invalidate("items_inv", ["i1"])
+        end = time.monotonic() + 5
+        while two.fetch(None, ["i1"]).items[0]["b"] != "changed" and time.monotonic() < end:
+            time.sleep(0.02)
+        assert two.fetch(None, ["i1"]).items[0]["b"] == "changed"
+        assert one.fetch(None, ["i1"]).items[0]["b"] == "changed"
