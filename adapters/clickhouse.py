@@ -1,0 +1,466 @@
+"""The ClickHouse adapter: clickhouse-driver over the native TCP protocol, ReplacingMergeTree tables.
+
+Two table layouts, chosen per view in ``options``:
+
+* ``wide``: one row per key, one column per feature (``Nullable(T)`` scalars, ``Array(T)`` lists).
+  Re-upserts add rows that ReplacingMergeTree collapses on merge; reads use ``FINAL`` so exactly one
+  row per key (the highest ``version``) is visible before merges too. ClickHouse has no
+  ``Nullable(Array)``, so a null list is recorded by name in the ``nulls_column`` array.
+* ``tall``: rows of (key, feature, value text[, event time], version). Reads pick per (key, feature)
+  ``argMax(tuple(value), (event_time, version))``: the newest event time wins, the highest version
+  breaks ties (re-writes of one event time before a merge). ``prepare`` orders the table by
+  (key, feature, event_time), so merges only collapse re-writes of the same event time and a
+  late-arriving older event never replaces a newer one; ``FINAL`` is therefore unnecessary.
+
+Written for Debian's ClickHouse 18.16 and correct on current servers; the differences handled:
+
+* 18.16 receives settings as typed binary, and ``max_execution_time`` as whole seconds: 0.5 would
+  become 0 (= unlimited). We always send ``ceil(time left)`` (at least 1) as the server-side
+  backstop and cancel sooner from the client (below). Current servers take settings as strings;
+  the same integer works there.
+* 18.16 keeps running a query whose client disconnected, so on a deadline we send the protocol's
+  Cancel packet and drain the stream (the connection stays usable); if that fails the Client is
+  dropped. ``interactive_delay`` is lowered so progress packets let us notice the deadline.
+* No server-side query parameters before 19.x: keys are bound client-side by the driver
+  (``%(keys)s``, escaped by it), never formatted by us; ``IN`` takes a tuple, never an empty one.
+* ``argMax`` skips NULL values, which would resurrect an older value over a newer null: we take
+  ``argMax(tuple(value), ...).1`` instead.
+* No Map, Bool, JSON or DateTime64 in 18.16: booleans are ``UInt8``, event times ``DateTime`` (whole
+  seconds, the version orders writes within a second). ``FINAL`` only works on *MergeTree engines
+  (code 181 otherwise): set ``final: false`` for views, Memory or plain MergeTree tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Self
+
+from clickhouse_driver import Client
+from clickhouse_driver import errors as ch_errors
+from pydantic import Field, SecretStr, model_validator
+
+from featuredao.config import Identifier, StrictModel, View, quote_identifier
+from featuredao.dao import BaseDao, Capabilities, Source
+from featuredao.errors import (
+    BackendAuthError,
+    BackendError,
+    BackendQueryError,
+    BackendTimeout,
+    BackendUnavailable,
+    FeatureDaoError,
+)
+from featuredao.types import FeatureType, Key, RawRows, Row
+
+_TALL_ONLY = ("feature_column", "value_column", "event_time_column")
+_CANCEL_GRACE_S = 0.5  # how long a cancelled query may take to end its stream before we drop the Client
+
+
+class ClickHouseViewOptions(StrictModel):
+    """View options of the clickhouse adapter: the table layout."""
+
+    layout: Literal["wide", "tall"] = "wide"
+    final: bool | None = None
+    """Read with FINAL; default true for wide (collapses unmerged re-upserts), false for tall (argMax)."""
+    version_column: Identifier = "version"
+    """The ReplacingMergeTree version (UInt64) that upserts write."""
+    nulls_column: Identifier | None = "_nulls"
+    """Wide only: Array(String) naming the list features that are null; None if the table has none."""
+    feature_column: Identifier = "feature"
+    value_column: Identifier = "value"
+    event_time_column: Identifier | None = None
+    """Tall only: with several rows per (key, feature), the newest event time wins."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.layout == "wide":
+            misplaced = sorted(self.model_fields_set & set(_TALL_ONLY))
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} only apply to layout 'tall'")
+        elif "nulls_column" in self.model_fields_set:
+            raise ValueError("nulls_column only applies to layout 'wide'")
+        cols = [self.version_column, self.feature_column, self.value_column, self.event_time_column]
+        if self.layout == "wide":
+            cols = [self.version_column, self.nulls_column]
+        named = [c for c in cols if c is not None]
+        if len(set(named)) != len(named):
+            raise ValueError("the layout's column names must differ")
+        return self
+
+
+class ClickHouseOptions(StrictModel):
+    """Source options of the clickhouse adapter."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=9000, ge=1, le=65535)
+    """The native TCP protocol port (not HTTP)."""
+    user: str = Field(default="default", min_length=1)
+    password: SecretStr = SecretStr("")
+    database: Identifier = "default"
+    pool_size: int = Field(default=4, ge=1, le=64)
+    """Clients in the pool (one connection each), and chunks of one read in flight at once."""
+    batch_size: int = Field(default=1000, ge=1, le=100000)
+    """Most keys sent in one query."""
+    connect_timeout_ms: int = Field(default=1000, gt=0)
+    send_receive_timeout_ms: int = Field(default=10000, gt=0)
+    """Longest wait for the server to accept or send one packet (capped by a read's time left)."""
+    read_timeout_ms: int = Field(default=5000, gt=0)
+    """Deadline of a read whose caller gives none (enforced on the server, cancelled from the client)."""
+    settings: dict[Identifier, bool | int | float | str] = Field(default_factory=dict)
+    """Extra ClickHouse settings sent with every query."""
+
+
+_WIDE_TYPES = {
+    FeatureType.INT: "Nullable(Int64)", FeatureType.FLOAT: "Nullable(Float64)",
+    FeatureType.STR: "Nullable(String)", FeatureType.BOOL: "Nullable(UInt8)",
+    FeatureType.LIST_INT: "Array(Int64)", FeatureType.LIST_FLOAT: "Array(Float64)",
+    FeatureType.LIST_STR: "Array(String)",
+}
+
+# ServerException codes (see clickhouse_driver.errors.ErrorCodes); anything else is a query error.
+_TIMEOUT_CODES = frozenset({159, 160, 209, 394})  # TIMEOUT_EXCEEDED, TOO_SLOW, SOCKET_TIMEOUT, CANCELLED
+_AUTH_CODES = frozenset({192, 193, 194, 195, 291, 497, 516})  # unknown user, wrong password, ..., denied
+_UNAVAILABLE_CODES = frozenset({202, 203, 210, 241, 242, 252, 279})  # overloaded, network, read-only
+
+
+def _q(name: str) -> str:
+    return quote_identifier(name, "`")
+
+
+class _Pool:
+    """At most ``size`` Clients (not thread-safe, so one per borrower), created lazily, LIFO reuse."""
+
+    def __init__(self, make: Callable[[], Any], size: int) -> None:
+        self._make = make
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self._closed = False
+
+    @contextmanager
+    def client(self, wait_s: float | None) -> Iterator[Any]:
+        """Borrow a Client; one that raised is disconnected and dropped, never handed out again."""
+        if not self._slots.acquire(timeout=wait_s):
+            raise TimeoutError("no free ClickHouse connection in time")
+        client: Any = None
+        try:
+            with self._lock:
+                client = self._idle.pop() if self._idle else None
+            if client is None:
+                client = self._make()
+            yield client
+        except BaseException:
+            if client is not None:
+                _disconnect(client)
+                client = None
+            raise
+        finally:
+            if client is not None:
+                with self._lock:
+                    keep = not self._closed
+                    if keep:
+                        self._idle.append(client)
+                if not keep:
+                    _disconnect(client)
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for client in idle:
+            _disconnect(client)
+
+
+def _disconnect(client: Any) -> None:
+    with contextlib.suppress(Exception):  # a broken socket is being thrown away anyway
+        client.disconnect()
+
+
+class ClickHouseSource(Source):
+    """One ClickHouse server (native protocol) with a pool of clickhouse-driver Clients."""
+
+    type_name = "clickhouse"
+    options_model = ClickHouseOptions
+    view_options_model = ClickHouseViewOptions
+    capabilities = Capabilities(server_timeout=True)
+    default_batch_size = 1000
+
+    def __init__(self, name: str, options: ClickHouseOptions) -> None:
+        super().__init__(name, options)
+        self._pool = _Pool(self._client, options.pool_size)
+        self._settings = dict(options.settings)
+        self._max_execution_time = math.ceil(float(self._settings.get("max_execution_time") or 0))
+        self._connect_s = options.connect_timeout_ms / 1000
+        self._io_s = options.send_receive_timeout_ms / 1000
+        self._version_lock = threading.Lock()
+        self._last_version = 0
+
+    def _client(self) -> Any:
+        opts: ClickHouseOptions = self.options
+        # Constructing a Client does not connect; it connects on its first query.
+        return Client(opts.host, port=opts.port, user=opts.user, password=opts.password.get_secret_value(),
+                      database=opts.database, client_name="featuredao", connect_timeout=self._connect_s,
+                      send_receive_timeout=self._io_s, sync_request_timeout=self._io_s)
+
+    def _arm(self, client: Any, left: float | None) -> None:
+        """Cap every socket wait of the next query (connect, ping, packets) by the time left."""
+        conn = client.connection
+        io = self._io_s if left is None else max(0.001, min(self._io_s, left))
+        conn.connect_timeout = min(self._connect_s, io)
+        conn.send_receive_timeout = io
+        conn.sync_request_timeout = io  # the driver pings a reused connection before each query
+        if conn.connected and conn.socket is not None:
+            conn.socket.settimeout(io)
+
+    def query(self, sql: str, params: dict[str, Any] | None, timeout_s: float | None) -> list[Any]:
+        """Run one SELECT within ``timeout_s`` (cancelled on the server when it runs out)."""
+        if timeout_s is None:
+            timeout_s = self.options.read_timeout_ms / 1000
+        deadline = time.perf_counter() + timeout_s
+        with self._pool.client(timeout_s) as client:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise BackendTimeout("deadline passed before the query was sent", source=self.name)
+            self._arm(client, left)
+            limit = max(1, math.ceil(left))
+            if self._max_execution_time:  # a configured limit still caps long deadlines
+                limit = min(limit, self._max_execution_time)
+            settings = {
+                **self._settings,
+                "max_execution_time": limit,
+                # Progress packets at this interval let the loop below notice the deadline.
+                "interactive_delay": int(min(100_000, max(5_000, left * 250_000))),
+            }
+            if len(sql) > 200_000 or (params and _rough_size(params) > 200_000):
+                settings["max_query_size"] = 64 * 1024 * 1024  # the default 256 KiB fits ~5000 keys
+            progress = client.execute_with_progress(sql, params, settings=settings,
+                                                    query_id=uuid.uuid4().hex)
+            for _ in progress:
+                if time.perf_counter() >= deadline:
+                    self._cancel(client)
+                    break
+            else:
+                rows: list[Any] = progress.get_result()
+                return rows
+        # Raised outside the borrow: a cleanly cancelled Client goes back to the pool.
+        raise BackendTimeout(f"query cancelled after {timeout_s:.3f}s", source=self.name)
+
+    def _cancel(self, client: Any) -> None:
+        """Stop the running query on the server and drain its stream so the Client stays usable."""
+        try:
+            client.connection.socket.settimeout(_CANCEL_GRACE_S)
+            client.cancel()
+        except Exception:  # the server answered the cancel with an error, or not at all
+            _disconnect(client)
+            return
+        if getattr(client.connection, "is_query_executing", False):
+            _disconnect(client)  # a disconnected Client reconnects on its next query
+
+    def execute(self, sql: str, data: list[tuple[Any, ...]] | None = None) -> None:
+        """Run one statement (DDL, or an INSERT with its rows) with the configured socket timeouts."""
+        with self._pool.client(self._io_s) as client:
+            self._arm(client, None)
+            if data is None:
+                client.execute(sql, settings=self._settings or None)
+            else:
+                client.execute(sql, data, settings=self._settings or None)
+
+    def next_version(self) -> int:
+        """A version larger than every one this process handed out (nanoseconds since the epoch)."""
+        with self._version_lock:
+            self._last_version = max(time.time_ns(), self._last_version + 1)
+            return self._last_version
+
+    def dao(self, view: View) -> ClickHouseDao:
+        return ClickHouseDao(self, view)
+
+    def ping(self) -> None:
+        self.query("SELECT 1", None, min(5.0, self._connect_s + self._io_s))
+
+    def map_error(self, exc: BaseException) -> type[BackendError] | None:
+        if isinstance(exc, ch_errors.ServerException):
+            code = exc.code or 0
+            if code in _TIMEOUT_CODES:
+                return BackendTimeout
+            if code in _AUTH_CODES:
+                return BackendAuthError
+            if code in _UNAVAILABLE_CODES:
+                return BackendUnavailable
+            return BackendQueryError
+        if isinstance(exc, ch_errors.SocketTimeoutError | TimeoutError):
+            return BackendTimeout
+        if isinstance(exc, ch_errors.NetworkError | ch_errors.UnexpectedPacketFromServerError |
+                      ch_errors.UnknownPacketFromServerError | EOFError | OSError):
+            return BackendUnavailable
+        if isinstance(exc, ch_errors.Error):
+            return BackendQueryError  # type mismatches and the like, found by the driver
+        return None
+
+    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
+        if isinstance(exc, ch_errors.ServerException) and not isinstance(exc, FeatureDaoError):
+            kind = self.map_error(exc)
+            # str() of a ServerException starts with a bare "Code: 60."; the message says what failed.
+            text = (exc.message or "").strip().splitlines()
+            detail = text[0] if text else "no message"
+            if kind is not None:
+                return kind(f"ServerException {exc.code}: {detail}", source=self.name, view=view)
+        return super().translate(exc, view)
+
+    def close(self) -> None:
+        super().close()
+        self._pool.close()
+
+
+def _rough_size(params: dict[str, Any]) -> int:
+    """About how many bytes the bound tuples add to the statement."""
+    size = 0
+    for p in params.values():
+        if isinstance(p, tuple) and p:
+            size += (sum(map(len, p)) if isinstance(p[0], str) else 20 * len(p)) + 4 * len(p)
+    return size
+
+
+class ClickHouseDao(BaseDao):
+    """Reads and writes one view's wide or tall ReplacingMergeTree table."""
+
+    source: ClickHouseSource
+
+    def __init__(self, source: ClickHouseSource, view: View) -> None:
+        super().__init__(source, view)
+        opts: ClickHouseViewOptions = view.options or ClickHouseViewOptions()
+        self.options = opts
+        self._tall = opts.layout == "tall"
+        self._final = " FINAL" if (opts.final if opts.final is not None else not self._tall) else ""
+        self._table = _q(view.table)
+        self._key = _q(view.key)
+        self._version = _q(opts.version_column)
+        self._lists = {f for f, t in view.features.items() if t.is_list}
+        self._nulls = _q(opts.nulls_column) if opts.nulls_column is not None and self._lists else None
+        self._sql: dict[tuple[str, ...], tuple[str, bool]] = {}
+
+    def _select(self, fields: list[str]) -> tuple[str, bool]:
+        """The statement for these fields, and whether it ends with the null-lists column."""
+        cached = self._sql.get(tuple(fields))
+        if cached is not None:
+            return cached
+        o = self.options
+        with_nulls = False
+        if self._tall and not fields:
+            sql = f"SELECT DISTINCT {self._key} FROM {self._table} WHERE {self._key} IN %(keys)s"
+        elif self._tall:
+            order = self._version if o.event_time_column is None else \
+                f"({_q(o.event_time_column)}, {self._version})"
+            # tuple(): argMax skips NULLs, and a newer null must hide an older value.
+            feature = _q(o.feature_column)
+            sql = (f"SELECT {self._key}, {feature}, argMax(tuple({_q(o.value_column)}), {order}).1 "
+                   f"FROM {self._table}{self._final} WHERE {self._key} IN %(keys)s "
+                   f"AND {feature} IN %(fields)s GROUP BY {self._key}, {feature}")
+        else:
+            cols = [self._key, *(_q(f) for f in fields)]
+            with_nulls = self._nulls is not None and any(f in self._lists for f in fields)
+            if with_nulls:
+                cols.append(str(self._nulls))
+            sql = f"SELECT {', '.join(cols)} FROM {self._table}{self._final} WHERE {self._key} IN %(keys)s"
+        self._sql[tuple(fields)] = (sql, with_nulls)
+        return sql, with_nulls
+
+    def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        sql, with_nulls = self._select(fields)
+        params: dict[str, Any] = {"keys": tuple(keys)}
+        if self._tall:
+            if fields:
+                params["fields"] = tuple(fields)
+            tall: dict[Key, dict[str, Any]] = {}
+            for row in self.source.query(sql, params, timeout_s):
+                found = tall.get(row[0])
+                if found is None:
+                    tall[row[0]] = found = {}
+                if len(row) > 1:
+                    found[row[1]] = row[2]
+            return tall
+        rows = self.source.query(sql, params, timeout_s)
+        if not with_nulls:
+            return {r[0]: dict(zip(fields, r[1:], strict=True)) for r in rows}
+        out: dict[Key, dict[str, Any]] = {}
+        for r in rows:  # the last column names the null lists
+            got = dict(zip(fields, r[1:-1], strict=True))
+            for name in r[-1]:
+                if name in got:
+                    got[name] = None
+            out[r[0]] = got
+        return out
+
+    def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        version = self.source.next_version()
+        o = self.options
+        if self._tall:
+            cols = [self._key, _q(o.feature_column), _q(o.value_column)]
+            now: list[Any] = []
+            if o.event_time_column is not None:
+                cols.append(_q(o.event_time_column))
+                now = [dt.datetime.now(dt.UTC).replace(microsecond=0)]
+            cols.append(self._version)
+            data = [(key, name, _encode_text(value), *now, version)
+                    for key, row in rows for name, value in row.items()]
+        else:
+            fields = list(self.view.features)
+            cols = [self._key, *(_q(f) for f in fields)]
+            if self._nulls is not None:
+                cols.append(self._nulls)
+            cols.append(self._version)
+            data = []
+            for key, row in rows:
+                values: list[Any] = [key]
+                for f in fields:
+                    v = row[f]
+                    if v is None and f in self._lists:
+                        v = []  # no Nullable(Array): the nulls column says it is null
+                    values.append(int(v) if isinstance(v, bool) else v)
+                if self._nulls is not None:
+                    values.append([f for f in self._lists if row[f] is None])
+                values.append(version)
+                data.append(tuple(values))
+        self.source.execute(f"INSERT INTO {self._table} ({', '.join(cols)}) VALUES", data)
+
+    def prepare(self) -> None:
+        o = self.options
+        key_type = "Int64" if self.view.key_type == "int" else "String"
+        if self._tall:
+            cols = [f"{self._key} {key_type}", f"{_q(o.feature_column)} String",
+                    f"{_q(o.value_column)} Nullable(String)"]
+            order = [self._key, _q(o.feature_column)]
+            if o.event_time_column is not None:
+                cols.append(f"{_q(o.event_time_column)} DateTime")
+                order.append(_q(o.event_time_column))
+        else:
+            cols = [f"{self._key} {key_type}",
+                    *(f"{_q(f)} {_WIDE_TYPES[t]}" for f, t in self.view.features.items())]
+            if self._nulls is not None:
+                cols.append(f"{self._nulls} Array(String)")
+            order = [self._key]
+        cols.append(f"{self._version} UInt64")
+        # Point lookups read whole index granules: smaller ones than the default 8192 rows read less.
+        self.source.execute(f"CREATE TABLE IF NOT EXISTS {self._table} ({', '.join(cols)}) "
+                            f"ENGINE = ReplacingMergeTree({self._version}) ORDER BY ({', '.join(order)}) "
+                            f"SETTINGS index_granularity = 1024")
+
+
+def _encode_text(value: Any) -> str | None:
+    """A feature value as the tall layout's text; lists as JSON, read back by the core's coercers."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
