@@ -307,6 +307,8 @@ class RedisKeyValue(KeyValueStore):
                         if message is not None and message.get("type") == "message":
                             callback(message["data"])
                 except Exception as exc:
+                    if stop.is_set():
+                        break  # closing: the source's pool went away under us
                     log.warning("invalidation listener on %s: %s; reconnecting", channel,
                                 _detail(exc))
                     stop.wait(1.0)

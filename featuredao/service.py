@@ -95,6 +95,8 @@ class FeatureService:
         self._on_close = on_close
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers,
                                         thread_name_prefix="featuredao-view")
+        self._shapes: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...],
+                                      dict[str, FeatureValue]]] = {}
         self._by_entity: dict[str, list[FeatureDao]] = {"user": [], "item": []}
         for dao in self.daos.values():
             self._by_entity.setdefault(dao.view.entity, []).append(dao)
@@ -144,6 +146,18 @@ class FeatureService:
             log.warning("view %s degraded (%s): %s", task.view.name, reason.value, exc)
         return Degraded(task.view.name, reason, str(exc))
 
+    def _shape(self, view: View) -> tuple[tuple[str, ...], tuple[str, ...],
+                                          tuple[tuple[str, FeatureValue], ...], dict[str, FeatureValue]]:
+        """A view's fields, their output names, the defaults to fill in and the all-default row."""
+        shape = self._shapes.get(view.name)
+        if shape is None:
+            fields = tuple(view.features)
+            names = tuple(view.prefix + f for f in fields)
+            defaults = tuple((view.prefix + f, d) for f, d in view.defaults.items() if d is not None)
+            default_row = {view.prefix + f: view.defaults.get(f) for f in fields}
+            shape = self._shapes[view.name] = (fields, names, defaults, default_row)
+        return shape
+
     def _merge(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
                outcomes: list[BatchResult | BaseException | None], started: float,
                strict: bool | None) -> FetchResult:
@@ -160,10 +174,17 @@ class FeatureService:
                 rows = [None] * len(task.keys)
                 degraded.append(self._failure(task, outcome))
             targets = [user] if view.entity == "user" else items
+            fields, names, defaults, default_row = self._shape(view)
             for target, row in zip(targets, rows, strict=True):
-                for name in view.features:
-                    value = row.get(name) if row is not None else None
-                    target[view.prefix + name] = view.defaults.get(name) if value is None else value
+                if row is None:
+                    target.update(default_row)
+                    continue
+                # zip/map run in C: this loop is per row, not per value.
+                values = dict(zip(names, map(row.get, fields), strict=True))
+                for name, default in defaults:
+                    if values[name] is None:
+                        values[name] = default
+                target.update(values)
         result = FetchResult(user_id if user_id is not None else "", user, list(item_ids), items,
                              degraded, time.perf_counter() - started)
         if degraded and (self.settings.strict if strict is None else strict):
