@@ -116,6 +116,8 @@ class RawConfig(StrictModel):
     # Views are validated one by one so that one broken view does not hide the others' problems.
     views: list[dict[str, Any]] = Field(min_length=1)
     service: ServiceConfig = ServiceConfig()
+    # Synchronization jobs are validated by featuredao.sync.config against the views.
+    sync: list[dict[str, Any]] = Field(default_factory=list)
 
 
 # Keys every source accepts, handled by the core rather than by the adapter's options model.
@@ -174,6 +176,8 @@ class Config:
     views: dict[str, View]
     service: ServiceConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    sync: list[Any] = field(default_factory=list)
+    """Validated synchronization jobs (featuredao.sync.config.SyncJob)."""
 
     @property
     def fallback_only(self) -> set[str]:
@@ -374,9 +378,13 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                                   tuple(vc.fallback), vc.fallback_on_missing, vc.cache)
             positions[vc.name] = i
     issues.extend(_check_chains(raw, views, positions, adapters))
+    from featuredao.sync.config import check_jobs  # sync builds on this module
+
+    jobs, sync_issues = check_jobs(raw.sync, views, adapters)
+    issues.extend(sync_issues)
     if issues:
         raise ConfigError(issues)
-    return Config(sources, views, raw.service, doc)
+    return Config(sources, views, raw.service, doc, jobs)
 
 
 def _check_chains(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],

@@ -1,0 +1,1 @@
+"""Offline-to-online feature synchronization: full, incremental and change-data-capture jobs."""
