@@ -15,5 +15,6 @@ if TYPE_CHECKING:
 def check_jobs(raw: Sequence[Mapping[str, Any]], views: Mapping[str, View],
                adapters: Mapping[str, type[Source]]) -> tuple[list[Any], list[ConfigIssue]]:
     """Validate every job; return the parsed jobs and the problems found (with JSON paths)."""
-    issues = [ConfigIssue(f"$.sync[{i}]", "synchronization jobs are not supported yet") for i in range(len(raw))]
+    issues = [ConfigIssue(f"$.sync[{i}]", "synchronization jobs are not supported yet")
+              for i in range(len(raw))]
     return [], issues
