@@ -98,6 +98,26 @@ def test_start_failure_raises_with_log_tail() -> None:
     assert server.pid is None
 
 
+def test_auto_port_taken_before_start_is_repicked() -> None:
+    server = RedisServer()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", server.port))
+        squatter.listen()
+        taken = server.port
+        with server:
+            assert server.port != taken
+            assert _redis(server.host, server.port).ping()
+
+
+def test_explicit_port_conflict_fails_clearly() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(ServerStartError, match=r"(?i)address already in use"):
+            RedisServer(port=port, startup_timeout=10).start()
+
+
 # -------------------------------------------------------------------------- postgres
 
 

@@ -390,6 +390,7 @@ class ServerProcess:
         tmp_parent: str | os.PathLike[str] | None = None,
     ) -> None:
         self._host = LOCALHOST
+        self._auto_port = port is None
         self._port = port if port is not None else free_port()
         self.startup_timeout = startup_timeout
         self._tmp_parent = None if tmp_parent is None else os.fspath(tmp_parent)
@@ -456,6 +457,13 @@ class ServerProcess:
     def _bootstrap(self) -> None:
         """One-time setup (databases, users) after the first successful start."""
 
+    def _repick_ports(self) -> bool:
+        """Choose new auto-assigned port(s) after a bind conflict; False if ports were given."""
+        if not self._auto_port:
+            return False
+        self._port = free_port()
+        return True
+
     def _env(self) -> dict[str, str]:
         return {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC"}
 
@@ -473,8 +481,7 @@ class ServerProcess:
                 _write_owner(self._base, None)
                 _register(self)
                 self._prepare()
-            self._launch()
-            self.wait_ready()
+            self._launch_until_ready(repick=not self._bootstrapped)
             if not self._bootstrapped:
                 self._bootstrap()
                 self._bootstrapped = True
@@ -522,6 +529,21 @@ class ServerProcess:
             self._terminate(graceful=False)
             raise
         return self
+
+    def _launch_until_ready(self, *, repick: bool, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            self._launch()
+            try:
+                self.wait_ready()
+                return
+            except ServerStartError as exc:
+                # Another process may grab an auto-picked port between our check and
+                # the server's bind(): try again on fresh port(s).
+                text = str(exc).lower()
+                in_use = "already in use" in text or "address in use" in text
+                if attempt == attempts or not (repick and in_use and self._repick_ports()):
+                    raise
+                self._terminate(graceful=False)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll :meth:`_probe` until it succeeds; raise :class:`ServerStartError` with log tails."""
@@ -757,7 +779,6 @@ class PostgresServer(ServerProcess):
         settings = {
             **settings,
             "listen_addresses": f"'{self.host}'",
-            "port": str(self.port),
             "unix_socket_directories": f"'{self.socket_dir}'",
         }
         # Appending keeps the file's owner (postgres); later settings win.
@@ -787,7 +808,7 @@ class PostgresServer(ServerProcess):
         # so a postmaster.pid is stale: remove it rather than risk a PID-reuse clash.
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "postmaster.pid").unlink()
-        return [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
+        return [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
 
     def _probe(self) -> None:
         # Send a startup packet: the server asks for authentication ('R') only once
@@ -1057,9 +1078,11 @@ class RedisServer(ServerProcess):
         startup_timeout: float = 30.0,
         tmp_parent: str | os.PathLike[str] | None = None,
     ) -> None:
+        auto_port = port is None
         if port is None and cluster_enabled:
             port = _pick_ports((0, 10000))  # the cluster bus listens on port + 10000
         super().__init__(port=port, startup_timeout=startup_timeout, tmp_parent=tmp_parent)
+        self._auto_port = auto_port
         self.password = password
         self.cluster_enabled = cluster_enabled
         self.cluster_node_timeout_ms = cluster_node_timeout_ms
@@ -1098,6 +1121,12 @@ class RedisServer(ServerProcess):
                 "--cluster-node-timeout", str(self.cluster_node_timeout_ms),
             ]  # fmt: skip
         return cmd + self.extra_args
+
+    def _repick_ports(self) -> bool:
+        if not self._auto_port:
+            return False
+        self._port = _pick_ports((0, 10000)) if self.cluster_enabled else free_port()
+        return True
 
     def command(self, *args: str, timeout: float = 2.0) -> object:
         """Send one command with a tiny built-in RESP client (authenticates if needed)."""
@@ -1275,6 +1304,7 @@ class ClickHouseServer(ServerProcess):
         tmp_parent: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(port=port, startup_timeout=startup_timeout, tmp_parent=tmp_parent)
+        self._auto_http_port = http_port is None
         self.http_port = http_port if http_port is not None else free_port()
         self.user = user
         self.password = password if password is not None else secrets.token_hex(12)
@@ -1309,10 +1339,8 @@ class ClickHouseServer(ServerProcess):
             return [combined, "server"]
         raise MissingPackageError("clickhouse-server not found; install Debian package 'clickhouse-server'")
 
-    def _prepare(self) -> None:
+    def _write_config(self) -> None:
         base = self.base_dir
-        for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
-            (base / sub).mkdir()
         config = f"""<?xml version="1.0"?>
 <yandex>
     <logger>
@@ -1341,6 +1369,12 @@ class ClickHouseServer(ServerProcess):
     <mlock_executable>false</mlock_executable>
 </yandex>
 """
+        self.config_path.write_text(config)
+
+    def _prepare(self) -> None:
+        base = self.base_dir
+        for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
+            (base / sub).mkdir()
         networks = f"<networks><ip>{self.host}</ip><ip>::1</ip></networks>"
         users = f"""<?xml version="1.0"?>
 <yandex>
@@ -1379,10 +1413,19 @@ class ClickHouseServer(ServerProcess):
     </quotas>
 </yandex>
 """
-        self.config_path.write_text(config)
         (base / "users.xml").write_text(users)
 
+    def _repick_ports(self) -> bool:
+        if not (self._auto_port or self._auto_http_port):
+            return False
+        if self._auto_port:
+            self._port = free_port()
+        if self._auto_http_port:
+            self.http_port = free_port()
+        return True
+
     def _command(self) -> list[str]:
+        self._write_config()  # on every launch: ports may have been re-picked
         return [*self._binary(), f"--config-file={self.config_path}"]
 
     def http_query(
