@@ -32,8 +32,7 @@ BATCH = 500
 
 def view(name: str, layout: str, cache: dict[str, Any] | None) -> dict[str, Any]:
     options = {"layout": "hash"} if layout == "hash" else {"layout": "string", "encoding": layout}
-    out: dict[str, Any] = {"name": name, "prefix": f"{name}_", "entity": "item", "source": "store",
-                           "table": "items", "key": "id",
+    out: dict[str, Any] = {"name": name, "entity": "item", "source": "store", "table": "items", "key": "id",
                            "key_type": "int", "features": dict(ITEM_FEATURES), "timeout_ms": 5000,
                            "options": options}
     if cache is not None:
@@ -62,10 +61,9 @@ def main() -> None:
             "c_mixed": {"l1": l1, "l2": l2},
             "d_none": None,
         }
-        cfg = {"sources": sources,
-               "views": [view(name, args.layout, cache) for name, cache in configs.items()],
-               "service": {"deadline_ms": 5000}}
+        views = {name: view(name, args.layout, cache) for name, cache in configs.items()}
         # Each mode is its own service holding one view, so every fetch reads exactly that view.
+        cfg = {"sources": sources, "views": [views["d_none"]], "service": {"deadline_ms": 5000}}
         runtime = build(cfg)
         seed_view = runtime.daos["d_none"]
         print(f"seeding {rows_needed:,} rows x {len(ITEM_FEATURES)} features ...", flush=True)
@@ -75,8 +73,7 @@ def main() -> None:
         runtime.close()
 
         def service(name: str) -> FeatureService:
-            views = [v for v in cfg["views"] if v["name"] == name]
-            return FeatureService.from_config({**cfg, "views": views})
+            return FeatureService.from_config({**cfg, "views": [views[name]]})
 
         services = {name: service(name) for name in configs}
         hot = list(range(l1_count))

@@ -175,12 +175,16 @@ class FeatureService:
                 degraded.append(self._failure(task, outcome))
             targets = [user] if view.entity == "user" else items
             fields, names, defaults, default_row = self._shape(view)
+            renamed = names != fields
             for target, row in zip(targets, rows, strict=True):
                 if row is None:
                     target.update(default_row)
                     continue
-                # zip/map run in C: this loop is per row, not per value.
-                values = dict(zip(names, map(row.get, fields), strict=True))
+                # Whole-row C operations: this loop is per row, not per value.
+                if renamed or len(row) != len(fields):
+                    values = dict(zip(names, map(row.get, fields), strict=True))
+                else:
+                    values = dict(row)
                 for name, default in defaults:
                     if values[name] is None:
                         values[name] = default
