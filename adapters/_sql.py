@@ -23,7 +23,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from featuredao.config import Identifier, StrictModel, View, quote_identifier
 from featuredao.dao import BaseDao, Source
-from featuredao.types import Degraded, FeatureType, Key, RawRows, Row
+from featuredao.types import FeatureType, FinalRow, Key, RawRows, Row
 
 _TALL_ONLY = ("feature_column", "value_column", "event_time_column")
 
@@ -189,16 +189,6 @@ def pivot_tall(rows: Sequence[Sequence[Any]], with_time: bool) -> dict[Any, dict
         else:
             found[feature] = value
     return out
-
-
-class FinalRow(dict[str, Any]):
-    """A decoded row whose every value already has its feature's exact type (no NULL anywhere).
-
-    The core's coercion would return it unchanged, so :meth:`SqlDao._coerce_row` passes it through:
-    typed stores (PostgreSQL's binary results) then cost no per-value Python work.
-    """
-
-    __slots__ = ()
 
 
 _EXACT: dict[FeatureType, type[Any]] = {
@@ -423,11 +413,6 @@ class SqlDao(BaseDao):
         st = self.statements
         rows = self.source.fetch(st.select(fields), st.params(keys, fields), timeout_s)
         return st.decode(rows, fields)
-
-    def _coerce_row(self, key: Key, raw: Mapping[str, Any], plan: Any, degraded: list[Degraded]) -> Row:
-        if type(raw) is FinalRow:
-            return raw  # already exactly what the core's coercion would build
-        return super()._coerce_row(key, raw, plan, degraded)
 
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
         st = self.statements

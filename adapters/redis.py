@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Literal
@@ -47,7 +47,7 @@ from featuredao.errors import (
     BackendUnavailable,
     FeatureDaoError,
 )
-from featuredao.types import FeatureType, FeatureValue, Key, RawRows, Row, RowFailure
+from featuredao.types import FeatureType, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
 
 _HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 
@@ -554,21 +554,16 @@ class RedisDao(BaseDao):
         if (n and first == fields and list(chain.from_iterable(rows)) == first * n
                 and list(map(type, chain.from_iterable(map(dict.values, rows)))) == types * n
                 and all(_elements_are(etype, map(itemgetter(f), rows)) for f, etype in lists)):
-            return dict(zip(keys, map(_Typed, rows), strict=True))
+            return dict(zip(keys, map(FinalRow, rows), strict=True))
         out: dict[Key, Any] = {}
         for key, row in zip(keys, rows, strict=True):
             values = list(map(row.get, fields))
             if list(map(type, values)) == types and \
                     all(_elements_are(etype, [row[f]]) for f, etype in lists):
-                out[key] = _Typed(row if list(row) == fields else dict(zip(fields, values, strict=True)))
+                out[key] = FinalRow(zip(fields, values, strict=True))
             else:
                 out[key] = row
         return out
-
-    def _coerce_row(self, key: Key, raw: Any, plan: Any, degraded: Any) -> Row:
-        if type(raw) is _Typed:
-            return raw.row
-        return super()._coerce_row(key, raw, plan, degraded)
 
     def _raise_wrongtype(self, exc: rexc.ResponseError) -> None:
         """Name the view and layout, never the key: redis-py's message quotes the whole command."""
@@ -618,24 +613,6 @@ class RedisDao(BaseDao):
     def _csv_text(value: FeatureValue) -> str | bytes:
         text = _text(value)
         return text if isinstance(text, str | bytes) else str(text)
-
-
-class _Typed(Mapping[str, Any]):
-    """A row already in its declared types, with every requested feature: the core passes it through."""
-
-    __slots__ = ("row",)
-
-    def __init__(self, row: Row) -> None:
-        self.row = row
-
-    def __getitem__(self, name: str) -> Any:
-        return self.row[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.row)
-
-    def __len__(self) -> int:
-        return len(self.row)
 
 
 def _elements_are(etype: type[Any], lists: Iterable[list[Any]]) -> bool:

@@ -35,6 +35,7 @@ from featuredao.types import (
     Degraded,
     FeatureType,
     FeatureValue,
+    FinalRow,
     Key,
     RawRows,
     Reason,
@@ -294,6 +295,9 @@ class BaseDao(FeatureDao):
         for key in unique:
             found = raw.get(key)
             if found is None:
+                continue
+            if type(found) is FinalRow:
+                rows[key] = found
                 continue
             if isinstance(found, RowFailure):
                 result.degraded.append(Degraded(self.view.name, Reason.ROW_ERROR, found.reason, (key,)))

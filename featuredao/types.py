@@ -228,6 +228,16 @@ class BatchResult(Sequence[Row | None]):
         return sum(r is not None for r in self.rows)
 
 
+class FinalRow(dict[str, "FeatureValue"]):
+    """A row a backend decoded into exactly the requested features, each of its declared type, no None.
+
+    The shared coercion would return it unchanged, so BaseDao passes it through: a typed store then costs
+    no per-value Python work (the backend checks whole columns or rows in C instead).
+    """
+
+    __slots__ = ()
+
+
 class RowFailure:
     """Returned by a backend in place of a row that failed on its own (per-row errors)."""
 
