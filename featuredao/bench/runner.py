@@ -181,7 +181,8 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info(load_avg: list[float] | None = None) -> dict[str, Any]:
+def machine_info(load_avg: list[float] | None = None,
+                 adapters: Sequence[str] | None = None) -> dict[str, Any]:
     """Cores, Python, platform, the versions of featuredao and of every driver module loaded, and the
     load average when the run started."""
     import featuredao
@@ -206,8 +207,10 @@ def machine_info(load_avg: list[float] | None = None) -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "gil": bool(gil),
         "platform": platform.platform(),
-        "adapters": sorted(m.rsplit(".", 1)[-1] for m in sys.modules
-                           if m.startswith("featuredao.adapters.")),
+        # The adapters this run measured (others may be loaded in the same process).
+        "adapters": sorted(set(adapters)) if adapters is not None else
+        sorted(m.rsplit(".", 1)[-1] for m in sys.modules if m.startswith("featuredao.adapters.")
+               and not m.rsplit(".", 1)[-1].startswith("_")),
         "versions": versions,
         "load_avg": load_avg,
     }
@@ -444,7 +447,8 @@ def run(config_path: str | os.PathLike[str], params: BenchParams, *, progress: b
         except KeyboardInterrupt:
             result.interrupted = True
         result.elapsed_s = time.perf_counter() - started
-        result.machine = machine_info(load)
+        used = {runtime.config.sources[runtime.config.views[v].source].type for v in params.views}
+        result.machine = machine_info(load, sorted(used))
         _ratios(result.records)
         return result
     finally:
