@@ -140,3 +140,14 @@ def test_upsert_writes_through_and_invalidates() -> None:
     dao.read(["k0"])
     dao.upsert([("k0", {"a": 5, "b": "five"})])
     assert dao.read(["k0"]).rows == [{"a": 5, "b": "five"}]
+
+
+def test_peek_answers_only_when_every_key_is_fresh_in_l1() -> None:
+    store = FakeDao(make_view(), rows(5))
+    dao = CachedDao(store, config())
+    assert dao.peek(["k1", "k2"]) is None
+    dao.read(["k1", "k2", "absent"])
+    hit = dao.peek(["k2", "k1", "k2"])
+    assert hit is not None and hit.rows == [{"a": 2, "b": "v2"}, {"a": 1, "b": "v1"}, {"a": 2, "b": "v2"}]
+    assert dao.peek(["k1", "k3"]) is None
+    assert store.calls == [["k1", "k2", "absent"]]
