@@ -89,3 +89,20 @@ def test_runtime_failure_exits_1(tmp_path: Path) -> None:
     out = run("fetch", str(path), "--view", "user_profile", "--keys", "a")
     assert out.returncode == 1
     assert out.stderr.startswith("error: BackendUnavailable") and "Traceback" not in out.stderr
+
+
+def test_health_reports_each_source_and_exits_1_when_one_is_down(tmp_path: Path) -> None:
+    from featuredao.testing.servers import free_port
+
+    cfg = demo_config(str(tmp_path / "f.db"))
+    cfg["sources"]["down"] = {"type": "redis", "host": "127.0.0.1", "port": free_port(),
+                              "connect_timeout_ms": 200}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    out = run("health", str(path))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "local" in out.stdout and "down" in out.stdout and "DOWN" in out.stdout
+    del cfg["sources"]["down"]
+    path.write_text(json.dumps(cfg))
+    out = run("health", str(path))
+    assert out.returncode == 0 and "up" in out.stdout and "closed" in out.stdout
