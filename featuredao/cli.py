@@ -13,6 +13,7 @@ import click
 from featuredao import config as config_mod
 from featuredao.bench import bench
 from featuredao.errors import ConfigError, FeatureDaoError
+from featuredao.sync.cli import sync
 
 
 def _keys(text: str) -> list[str]:
@@ -109,12 +110,18 @@ def demo(directory: Path, users: int, items: int, fetch_items: int) -> None:
 
 
 cli.add_command(bench)
+cli.add_command(sync)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map our errors to exit codes without tracebacks."""
+    run(cli, argv, "featuredao")
+
+
+def run(group: click.Group, argv: list[str] | None, prog_name: str) -> None:
+    """Run a command group with featuredao's exit codes: 0 ok, 1 runtime failure, 2 usage or config."""
     try:
-        cli.main(args=argv, prog_name="featuredao", standalone_mode=False)
+        group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)

@@ -201,25 +201,9 @@ def run_command(config: Path | None, views: str | None, batches: list[int], conc
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m featuredao.bench``: the group on its own, with featuredao's exit codes."""
-    from featuredao.errors import ConfigError, FeatureDaoError
+    from featuredao.cli import run
 
-    try:
-        bench.main(args=argv, prog_name="featuredao bench", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FeatureDaoError as exc:
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(0)
+    run(bench, argv, "featuredao bench")
 
 
 __all__ = ["bench", "main"]
