@@ -346,6 +346,21 @@ class ClickHouseDao(BaseDao):
         self._nulls = _q(opts.nulls_column) if opts.nulls_column is not None and self._lists else None
         self._sql: dict[tuple[str, ...], tuple[str, bool]] = {}
 
+    def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
+        """clickhouse-driver by hand (wide layout): the same statement, rows as dicts in key order."""
+        if self._tall:
+            return None
+        client = self.source._client()  # a plain Client of its own, outside the pool
+
+        def read(keys: list[Key], fields: list[str]) -> object:
+            sql, with_nulls = self._select(fields)
+            columns = [*fields, "_nulls"] if with_nulls else fields
+            rows = client.execute(sql, {"keys": tuple(keys)})
+            found = {r[0]: dict(zip(columns, r[1:], strict=True)) for r in rows}
+            return [found.get(k) for k in keys]
+
+        return read
+
     def _select(self, fields: list[str]) -> tuple[str, bool]:
         """The statement for these fields, and whether it ends with the null-lists column."""
         cached = self._sql.get(tuple(fields))

@@ -495,3 +495,19 @@ def test_a_frozen_server_gives_a_timeout_and_the_pool_recovers(clickhouse_server
         if clickhouse_server.frozen:
             clickhouse_server.thaw()
         runtime.close()
+
+
+def test_raw_reader_reads_what_the_dao_reads(clickhouse_server: ClickHouseServer) -> None:
+    runtime = build(clickhouse_server, view_config(table_name("raw"), {"n": "int", "tags": "list[str]"}))
+    dao: Any = runtime.daos["v"]
+    try:
+        dao.prepare()
+        dao.upsert([("a", {"n": 1, "tags": ["x"]}), ("b", {"n": 2, "tags": ["y", "z"]})])
+        raw = dao.raw_reader()
+        assert raw is not None
+        got = raw(["b", "missing", "a"], ["n", "tags"])
+        assert isinstance(got, list) and got[1] is None
+        assert [r["n"] for r in (got[0], got[2])] == [2, 1]
+        assert [list(r["tags"]) for r in (got[0], got[2])] == [["y", "z"], ["x"]]
+    finally:
+        runtime.close()
