@@ -126,8 +126,10 @@ class FeatureService:
         """Answer from memory at once when the view's L1 holds every key; otherwise read on a worker."""
         dao = self.daos[task.view.name]
         if isinstance(dao, CachedDao):
+            started = time.perf_counter()
             hit = dao.peek(task.keys)
             if hit is not None:
+                self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), hit.found)
                 done: Future[BatchResult] = Future()
                 done.set_result(hit)
                 return done
