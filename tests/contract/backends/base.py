@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from featuredao.testing.servers import free_port
+
 
 @dataclass
 class ContractBackend:
@@ -18,3 +20,23 @@ class ContractBackend:
     """The same source pointing at a closed port (None for embedded stores)."""
     table_prefix: str = "t"
     """Prefix of the per-test table names."""
+
+
+_LAYOUT_OPTIONS: dict[str, dict[str, Any]] = {
+    "wide": {"layout": "wide"},
+    "tall": {"layout": "tall", "event_time_column": "event_time"},
+}
+
+
+def layout_variants(adapter: str) -> list[tuple[str, str]]:
+    """``VARIANTS`` of an adapter with a wide and a tall layout, both under the adapter's marker."""
+    return [(f"{adapter}_{layout}", adapter) for layout in _LAYOUT_OPTIONS]
+
+
+def layout_backend(variant: str, source: dict[str, Any]) -> ContractBackend:
+    """The backend of a ``layout_variants`` variant: its layout options and the source on a closed port."""
+    options = dict(_LAYOUT_OPTIONS[variant.rsplit("_", 1)[1]])
+    # Nothing listens on a port handed out by free_port and never bound.
+    unreachable = {**source, "port": free_port(), "connect_timeout_ms": 1000}
+    return ContractBackend(source=source, view_options=options, unreachable=unreachable,
+                           table_prefix=f"c_{variant}_")
