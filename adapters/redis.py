@@ -134,7 +134,7 @@ class RedisSource(Source):
     type_name = "redis"
     options_model = RedisOptions
     view_options_model = RedisViewOptions
-    capabilities = Capabilities(create=False, key_value=True)
+    capabilities = Capabilities(create=False, key_value=True, delete=True)
     default_batch_size = 100
     error_map = (
         (rexc.AuthenticationError, BackendAuthError),
@@ -608,6 +608,25 @@ class RedisDao(BaseDao):
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
+
+    def _write_checked_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        """Bulk writes (sync): one MSET per chunk for packed strings without TTL on a standalone server."""
+        if self._format not in ("msgpack", "json") or self.options.ttl_s or self.source.is_cluster:
+            self._write_batch(rows)
+            return
+        pack = msgpack.packb if self._format == "msgpack" else orjson.dumps
+        flat: list[Any] = []
+        for rk, (_, row) in zip(self._redis_keys(k for k, _ in rows), rows, strict=True):
+            flat.append(rk)
+            flat.append(pack({f: v for f, v in row.items() if v is not None}))
+        if flat:
+            self.source.client().execute_command("MSET", *flat)
+
+    def _delete_batch(self, keys: list[Key]) -> None:
+        pipe = self.source.client().pipeline(transaction=not self.source.is_cluster)
+        for rk in self._redis_keys(keys):
+            pipe.execute_command("DEL", rk)  # one key per command: a cluster pipeline routes each by slot
+        pipe.execute()
 
     @staticmethod
     def _csv_text(value: FeatureValue) -> str | bytes:

@@ -6,7 +6,7 @@ import json
 import queue
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator
 
 from featuredao.config import StrictModel, View, quote_identifier
-from featuredao.dao import BaseDao, Capabilities, Source
+from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
 from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
 from featuredao.types import FeatureType, Key, RawRows, Row
 
@@ -50,7 +50,8 @@ class SqliteSource(Source):
 
     type_name = "sqlite"
     options_model = SqliteOptions
-    capabilities = Capabilities(server_timeout=True)
+    capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
+                                state=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: SqliteOptions) -> None:
@@ -100,6 +101,10 @@ class SqliteSource(Source):
     def ping(self) -> None:
         with self.connection(5.0) as conn:
             conn.execute("SELECT 1").fetchone()
+
+    def state_store(self) -> SqliteStateStore:
+        """Synchronization checkpoints and seen keys in two tables of this database."""
+        return SqliteStateStore(self)
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         if not isinstance(exc, sqlite3.Error):
@@ -187,3 +192,141 @@ class SqliteDao(BaseDao):
         with self.source.connection() as conn:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {self._table} "
                          f"({self._key} {key_type} PRIMARY KEY, {cols})")
+
+    # -- synchronization hooks -----------------------------------------------------------------------
+    def _select(self) -> str:
+        return ", ".join([self._key, *(quote_identifier(f) for f in self.view.features)])
+
+    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        fields = list(self.view.features)
+        where = "" if after is None else f"WHERE {self._key} > ? "
+        sql = f"SELECT {self._select()} FROM {self._table} {where}ORDER BY {self._key} LIMIT ?"
+        params: list[Any] = [limit] if after is None else [after, limit]
+        with self.source.connection() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [(r[0], dict(zip(fields, r[1:], strict=True))) for r in rows]
+
+    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
+                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        fields = list(self.view.features)
+        wm = quote_identifier(column)
+        if after is None:
+            where, params = f"WHERE {wm} IS NOT NULL", [limit]
+        else:
+            # Row values: strictly after (watermark, key), so rows sharing the last watermark are not lost.
+            where, params = f"WHERE ({wm}, {self._key}) > (?, ?)", [after[0], after[1], limit]
+        sql = (f"SELECT {wm}, {self._select()} FROM {self._table} {where} "
+               f"ORDER BY {wm}, {self._key} LIMIT ?")
+        with self.source.connection() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [(r[0], r[1], dict(zip(fields, r[2:], strict=True))) for r in rows]
+
+    def _delete_batch(self, keys: list[Key]) -> None:
+        sql = f"DELETE FROM {self._table} WHERE {self._key} IN ({', '.join('?' * len(keys))})"
+        with self.source.connection() as conn:
+            conn.execute(sql, keys)
+
+    @property
+    def _outbox(self) -> str:
+        return quote_identifier("featuredao_outbox_" + self.view.table.replace(".", "_"))
+
+    def _install_feed(self) -> None:
+        """An outbox table filled by triggers: (id, key, op, ts); the reader joins the row as it is now."""
+        outbox, table, key = self._outbox, self._table, self._key
+        name = self.view.table.replace(".", "_")
+        now = "(julianday('now') - 2440587.5) * 86400.0"
+        with self.source.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {outbox} (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                             f"k, op TEXT NOT NULL, ts REAL NOT NULL)")
+                for op, ref in (("INSERT", "NEW"), ("DELETE", "OLD")):
+                    conn.execute(f'CREATE TRIGGER IF NOT EXISTS "featuredao_{op.lower()}_{name}" AFTER {op} '
+                                 f"ON {table} BEGIN INSERT INTO {outbox} (k, op, ts) "
+                                 f"VALUES ({ref}.{key}, '{op[0]}', {now}); END")
+                # An update that changes the key removes the old key and writes the new one.
+                conn.execute(f'CREATE TRIGGER IF NOT EXISTS "featuredao_update_{name}" AFTER UPDATE '
+                             f"ON {table} BEGIN "
+                             f"INSERT INTO {outbox} (k, op, ts) SELECT OLD.{key}, 'D', {now} "
+                             f"WHERE OLD.{key} IS NOT NEW.{key}; "
+                             f"INSERT INTO {outbox} (k, op, ts) VALUES (NEW.{key}, 'U', {now}); END")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _feed_batch(self, after: Any, limit: int) -> list[Change]:
+        fields = list(self.view.features)
+        cols = ", ".join(f"t.{quote_identifier(f)}" for f in fields)
+        sql = (f"SELECT o.id, o.k, o.ts, t.{self._key} IS NOT NULL, {cols} FROM {self._outbox} o "
+               f"LEFT JOIN {self._table} t ON t.{self._key} = o.k WHERE o.id > ? ORDER BY o.id LIMIT ?")
+        with self.source.connection() as conn:
+            rows = conn.execute(sql, [after or 0, limit]).fetchall()
+        return [Change(r[0], r[1], dict(zip(fields, r[4:], strict=True)) if r[3] else None, r[2])
+                for r in rows]
+
+    def _feed_position(self) -> Any:
+        with self.source.connection() as conn:
+            row = conn.execute(f"SELECT max(id) FROM {self._outbox}").fetchone()
+        return row[0]
+
+    def _ack_feed(self, position: Any) -> None:
+        with self.source.connection() as conn:
+            conn.execute(f"DELETE FROM {self._outbox} WHERE id <= ?", [position])
+
+
+class SqliteStateStore(StateStore):
+    """Checkpoints and seen keys in two tables, every commit one transaction."""
+
+    def __init__(self, source: SqliteSource) -> None:
+        self._source = source
+        self._ready = False
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        if not self._ready:
+            conn.execute("CREATE TABLE IF NOT EXISTS featuredao_sync_state "
+                         "(scope TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, "
+                         "PRIMARY KEY (scope, name))")
+            conn.execute("CREATE TABLE IF NOT EXISTS featuredao_sync_seen "
+                         "(scope TEXT NOT NULL, grp TEXT NOT NULL, k TEXT NOT NULL, gen INTEGER NOT NULL, "
+                         "PRIMARY KEY (scope, grp, k)) WITHOUT ROWID")
+            self._ready = True
+
+    def load(self, scope: str) -> dict[str, Any]:
+        with self._source.connection() as conn:
+            self._prepare(conn)
+            rows = conn.execute("SELECT name, value FROM featuredao_sync_state WHERE scope = ?",
+                                [scope]).fetchall()
+        return {name: json.loads(value) for name, value in rows}
+
+    def commit(self, scope: str, values: Mapping[str, Any],
+               seen: tuple[str, Sequence[str], int] | None = None,
+               forget: tuple[str, Sequence[str]] | None = None) -> None:
+        with self._source.connection() as conn:
+            self._prepare(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT INTO featuredao_sync_state (scope, name, value) VALUES (?, ?, ?) "
+                                 "ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value",
+                                 [(scope, name, json.dumps(v)) for name, v in values.items()])
+                if seen is not None:
+                    group, keys, gen = seen
+                    conn.executemany("INSERT INTO featuredao_sync_seen (scope, grp, k, gen) "
+                                     "VALUES (?, ?, ?, ?) ON CONFLICT (scope, grp, k) "
+                                     "DO UPDATE SET gen = excluded.gen",
+                                     [(scope, group, k, gen) for k in keys])
+                if forget is not None:
+                    group, gone = forget
+                    conn.executemany("DELETE FROM featuredao_sync_seen WHERE scope = ? AND grp = ? AND k = ?",
+                                     [(scope, group, k) for k in gone])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def unseen(self, scope: str, group: str, generation: int, limit: int) -> list[str]:
+        with self._source.connection() as conn:
+            self._prepare(conn)
+            rows = conn.execute("SELECT k FROM featuredao_sync_seen WHERE scope = ? AND grp = ? AND gen < ? "
+                                "ORDER BY k LIMIT ?", [scope, group, generation, limit]).fetchall()
+        return [r[0] for r in rows]

@@ -67,6 +67,16 @@ class Capabilities:
     """Can create the table or keyspace a view needs (``prepare``)."""
     key_value: bool = False
     """Offers a shared key-value store (``Source.key_value()``) that can hold the L2 cache."""
+    scan: bool = False
+    """Reads a view's rows in key order (``BaseDao.scan``): the source of a full sync."""
+    changes: bool = False
+    """Reads rows changed after a watermark (``BaseDao.changes``): the source of an incremental sync."""
+    delete: bool = False
+    """Deletes keys (``BaseDao.delete``)."""
+    change_feed: bool = False
+    """Records inserts, updates and deletes in a change feed (``BaseDao.feed``): the source of CDC."""
+    state: bool = False
+    """Holds durable synchronization state with atomic commits (``Source.state_store()``)."""
 
 
 class KeyValueStore(ABC):
@@ -91,6 +101,40 @@ class KeyValueStore(ABC):
     @abstractmethod
     def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> Callable[[], None]:
         """Call ``callback`` with each message on ``channel`` (from a background thread); return a stopper."""
+
+
+class StateStore(ABC):
+    """Durable synchronization state: JSON checkpoints and a registry of seen keys, committed atomically.
+
+    A ``scope`` is a sync job, a ``group`` one of its targets; keys are stored as JSON text.
+    """
+
+    @abstractmethod
+    def load(self, scope: str) -> dict[str, Any]:
+        """Every checkpoint of a scope, by name (JSON values)."""
+
+    @abstractmethod
+    def commit(self, scope: str, values: Mapping[str, Any],
+               seen: tuple[str, Sequence[str], int] | None = None,
+               forget: tuple[str, Sequence[str]] | None = None) -> None:
+        """In one transaction: store checkpoints, mark ``(group, keys, generation)`` seen, forget keys."""
+
+    @abstractmethod
+    def unseen(self, scope: str, group: str, generation: int, limit: int) -> list[str]:
+        """Keys of a group last seen before ``generation`` (at most ``limit``)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the store holds (its source's pool is closed by its owner)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a change feed: its position, the key, the row now (None: deleted), when it happened."""
+
+    position: Any
+    key: Key
+    row: Mapping[str, Any] | None
+    ts: float | None = None
 
 
 class FeatureDao(ABC):
@@ -179,6 +223,10 @@ class Source(ABC):
                                                     thread_name_prefix=f"featuredao-{self.name}")
             return self._executor
 
+    def state_store(self) -> StateStore:
+        """Durable synchronization state in this source (adapters with ``capabilities.state``)."""
+        raise NotImplementedError(f"adapter {self.type_name!r} cannot hold synchronization state")
+
     def key_value(self) -> KeyValueStore:
         """The shared key-value store of this source (adapters with ``capabilities.key_value``)."""
         raise NotImplementedError(f"adapter {self.type_name!r} offers no key-value store")
@@ -260,6 +308,108 @@ class BaseDao(FeatureDao):
     def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
         return None
+
+    # -- synchronization hooks (optional; see Capabilities.scan/changes/delete/change_feed) ---------
+    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        """Up to ``limit`` rows with keys greater than ``after``, in key order: raw stored values."""
+        raise self._unsupported("scan")
+
+    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
+                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        """Up to ``limit`` (watermark, key, raw row) with (watermark, key) greater than ``after``, in that
+        order; rows whose watermark is null are never returned."""
+        raise self._unsupported("changes")
+
+    def _delete_batch(self, keys: list[Key]) -> None:
+        """Delete one chunk of distinct keys (absent keys are no error)."""
+        raise self._unsupported("delete")
+
+    def _install_feed(self) -> None:
+        """Start recording changes of the view's table (idempotent)."""
+        raise self._unsupported("change feed")
+
+    def _feed_batch(self, after: Any, limit: int) -> list[Change]:
+        """Up to ``limit`` changes after position ``after`` (None: from the start), in position order."""
+        raise self._unsupported("change feed")
+
+    def _feed_position(self) -> Any:
+        """The position of the newest change recorded so far (None: nothing recorded)."""
+        raise self._unsupported("change feed")
+
+    def _ack_feed(self, position: Any) -> None:
+        """Every consumer has applied the changes up to ``position``: the feed may drop them."""
+        raise self._unsupported("change feed")
+
+    def _unsupported(self, what: str) -> BackendQueryError:
+        return BackendQueryError(f"adapter {self.source.type_name!r} has no {what} support",
+                                 source=self.source.name, view=self.view.name)
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            mapped = self.source.translate(exc, self.view.name)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def scan(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        """Rows in key order with keys strictly greater than ``after``: raw stored values, every feature."""
+        rows: list[tuple[Key, Mapping[str, Any]]] = self._guarded(
+            self._scan_batch, None if after is None else self._norm(after), limit)
+        return rows
+
+    def changes(self, column: str, after: tuple[Any, Key] | None,
+                limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        """Rows ordered by (watermark ``column``, key), strictly after ``after``: ties are never skipped."""
+        cursor = None if after is None else (after[0], self._norm(after[1]))
+        rows: list[tuple[Any, Key, Mapping[str, Any]]] = self._guarded(self._changes_batch, column, cursor,
+                                                                       limit)
+        return rows
+
+    def delete(self, keys: Iterable[Key]) -> int:
+        """Delete keys (absent ones are no error); return how many were asked for."""
+        unique = list(dict.fromkeys(self._norm(k) for k in keys))
+        size = max(1, self.source.batch_size)
+        for i in range(0, len(unique), size):
+            self._guarded(self._delete_batch, unique[i:i + size])
+        return len(unique)
+
+    def lookup(self, keys: Sequence[Key]) -> RawRows:
+        """Raw stored values of every feature of distinct keys (no coercion, no defaults)."""
+        unique = list(dict.fromkeys(self._norm(k) for k in keys))
+        return self._call(unique, self._all_fields, None) if unique else {}
+
+    def write_checked(self, rows: Sequence[tuple[Key, Row]]) -> int:
+        """Upsert rows already normalised and coerced to the view's types (one entry per key)."""
+        if not self.source.capabilities.write:
+            raise BackendQueryError("this adapter is read-only", source=self.source.name,
+                                    view=self.view.name)
+        size = max(1, self.source.batch_size)
+        for i in range(0, len(rows), size):
+            self._guarded(self._write_checked_batch, list(rows[i:i + size]))
+        return len(rows)
+
+    def _write_checked_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        """Write one chunk for ``write_checked`` (an adapter may offer a faster bulk path)."""
+        self._write_batch(rows)
+
+    def install_feed(self) -> None:
+        """Start recording the table's changes (idempotent)."""
+        self._guarded(self._install_feed)
+
+    def feed(self, after: Any, limit: int) -> list[Change]:
+        """Changes after ``after`` in position order; a deleted key comes with ``row=None``."""
+        changes: list[Change] = self._guarded(self._feed_batch, after, limit)
+        return changes
+
+    def feed_position(self) -> Any:
+        """The newest position of the change feed (None when empty)."""
+        return self._guarded(self._feed_position)
+
+    def ack_feed(self, position: Any) -> None:
+        """Every consumer applied the changes up to ``position``."""
+        self._guarded(self._ack_feed, position)
 
     # -- the shared work -----------------------------------------------------------------
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,

@@ -32,6 +32,10 @@ def _create() -> dict[str, Any] | None:
             "cache": Counter("featuredao_cache", "Cache lookups per level and outcome",
                              ["view", "level", "outcome"]),
             "keys": Counter("featuredao_keys", "Keys requested and found", ["view", "outcome"]),
+            "sync_rows": Counter("featuredao_sync_rows", "Rows of sync jobs by outcome",
+                                 ["job", "target", "outcome"]),
+            "sync_lag": Gauge("featuredao_sync_lag_seconds", "Change-to-target delay of sync jobs",
+                              ["job", "target"]),
         }
         return _families
 
@@ -80,3 +84,13 @@ class Metrics:
         """Cache lookups: level l1/l2, outcome hit/miss/negative/stale/error."""
         if self._m is not None and count:
             self._m["cache"].labels(view, level, outcome).inc(count)
+
+    def sync_rows(self, job: str, target: str, outcome: str, count: int = 1) -> None:
+        """Rows of a sync job: outcome read/written/deleted/filtered/failed (target "" for reads)."""
+        if self._m is not None and count:
+            self._m["sync_rows"].labels(job, target, outcome).inc(count)
+
+    def sync_lag(self, job: str, target: str, seconds: float) -> None:
+        """Seconds between a change in the source and its write into the target."""
+        if self._m is not None:
+            self._m["sync_lag"].labels(job, target).set(seconds)
