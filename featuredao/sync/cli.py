@@ -1,0 +1,167 @@
+"""``featuredao sync run/status/replay-dlq``: run the config's synchronization jobs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from featuredao.errors import ConfigError, ConfigIssue
+
+
+@click.group()
+def sync() -> None:
+    """Synchronize views: full, incremental and CDC jobs declared in the config's "sync" list."""
+
+
+def _engine(config: str, job: str) -> Any:
+    from featuredao.sync.engine import SyncEngine
+
+    return SyncEngine.from_file(config, job)
+
+
+@sync.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--job", required=True, help="The job to run (its name in the config).")
+@click.option("--follow", is_flag=True, help="Keep running: a cycle every --interval seconds.")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Seconds between cycles with --follow.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is drawn on terminals only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report of the (last) cycle as JSON.")
+def run(config: str, job: str, follow: bool, interval: float, no_progress: bool, as_json: bool) -> None:
+    """Run a job: one cycle (a full pass, or every change so far), or cycles forever with --follow.
+
+    Exit 0 when every target is up to date, 1 when a target or the source failed (their checkpoints stay
+    where they were; the next run catches up), 130 after Ctrl-C (the current chunk is finished first).
+    """
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    stop = threading.Event()
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        interrupted.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    console = Console(stderr=True)
+    show = console.is_terminal and not no_progress
+    try:
+        with _engine(config, job) as engine:
+            started = time.perf_counter()
+            total = [0]
+            progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                TextColumn("{task.completed:,.0f} rows"),
+                                TextColumn("{task.fields[rate]:,.0f} rows/s"), TimeElapsedColumn(),
+                                console=console, disable=not show, transient=True)
+            task = progress.add_task(f"sync {job}", total=None, rate=0.0)
+
+            def on_progress(rows: int) -> None:
+                total[0] += rows
+                rate = total[0] / max(1e-9, time.perf_counter() - started)
+                progress.update(task, advance=rows, rate=rate)
+
+            def on_cycle(report: Any) -> None:
+                if follow and (report.read or report.down or report.source_error):
+                    console.print(_summary(job, report, time.perf_counter() - started, total[0]))
+
+            with progress:
+                report = engine.run(follow=follow, interval_s=interval, stop=stop, on_progress=on_progress,
+                                    on_cycle=on_cycle)
+            elapsed = time.perf_counter() - started
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if as_json:
+        click.echo(json.dumps({"job": job, "read": report.read, "written": report.written,
+                               "deleted": report.deleted, "filtered": report.filtered,
+                               "failed": report.failed, "down": report.down,
+                               "source_error": report.source_error, "interrupted": report.interrupted,
+                               "elapsed_s": round(elapsed, 3)}))
+    elif not follow:
+        click.echo(_summary(job, report, elapsed, total[0]))
+    if signal.SIGINT in interrupted:
+        sys.exit(130)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _summary(job: str, report: Any, elapsed: float, rows: int) -> str:
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    text = (f"job {job}: read {report.read:,}, written {report.written:,}, deleted {report.deleted:,}, "
+            f"filtered {report.filtered:,}, dead letters {report.failed:,} ({rate:,.0f} rows/s)")
+    if report.source_error:
+        text += f"; source failed: {report.source_error}"
+    for target, error in report.down.items():
+        text += f"; target {target} not updated: {error}"
+    if report.interrupted:
+        text += "; interrupted"
+    return text
+
+
+@sync.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--job", help="Only this job.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoints as JSON lines.")
+def status(config: str, job: str | None, as_json: bool) -> None:
+    """Every job's targets: phase, cursor, pass, rows written, last error, dead letters."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from featuredao.config import load
+
+    cfg = load(config)
+    names = [j.name for j in cfg.sync]
+    if job is not None and job not in names:
+        raise ConfigError([ConfigIssue("$.sync", f"no job named {job!r}; known: {', '.join(names) or 'none'}",
+                                       repr(job))])
+    rows: list[dict[str, Any]] = []
+    for name in [job] if job else names:
+        with _engine(config, name) as engine:
+            rows.extend(engine.status())
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, default=str))
+        return
+    if not rows:
+        click.echo("no sync jobs in this config")
+        return
+    table = Table(title="featuredao sync status")
+    for col in ("job", "mode", "target", "phase", "cursor", "passes", "written", "deleted", "dead letters",
+                "updated", "lag s", "error"):
+        table.add_column(col)
+    for r in rows:
+        stamp = r["updated_at"]
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+        table.add_row(r["job"], r["mode"], r["target"], r["phase"], json.dumps(r["cursor"], default=str),
+                      str(r["passes"]), f"{r['written']:,}", f"{r['deleted']:,}", str(r["dead_letters"]),
+                      updated, "-" if r["lag_s"] is None else f"{r['lag_s']:.2f}", r["last_error"] or "")
+    Console().print(table)
+
+
+@sync.command("replay-dlq")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--job", required=True, help="Replay this job's dead letters.")
+def replay_dlq(config: str, job: str) -> None:
+    """Send a job's dead letters through the pipeline again, with each key's current source row.
+
+    Entries that succeed leave the file, entries that fail again stay with their new reason; exit 1 if
+    any entry remains.
+    """
+    with _engine(config, job) as engine:
+        report = engine.replay_dlq()
+        path = Path(engine.dlq.path)
+    click.echo(f"job {job}: replayed {report.replayed}, resolved {report.resolved}, failed again "
+               f"{report.failed_again}, kept {report.kept} ({path})")
+    for what, error in report.down.items():
+        click.echo(f"{what} unavailable: {error}", err=True)
+    if report.failed_again or report.kept:
+        sys.exit(1)

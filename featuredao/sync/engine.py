@@ -1,0 +1,707 @@
+"""Run a sync job: read the source in chunks, transform, resolve conflicts, write every target, checkpoint.
+
+Each target has its own checkpoint (phase, cursor, pass generation), advanced in one state-store
+transaction only after that target confirmed the chunk. Targets at the same cursor share one source
+read; a target that fell behind (it was down) reads on its own, bounded by the cursor of the next
+target ahead, and joins it when it gets there. A target that fails is left behind with its
+checkpoint untouched and retried later; the others go on.
+
+Delivery is at least once: a chunk written but not yet checkpointed when the process dies is written
+again after a restart (upserts are idempotent, and ``last_writer_wins`` keeps replays harmless).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featuredao import registry as adapter_registry
+from featuredao.config import Config
+from featuredao.dao import BaseDao, FeatureDao, Source, StateStore, normaliser
+from featuredao.errors import BackendError, BackendQueryError, BackendUnavailable, ConfigError, ConfigIssue
+from featuredao.factory import Runtime, build
+from featuredao.metrics import Metrics
+from featuredao.sync import registry
+from featuredao.sync.config import SyncJob
+from featuredao.sync.pipeline import (
+    DeadLetters,
+    Plan,
+    Record,
+    StageError,
+    Transformer,
+    plan,
+    typed,
+    typed_many,
+)
+from featuredao.types import CoercionError, Key, Row
+
+log = logging.getLogger("featuredao.sync")
+
+_FIRST_PHASE = {"full": "idle", "incremental": "changes", "cdc": "new"}
+_READING = ("scan", "changes", "snapshot", "stream")
+_MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class TargetState:
+    """One target's checkpoint (persisted as JSON) and its in-process health."""
+
+    name: str
+    phase: str
+    cursor: Any = None
+    generation: int = 0
+    """Full passes started (the seen-key registry marks keys with it)."""
+    feed_start: Any = None
+    """cdc: the change-feed position taken before the snapshot; streaming starts after it."""
+    written: int = 0
+    deleted: int = 0
+    failed: int = 0
+    passes: int = 0
+    updated_at: float | None = None
+    last_error: str | None = None
+    lag_s: float | None = None
+    down_until: float = field(default=0.0, compare=False)
+    failures: int = field(default=0, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["down_until"], data["failures"], data["name"]
+        return data
+
+    @classmethod
+    def from_json(cls, name: str, data: Mapping[str, Any], phase: str) -> TargetState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "name"}
+        known.setdefault("phase", phase)
+        return cls(name=name, **known)
+
+
+@dataclass
+class Item:
+    """A source record after the transforms: the row to write (None: delete the key)."""
+
+    key: Key
+    row: dict[str, Any] | None
+    source_row: dict[str, Any] | None
+    position: Any
+    ts: float | None = None
+
+
+@dataclass
+class CycleReport:
+    """What one cycle did."""
+
+    read: int = 0
+    written: int = 0
+    deleted: int = 0
+    filtered: int = 0
+    failed: int = 0
+    down: dict[str, str] = field(default_factory=dict)
+    source_error: str | None = None
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """No target down and the source readable."""
+        return not self.down and self.source_error is None
+
+
+@dataclass
+class ReplayReport:
+    """What ``replay_dlq`` did."""
+
+    replayed: int = 0
+    resolved: int = 0
+    failed_again: int = 0
+    kept: int = 0
+    down: dict[str, str] = field(default_factory=dict)
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _order(value: Any) -> tuple[Any, ...]:
+    """Sort key of a cursor: None first; [watermark, key] compared element by element."""
+    if value is None:
+        return (0,)
+    if isinstance(value, list | tuple):
+        return (1, *value)
+    return (1, value)
+
+
+def _le(a: Any, b: Any) -> bool:
+    try:
+        return _order(a) <= _order(b)
+    except TypeError:
+        return _canon(a) <= _canon(b)
+
+
+class Sink:
+    """One target view: typing to its features, conflicts, writes, deletes, cache invalidation."""
+
+    def __init__(self, engine: SyncEngine, name: str) -> None:
+        runtime = engine.runtime
+        self.job = engine.job
+        self.name = name
+        dao = runtime.daos[name]
+        if not isinstance(dao, BaseDao):
+            raise ConfigError(f"view {name!r} is not served by a BaseDao")
+        self.dao: BaseDao = dao
+        self.view = dao.view
+        self.caps = dao.source.capabilities
+        self.served: FeatureDao | None = runtime.served.get(name) if self.view.cache is not None else None
+        self.plan: Plan = plan(self.view.features)
+        self.norm = normaliser(self.view.key_type)
+        self.strategy = self.job.conflict.strategy
+        self.version = self.job.conflict.version
+        self._metrics = engine.metrics
+
+    def apply(self, items: Sequence[Item], dead: list[dict[str, Any]]) -> tuple[int, int, list[Key]]:
+        """Write and delete; return (written, deleted, keys written or deleted). Records that cannot be
+        written go to ``dead``; BackendError means the target cannot take the chunk now."""
+        latest: dict[Key, tuple[Row | None, Item]] = {}
+        present = [it.row for it in items if it.row is not None]
+        rows, errors = typed_many(present, self.plan)
+        position = 0
+        for it in items:
+            row: Row | None = None
+            if it.row is not None:
+                row, error = rows[position], errors.get(position)
+                position += 1
+                if error is not None:
+                    dead.append(self._dead(it, "coerce", error))
+                    continue
+            try:
+                key = self.norm(it.key)
+            except (TypeError, ValueError) as exc:
+                dead.append(self._dead(it, "coerce", f"key {it.key!r}: {exc}"))
+                continue
+            latest.pop(key, None)  # the last change of a key in the chunk wins
+            latest[key] = (row, it)
+        upserts = [(k, r, it) for k, (r, it) in latest.items() if r is not None]
+        deletes = [k for k, (r, _) in latest.items() if r is None]
+        if not self.caps.delete or self.strategy == "target_wins":
+            deletes = []
+        if upserts and self.strategy != "source_wins":
+            upserts = self._resolve(upserts, dead)
+        rejected: list[dict[str, Any]] = []
+        written = self._write(upserts, rejected)
+        if len(upserts) > 1 and written == 0 and len(rejected) == len(upserts) and \
+                all(e["stage"] == "write" for e in rejected):
+            # Not one row went in: the target is broken (a missing table, a bad column), not the rows.
+            raise BackendQueryError(f"every row of a chunk was rejected: {rejected[0]['reason']}",
+                                    source=self.dao.source.name, view=self.name)
+        dead.extend(rejected)
+        if deletes:
+            self.dao.delete(deletes)
+        touched = [k for k, _, _ in upserts] + deletes
+        self._invalidate(touched)
+        return written, len(deletes), touched
+
+    def _dead(self, it: Item, stage: str, reason: str) -> dict[str, Any]:
+        return {"job": self.job.name, "target": self.name, "stage": stage, "reason": reason, "key": it.key,
+                "position": it.position, "record": it.source_row}
+
+    def _resolve(self, upserts: list[tuple[Key, Row, Item]],
+                 dead: list[dict[str, Any]]) -> list[tuple[Key, Row, Item]]:
+        current = self.dao.lookup([k for k, _, _ in upserts])
+        out = []
+        custom = registry.conflict(self.strategy)
+        for key, row, it in upserts:
+            stored = current.get(key)
+            if stored is not None and not isinstance(stored, Mapping):
+                stored = None  # a row the store could not decode: the source repairs it
+            theirs = None
+            if stored is not None:
+                try:
+                    theirs = typed(dict(stored), self.plan)
+                except StageError:
+                    theirs = dict(stored)
+            if self.strategy == "target_wins":
+                if stored is None:
+                    out.append((key, row, it))
+            elif self.strategy == "last_writer_wins":
+                assert self.version is not None
+                mine, other = row.get(self.version), None if theirs is None else theirs.get(self.version)
+                if other is None:
+                    out.append((key, row, it))
+                    continue
+                if mine is None:
+                    continue  # an unversioned row never replaces a versioned one
+                try:
+                    if mine >= other:
+                        out.append((key, row, it))
+                except TypeError as exc:
+                    dead.append(self._dead(it, "conflict", f"versions {mine!r} and {other!r}: {exc}"))
+            elif custom is not None:
+                try:
+                    chosen = custom(key, dict(row), theirs)
+                    if chosen is not None:
+                        out.append((key, typed(dict(chosen), self.plan), it))
+                except StageError as exc:
+                    dead.append(self._dead(it, "conflict", f"resolver {self.strategy!r}: {exc.reason}"))
+                except Exception as exc:
+                    dead.append(self._dead(it, "conflict", f"resolver {self.strategy!r}: "
+                                                           f"{type(exc).__name__}: {exc}"))
+            else:
+                out.append((key, row, it))
+        return out
+
+    def _write(self, rows: list[tuple[Key, Row, Item]], dead: list[dict[str, Any]]) -> int:
+        """Write rows; on a rejected chunk, halve it until the rejected rows are found (dead letters)."""
+        if not rows:
+            return 0
+        try:
+            return self.dao.write_checked([(k, r) for k, r, _ in rows])
+        except BackendUnavailable:
+            raise
+        except (BackendError, CoercionError, ValueError, TypeError) as exc:
+            if len(rows) == 1:
+                dead.append(self._dead(rows[0][2], "write", f"{type(exc).__name__}: {exc}"))
+                return 0
+            mid = len(rows) // 2
+            return self._write(rows[:mid], dead) + self._write(rows[mid:], dead)
+
+    def _invalidate(self, keys: list[Key]) -> None:
+        invalidate = getattr(self.served, "invalidate", None)
+        if invalidate is None or not keys:
+            return
+        try:
+            invalidate(keys)
+        except Exception as exc:  # the write happened; a cache entry lives at most its TTL
+            log.warning("job %s target %s: cache invalidation failed: %s", self.job.name, self.name, exc)
+            self._metrics.cache(self.name, "l2", "error", len(keys))
+
+
+class SyncEngine:
+    """One job of a configuration, with its runtime, checkpoint store and dead-letter file."""
+
+    def __init__(self, cfg: Config, job: str, *, base_dir: Path | None = None,
+                 config_name: str = "featuredao", metrics: Metrics | None = None) -> None:
+        jobs = {j.name: j for j in cfg.sync}
+        if job not in jobs:
+            known = ", ".join(jobs) or "none"
+            raise ConfigError([ConfigIssue("$.sync", f"no job named {job!r}; known: {known}", repr(job))])
+        self.job: SyncJob = jobs[job]
+        self.base_dir = base_dir or Path.cwd()
+        self.metrics = metrics or Metrics()
+        self.runtime: Runtime = build(cfg, self.metrics)
+        self._own_state: Source | None = None
+        try:
+            dao = self.runtime.daos[self.job.source]
+            if not isinstance(dao, BaseDao):
+                raise ConfigError(f"view {self.job.source!r} is not served by a BaseDao")
+            self.source: BaseDao = dao
+            self.sinks = {name: Sink(self, name) for name in self.job.targets}
+            self.store = self._state_store(cfg, config_name)
+        except BaseException:
+            self.close()
+            raise
+        path = Path(self.job.dead_letter or f"{config_name}.{self.job.name}.dlq.jsonl")
+        self.dlq = DeadLetters(path if path.is_absolute() else self.base_dir / path)
+        self.transform = Transformer(self.job.steps)
+        self.source_plan = plan(self.source.view.features)
+        self.states: dict[str, TargetState] = {}
+        self._prepared: set[str] = set()
+        self._feed_acked: Any = None
+        self._read_started = 0.0
+        self._read_rows = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path, job: str, metrics: Metrics | None = None) -> SyncEngine:
+        """Load a config file and build the engine of one of its jobs (paths relative to the file)."""
+        from featuredao.config import load
+
+        path = Path(path)
+        return cls(load(path), job, base_dir=path.resolve().parent, config_name=path.stem, metrics=metrics)
+
+    def _state_store(self, cfg: Config, config_name: str) -> StateStore:
+        if self.job.checkpoint_source is not None:
+            return self.runtime.sources[self.job.checkpoint_source].state_store()
+        # The embedded default: a SQLite file next to the config, through the adapter registry.
+        adapter = adapter_registry.get_adapter("sqlite")
+        options = adapter.options_model.model_validate({"path": str(self.base_dir / f"{config_name}.sync.db"),
+                                                        "pool_size": 1})
+        self._own_state = adapter("_sync_state", options)
+        return self._own_state.state_store()
+
+    def close(self) -> None:
+        """Close the runtime and the checkpoint store."""
+        if self._own_state is not None:
+            self._own_state.close()
+            self._own_state = None
+        self.runtime.close()
+
+    def __enter__(self) -> SyncEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def load_states(self) -> dict[str, TargetState]:
+        """Read every target's checkpoint (health kept from earlier cycles of this process)."""
+        stored = self.store.load(self.job.name)
+        first = _FIRST_PHASE[self.job.mode]
+        states = {}
+        for name in self.job.targets:
+            state = TargetState.from_json(name, stored.get(name, {}), first)
+            old = self.states.get(name)
+            if old is not None:
+                state.down_until, state.failures = old.down_until, old.failures
+            states[name] = state
+        self.states = states
+        return states
+
+    def _commit(self, state: TargetState, seen: tuple[str, Sequence[str], int] | None = None,
+                forget: tuple[str, Sequence[str]] | None = None) -> None:
+        state.updated_at = time.time()
+        self.store.commit(self.job.name, {state.name: state.to_json()}, seen, forget)
+
+    # -- one cycle --------------------------------------------------------------------------------
+    def cycle(self, stop: threading.Event | None = None,
+              on_progress: Callable[[int], None] | None = None) -> CycleReport:
+        """Bring every reachable target up to the source (one full pass, or every change so far)."""
+        stop = stop or threading.Event()
+        report = CycleReport()
+        states = self.load_states()
+        now = time.time()
+        for s in states.values():
+            if s.down_until > now:
+                report.down[s.name] = s.last_error or "down"
+        try:
+            self._begin(states)
+        except BackendError as exc:
+            report.source_error = f"{type(exc).__name__}: {exc}"
+            return report
+        done: set[str] = set()
+        self._read_started, self._read_rows = time.perf_counter(), 0
+        while True:
+            if stop.is_set():
+                report.interrupted = True
+                break
+            active = [s for s in states.values()
+                      if s.name not in done and s.name not in report.down and s.phase != "idle"]
+            if not active:
+                break
+            groups: dict[tuple[str, str], list[TargetState]] = {}
+            for s in active:
+                groups.setdefault((s.phase, _canon(s.cursor)), []).append(s)
+            ordered = sorted(groups.values(), key=lambda g: (g[0].phase != "delete", _order(g[0].cursor)))
+            members = ordered[0]
+            phase = members[0].phase
+            if phase == "delete":
+                for s in members:
+                    self._delete_step(s, report, done)
+                continue
+            ahead = [g[0].cursor for g in ordered[1:] if g[0].phase == phase]
+            bound = ahead[0] if ahead else None
+            try:
+                self._read_step(phase, members, bound, report, done, on_progress)
+            except BackendError as exc:
+                report.source_error = f"{type(exc).__name__}: {exc}"
+                log.error("job %s: reading %s failed: %s", self.job.name, self.job.source, exc)
+                break
+        return report
+
+    def _begin(self, states: Mapping[str, TargetState]) -> None:
+        """Start a pass (full), or install the change feed and take its position before the snapshot."""
+        for s in states.values():
+            if s.name not in self._prepared and s.down_until <= time.time():
+                try:
+                    self.sinks[s.name].dao.prepare()  # create the table where the store has one
+                    self._prepared.add(s.name)
+                except BackendError as exc:
+                    log.warning("job %s: preparing target %s failed: %s", self.job.name, s.name, exc)
+            if self.job.mode == "full" and s.phase == "idle":
+                s.generation += 1
+                s.phase, s.cursor = "scan", None
+                self._commit(s)
+            elif self.job.mode == "cdc" and s.phase == "new":
+                self.source.install_feed()
+                start = self.source.feed_position()
+                s.phase, s.cursor, s.feed_start = "snapshot", None, start if start is not None else 0
+                self._commit(s)
+
+    def _read(self, phase: str, cursor: Any, limit: int) -> list[Record]:
+        if phase in ("scan", "snapshot"):
+            return [Record(k, k, dict(r)) for k, r in self.source.scan(cursor, limit)]
+        if phase == "changes":
+            assert self.job.watermark is not None
+            after = None if cursor is None else (cursor[0], cursor[1])
+            rows = self.source.changes(self.job.watermark, after, limit)
+            return [Record([w, k], k, dict(r)) for w, k, r in rows]
+        return [Record(c.position, c.key, None if c.row is None else dict(c.row), c.ts)
+                for c in self.source.feed(cursor, limit)]
+
+    def _throttle(self, rows: int) -> None:
+        self._read_rows += rows
+        rate = self.job.rate_limit_rows_s
+        if rate:
+            wait = self._read_rows / rate - (time.perf_counter() - self._read_started)
+            if wait > 0:
+                time.sleep(wait)
+
+    def _read_step(self, phase: str, members: list[TargetState], bound: Any, report: CycleReport,
+                   done: set[str], on_progress: Callable[[int], None] | None) -> None:
+        cursor = members[0].cursor
+        limit = self.job.batch_size
+        records = self._read(phase, cursor, limit)
+        exhausted = len(records) < limit
+        if bound is not None:
+            kept = [r for r in records if _le(r.position, bound)]
+            reached = exhausted or len(kept) < len(records)
+            records, exhausted = kept, False
+            new_cursor = bound if reached else records[-1].position
+        else:
+            new_cursor = records[-1].position if records else cursor
+        report.read += len(records)
+        self.metrics.sync_rows(self.job.name, "", "read", len(records))
+        self._throttle(len(records))
+        dead: list[dict[str, Any]] = []
+        items = self._prepare(records, phase, dead, report)
+        for s in members:
+            self._deliver(s, phase, items, new_cursor, exhausted, report, done)
+        # Transform failures concern every target: recorded once, attributed to no target.
+        if dead:
+            self.dlq.add(dead)
+            report.failed += len(dead)
+            self.metrics.sync_rows(self.job.name, "", "failed", len(dead))
+        if phase == "stream":
+            self._ack_feed()
+        if on_progress is not None:
+            on_progress(len(records))
+
+    def _prepare(self, records: list[Record], phase: str, dead: list[dict[str, Any]],
+                 report: CycleReport) -> list[Item]:
+        items = []
+        rows, errors = typed_many([r.row for r in records if r.row is not None], self.source_plan)
+        position = 0
+        steps = bool(self.transform.steps)
+        for rec in records:
+            if rec.row is None:
+                items.append(Item(rec.key, None, None, rec.position, rec.ts))
+                continue
+            src, error = rows[position], errors.get(position)
+            position += 1
+            if src is None or error is not None:
+                dead.append({"job": self.job.name, "target": None, "stage": "read", "reason": error,
+                             "key": rec.key, "position": rec.position, "record": rec.row})
+                continue
+            if not steps:
+                items.append(Item(rec.key, src, src, rec.position, rec.ts))
+                continue
+            try:
+                out = self.transform(dict(src))
+            except StageError as exc:
+                dead.append({"job": self.job.name, "target": None, "stage": exc.stage, "reason": exc.reason,
+                             "key": rec.key, "position": rec.position, "record": src})
+                continue
+            if out is None:
+                report.filtered += 1
+                self.metrics.sync_rows(self.job.name, "", "filtered")
+                if phase != "scan":
+                    # A row that no longer passes the filters leaves the targets (when they can delete).
+                    items.append(Item(rec.key, None, src, rec.position, rec.ts))
+                continue
+            items.append(Item(rec.key, out, src, rec.position, rec.ts))
+        return items
+
+    def _deliver(self, s: TargetState, phase: str, items: list[Item],
+                 new_cursor: Any, exhausted: bool, report: CycleReport, done: set[str]) -> None:
+        sink = self.sinks[s.name]
+        dead: list[dict[str, Any]] = []
+        try:
+            written, deleted, _ = sink.apply(items, dead)
+        except BackendError as exc:
+            self._mark_down(s, exc, report)
+            return
+        if dead:
+            self.dlq.add(dead)  # before the checkpoint: a crash in between re-records, never loses
+        seen = None
+        if phase == "scan" and self.job.delete_missing:
+            keys = []
+            for it in items:
+                try:
+                    keys.append(json.dumps(sink.norm(it.key)))
+                except (TypeError, ValueError):
+                    continue
+            seen = (s.name, keys, s.generation)
+        s.cursor = new_cursor
+        s.written += written
+        s.deleted += deleted
+        s.failed += len(dead)
+        s.last_error, s.failures, s.down_until = None, 0, 0.0
+        times = [it.ts for it in items if it.ts is not None]
+        if times:
+            s.lag_s = max(0.0, time.time() - max(times))
+            self.metrics.sync_lag(self.job.name, s.name, s.lag_s)
+        elif exhausted and phase == "stream":
+            s.lag_s = 0.0  # caught up with the feed
+        if exhausted:
+            if phase == "scan":
+                s.passes += 1
+                s.phase = "delete" if self.job.delete_missing else "idle"
+                if s.phase == "idle":
+                    done.add(s.name)
+            elif phase == "snapshot":
+                s.phase, s.cursor = "stream", s.feed_start
+            else:
+                done.add(s.name)
+        self._commit(s, seen)
+        report.written += written
+        report.deleted += deleted
+        report.failed += len(dead)
+        self.metrics.sync_rows(self.job.name, s.name, "written", written)
+        self.metrics.sync_rows(self.job.name, s.name, "deleted", deleted)
+        self.metrics.sync_rows(self.job.name, s.name, "failed", len(dead))
+
+    def _delete_step(self, s: TargetState, report: CycleReport, done: set[str]) -> None:
+        """After a full pass: delete the keys the pass did not see, chunk by chunk."""
+        sink = self.sinks[s.name]
+        stale = self.store.unseen(self.job.name, s.name, s.generation, self.job.batch_size)
+        if not stale:
+            s.phase = "idle"
+            self._commit(s)
+            done.add(s.name)
+            return
+        keys = [json.loads(k) for k in stale]
+        try:
+            sink.dao.delete(keys)
+            sink._invalidate(keys)
+        except BackendError as exc:
+            self._mark_down(s, exc, report)
+            return
+        s.deleted += len(keys)
+        report.deleted += len(keys)
+        self.metrics.sync_rows(self.job.name, s.name, "deleted", len(keys))
+        self._commit(s, forget=(s.name, stale))
+
+    def _mark_down(self, s: TargetState, exc: BaseException, report: CycleReport) -> None:
+        s.failures += 1
+        backoff = min(_MAX_BACKOFF_S, self.job.retry_backoff_s * 2 ** (s.failures - 1))
+        s.down_until = time.time() + backoff
+        s.last_error = f"{type(exc).__name__}: {exc}"
+        report.down[s.name] = s.last_error
+        log.warning("job %s: target %s failed, retried in %.1fs (its checkpoint stays): %s", self.job.name,
+                    s.name, backoff, s.last_error)
+        try:
+            self.store.commit(self.job.name, {s.name: s.to_json()})  # the cursor is unchanged
+        except Exception:
+            log.exception("job %s: recording the failure of %s failed", self.job.name, s.name)
+
+    def _ack_feed(self) -> None:
+        """Let the feed drop what every target (down ones included) has applied."""
+        positions = []
+        for s in self.states.values():
+            if s.phase == "stream":
+                positions.append(s.cursor)
+            elif s.phase == "snapshot":
+                positions.append(s.feed_start)
+            else:
+                return
+        if not positions or any(p is None for p in positions):
+            return
+        low = min(positions, key=_order)
+        if self._feed_acked is None or _order(low) > _order(self._feed_acked):
+            self.source.ack_feed(low)
+            self._feed_acked = low
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, *, follow: bool = False, interval_s: float = 5.0, stop: threading.Event | None = None,
+            on_progress: Callable[[int], None] | None = None,
+            on_cycle: Callable[[CycleReport], None] | None = None) -> CycleReport:
+        """One cycle, or cycles every ``interval_s`` until ``stop`` is set (follow)."""
+        stop = stop or threading.Event()
+        while True:
+            report = self.cycle(stop, on_progress)
+            if on_cycle is not None:
+                on_cycle(report)
+            if not follow or stop.is_set():
+                return report
+            stop.wait(interval_s)
+
+    # -- status and dead letters ------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        """Every target's checkpoint, plus the job's dead-letter count."""
+        dlq = self.dlq.count(self.job.name)
+        out = []
+        for s in self.load_states().values():
+            out.append({"job": self.job.name, "mode": self.job.mode, "source": self.job.source,
+                        "target": s.name, **s.to_json(), "dead_letters": dlq})
+        return out
+
+    def replay_dlq(self) -> ReplayReport:
+        """Push this job's dead letters through the pipeline again, with each key's current source row.
+
+        A key the source no longer has is deleted from targets that can delete. Entries that fail again
+        are kept (with the new reason); entries of other jobs are untouched.
+        """
+        report = ReplayReport()
+        entries = self.dlq.read()
+        mine = [e for e in entries if e.get("job") == self.job.name and "key" in e]
+        others = [e for e in entries if not (e.get("job") == self.job.name and "key" in e)]
+        remaining: list[dict[str, Any]] = []
+        size = self.job.batch_size
+        for i in range(0, len(mine), size):
+            chunk = mine[i:i + size]
+            report.replayed += len(chunk)
+            try:
+                current = self.source.lookup([e["key"] for e in chunk])
+            except BackendError as exc:
+                report.down[self.job.source] = f"{type(exc).__name__}: {exc}"
+                remaining.extend(chunk)
+                report.kept += len(chunk)
+                continue
+            src_norm = normaliser(self.source.view.key_type)
+            records = []
+            for e in chunk:
+                raw = current.get(src_norm(e["key"]))
+                row = dict(raw) if isinstance(raw, Mapping) else None
+                records.append(Record(e.get("position"), src_norm(e["key"]), row))
+            dead: list[dict[str, Any]] = []
+            scratch = CycleReport()
+            items = self._prepare(records, "replay", dead, scratch)
+            by_target: dict[str, list[Item]] = {t: [] for t in self.job.targets}
+            wanted = {t: {src_norm(e["key"]) for e in chunk if e.get("target") in (None, t)}
+                      for t in self.job.targets}
+            for it in items:
+                for t in self.job.targets:
+                    if it.key in wanted[t]:
+                        by_target[t].append(it)
+            for t, its in by_target.items():
+                if not its:
+                    continue
+                t_dead: list[dict[str, Any]] = []
+                try:
+                    self.sinks[t].apply(its, t_dead)
+                except BackendError as exc:
+                    report.down[t] = f"{type(exc).__name__}: {exc}"
+                    keep = [e for e in chunk if e.get("target") in (None, t)]
+                    remaining.extend({**e, "target": t} for e in keep)
+                    report.kept += len(keep)
+                    continue
+                dead.extend(t_dead)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            remaining.extend({"ts": stamp, **d} for d in dead)
+            report.failed_again += len(dead)
+        report.resolved = report.replayed - report.failed_again - report.kept
+        self.dlq.replace(others + _dedupe(remaining))
+        return report
+
+
+def _dedupe(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for e in entries:
+        k = _canon([e.get("key"), e.get("target"), e.get("stage"), e.get("reason")])
+        if k not in seen:
+            seen.add(k)
+            out.append(e)
+    return out
