@@ -99,14 +99,6 @@ class CachedDao(FeatureDao):
             self._unsubscribe = self._l2.subscribe(f"{CHANNEL}:{self.view.name}", self._on_invalidate)
 
     # -- reading -------------------------------------------------------------------------
-    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        """Serve from L1, then L2, then one coalesced source batch; rows in input order."""
-        result = self.read_partial(keys, features, timeout_s=timeout_s)
-        if result.error is not None:
-            raise result.error
-        return result
-
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""

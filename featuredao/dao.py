@@ -142,18 +142,18 @@ class FeatureDao(ABC):
 
     view: View
 
-    @abstractmethod
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
              timeout_s: float | None = None) -> BatchResult:
         """Return one entry per key in input order; a missing key is ``None`` in its place."""
+        result = self.read_partial(keys, features, timeout_s=timeout_s)
+        if result.error is not None:
+            raise result.error
+        return result
 
+    @abstractmethod
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``, but keys the store could not serve are listed in ``failed`` instead of raising."""
-        try:
-            return self.read(keys, features, timeout_s=timeout_s)
-        except BackendUnavailable as exc:
-            return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=exc)
 
     @abstractmethod
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
@@ -412,14 +412,6 @@ class BaseDao(FeatureDao):
         self._guarded(self._ack_feed, position)
 
     # -- the shared work -----------------------------------------------------------------
-    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        """Return one entry per key in input order; a missing key is ``None`` in its place."""
-        result = self.read_partial(keys, features, timeout_s=timeout_s)
-        if result.error is not None:
-            raise result.error
-        return result
-
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""

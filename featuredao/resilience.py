@@ -106,14 +106,6 @@ class ResilientDao(FeatureDao):
         self.fallback_on_missing = fallback_on_missing
         self._metrics = metrics or Metrics.disabled()
 
-    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        """Read through the breaker; keys the primary cannot serve are read from the fallbacks in turn."""
-        result = self.read_partial(keys, features, timeout_s=timeout_s)
-        if result.error is not None:
-            raise result.error
-        return result
-
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``; keys no link of the chain could serve stay in ``failed``."""

@@ -46,13 +46,6 @@ class FakeDao(FeatureDao):
         err = BackendUnavailable("these keys' shard is down", view=self.view.name) if failed else None
         return BatchResult(list(keys), rows, failed=failed, error=err)
 
-    def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        result = self.read_partial(keys, features, timeout_s=timeout_s)
-        if result.error is not None:
-            raise result.error
-        return result
-
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         n = 0
         for k, r in rows:
