@@ -12,6 +12,8 @@ rest. Two table layouts, chosen per view in ``options``:
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 import threading
 from abc import abstractmethod
@@ -22,7 +24,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, SecretStr, model_validator
 
 from featuredao.config import Identifier, StrictModel, View, quote_identifier
-from featuredao.dao import BaseDao, Source
+from featuredao.dao import BaseDao, Source, StateStore
 from featuredao.types import FeatureType, FinalRow, Key, RawRows, Row
 
 _TALL_ONLY = ("feature_column", "value_column", "event_time_column")
@@ -351,6 +353,37 @@ class SqlStatements:
                                for f, v in zip(fields, values, strict=True))))
         return out
 
+    # -- synchronization (wide layout) ------------------------------------------------------
+    def scan_sql(self, first: bool) -> str:
+        """Rows in key order after a key (parameters: [after,] limit): key first, then every feature."""
+        cols = ", ".join([self.key, *(self.quote(f) for f in self.view.features)])
+        where = "" if first else f"WHERE {self.key} > %s "
+        return f"SELECT {cols} FROM {self.table} {where}ORDER BY {self.key} LIMIT %s"
+
+    def changes_sql(self, watermark: str, first: bool) -> str:
+        """Rows ordered by (watermark, key) strictly after a pair (parameters: [w, w, key,] limit)."""
+        wm = self.quote(watermark)
+        cols = ", ".join([wm, self.key, *(self.quote(f) for f in self.view.features)])
+        where = f"WHERE {wm} IS NOT NULL"
+        if not first:
+            # Expanded rather than a row comparison: both servers use the (watermark, key) index for it.
+            where += f" AND ({wm} > %s OR ({wm} = %s AND {self.key} > %s))"
+        return f"SELECT {cols} FROM {self.table} {where} ORDER BY {wm}, {self.key} LIMIT %s"
+
+    def delete_sql(self) -> str:
+        """DELETE of a bound list of keys (one parameter)."""
+        return f"DELETE FROM {self.table} WHERE {self.dialect.in_keys(self.key)}"
+
+    def raw_row(self, values: Sequence[Any]) -> dict[str, Any]:
+        """Feature values in view order as a dict of stored values (JSON lists and 0/1 booleans decoded)."""
+        fields = list(self.view.features)
+        row = dict(zip(fields, values, strict=True))
+        for i, convert in self._converters(fields):
+            f = fields[i]
+            if row[f] is not None:
+                row[f] = convert(row[f])
+        return row
+
     def create_table(self) -> str:
         """CREATE TABLE IF NOT EXISTS for the view's layout."""
         d = self.dialect
@@ -385,6 +418,14 @@ class SqlSource(Source):
     @abstractmethod
     def execute(self, sql: str) -> None:
         """Run one statement without parameters (DDL)."""
+
+    def transaction(self, statements: Sequence[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """Run several statements (each for many parameter rows) in one transaction."""
+        raise NotImplementedError(f"adapter {self.type_name!r} has no multi-statement transactions")
+
+    def state_store(self) -> SqlStateStore:
+        """Synchronization checkpoints and seen keys in two tables of this database."""
+        return SqlStateStore(self)
 
     @abstractmethod
     def raw_connect(self) -> Any:
@@ -470,3 +511,104 @@ class SqlDao(BaseDao):
             if mapped is exc:
                 raise
             raise mapped from exc
+
+    # -- synchronization hooks (wide layout; a tall table has no row per key to scan) ----------------
+    def _wide_only(self, what: str) -> None:
+        if self.statements.tall:
+            raise self._unsupported(f"{what} (layout 'tall')")
+
+    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        self._wide_only("scan")
+        st = self.statements
+        params: tuple[Any, ...] = (limit,) if after is None else (after, limit)
+        rows = self.source.fetch(st.scan_sql(after is None), params, None)
+        return [(_decode_key(r[0]), st.raw_row(r[1:])) for r in rows]
+
+    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
+                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        self._wide_only("changes")
+        st = self.statements
+        params: tuple[Any, ...] = (limit,) if after is None else (after[0], after[0], after[1], limit)
+        rows = self.source.fetch(st.changes_sql(column, after is None), params, None)
+        return [(_watermark(r[0]), _decode_key(r[1]), st.raw_row(r[2:])) for r in rows]
+
+    def _delete_batch(self, keys: list[Key]) -> None:
+        self._wide_only("delete")
+        st = self.statements
+        self.source.write(st.delete_sql(), [(st.dialect.bind_list(keys),)])
+
+    def current_rows(self, keys: Sequence[Key]) -> dict[Key, Mapping[str, Any]]:
+        """The rows of distinct keys as they are now (absent keys left out): what a change feed applies."""
+        st = self.statements
+        fields = list(self.view.features)
+        if not keys:
+            return {}
+        rows = self.source.fetch(st.select(fields), st.params(list(keys), fields), None)
+        return {k: v for k, v in st.decode(rows, fields).items() if isinstance(v, Mapping)}
+
+
+def _watermark(value: Any) -> Any:
+    """A watermark as a JSON value for the checkpoint (times as ISO text, decimals as numbers)."""
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+class SqlStateStore(StateStore):
+    """Checkpoints and seen keys in two tables of a SQL source, every commit one transaction."""
+
+    def __init__(self, source: SqlSource) -> None:
+        self._source = source
+        self._ready = False
+        d = source.dialect
+        self._state = quote_identifier("featuredao_sync_state", d.quote)
+        self._seen = quote_identifier("featuredao_sync_seen", d.quote)
+        short = "VARCHAR(64)" if d.name == "mysql" else "text"
+        key = "VARCHAR(500)" if d.name == "mysql" else "text"
+        suffix = d.table_suffix
+        self._create = [
+            f"CREATE TABLE IF NOT EXISTS {self._state} (scope {short} NOT NULL, name {short} NOT NULL, "
+            f"value {d.text_type} NOT NULL, PRIMARY KEY (scope, name)){suffix}",
+            f"CREATE TABLE IF NOT EXISTS {self._seen} (scope {short} NOT NULL, grp {short} NOT NULL, "
+            f"k {key} NOT NULL, gen BIGINT NOT NULL, PRIMARY KEY (scope, grp, k)){suffix}",
+        ]
+        self._put_state = (f"INSERT INTO {self._state} (scope, name, value) VALUES (%s, %s, %s) "
+                           + d.upsert("scope, name", ["value"]))
+        self._put_seen = (f"INSERT INTO {self._seen} (scope, grp, k, gen) VALUES (%s, %s, %s, %s) "
+                          + d.upsert("scope, grp, k", ["gen"]))
+        self._forget = f"DELETE FROM {self._seen} WHERE scope = %s AND grp = %s AND k = %s"
+
+    def _prepare(self) -> None:
+        if not self._ready:
+            for sql in self._create:
+                self._source.execute(sql)
+            self._ready = True
+
+    def load(self, scope: str) -> dict[str, Any]:
+        self._prepare()
+        rows = self._source.fetch(f"SELECT name, value FROM {self._state} WHERE scope = %s", (scope,), None)
+        return {str(name): json.loads(value) for name, value in rows}
+
+    def commit(self, scope: str, values: Mapping[str, Any],
+               seen: tuple[str, Sequence[str], int] | None = None,
+               forget: tuple[str, Sequence[str]] | None = None) -> None:
+        self._prepare()
+        work: list[tuple[str, list[tuple[Any, ...]]]] = []
+        if values:
+            work.append((self._put_state, [(scope, name, json.dumps(v)) for name, v in values.items()]))
+        if seen is not None and seen[1]:
+            group, keys, gen = seen
+            work.append((self._put_seen, [(scope, group, k, gen) for k in keys]))
+        if forget is not None and forget[1]:
+            group, gone = forget
+            work.append((self._forget, [(scope, group, k) for k in gone]))
+        if work:
+            self._source.transaction(work)
+
+    def unseen(self, scope: str, group: str, generation: int, limit: int) -> list[str]:
+        self._prepare()
+        rows = self._source.fetch(f"SELECT k FROM {self._seen} WHERE scope = %s AND grp = %s AND gen < %s "
+                                  "ORDER BY k LIMIT %s", (scope, group, generation, limit), None)
+        return [str(r[0]) for r in rows]

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, Self
 
@@ -190,7 +190,7 @@ class ClickHouseSource(Source):
     type_name = "clickhouse"
     options_model = ClickHouseOptions
     view_options_model = ClickHouseViewOptions
-    capabilities = Capabilities(server_timeout=True)
+    capabilities = Capabilities(server_timeout=True, scan=True, changes=True)
     default_batch_size = 1000
 
     def __init__(self, name: str, options: ClickHouseOptions) -> None:
@@ -444,6 +444,47 @@ class ClickHouseDao(BaseDao):
                 values.append(version)
                 data.append(tuple(values))
         self.source.execute(f"INSERT INTO {self._table} ({', '.join(cols)}) VALUES", data)
+
+    # -- synchronization hooks (wide layout) -------------------------------------------------------------
+    def _wide_rows(self, rows: list[Any], skip: int) -> list[tuple[Key, dict[str, Any]]]:
+        """Rows of (prefix columns..., key, features..., [nulls]) as (key, stored values)."""
+        fields = list(self.view.features)
+        out = []
+        for r in rows:
+            got = dict(zip(fields, r[skip + 1:skip + 1 + len(fields)], strict=True))
+            if self._nulls is not None:
+                for name in r[-1]:
+                    if name in got:
+                        got[name] = None
+            out.append((r[skip], got))
+        return out
+
+    def _sync_select(self, prefix: str, where: str, order: str) -> str:
+        if self._tall:
+            raise self._unsupported("scan (layout 'tall')")
+        cols = [prefix, self._key, *(_q(f) for f in self.view.features)]
+        if self._nulls is not None:
+            cols.append(self._nulls)
+        return (f"SELECT {', '.join(c for c in cols if c)} FROM {self._table}{self._final} {where} "
+                f"ORDER BY {order} LIMIT %(limit)s")
+
+    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        where = "" if after is None else f"WHERE {self._key} > %(after)s"
+        sql = self._sync_select("", where, self._key)
+        rows = self.source.query(sql, {"after": after, "limit": limit}, None)
+        return list(self._wide_rows(rows, 0))
+
+    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
+                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        wm = _q(column)
+        where = f"WHERE {wm} IS NOT NULL"
+        if after is not None:
+            where += f" AND ({wm} > %(w)s OR ({wm} = %(w)s AND {self._key} > %(after)s))"
+        sql = self._sync_select(wm, where, f"{wm}, {self._key}")
+        params = {"limit": limit, "w": None if after is None else after[0],
+                  "after": None if after is None else after[1]}
+        rows = self.source.query(sql, params, None)
+        return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(rows, 1), strict=True)]
 
     def prepare(self) -> None:
         o = self.options

@@ -19,6 +19,7 @@ read that finds a pooled connection dead (server restarted) drops the idle ones 
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
@@ -31,7 +32,8 @@ import pymysql.converters
 from pydantic import Field
 from pymysql.constants import FIELD_TYPE
 
-from featuredao.dao import Capabilities
+from featuredao.config import View
+from featuredao.dao import Capabilities, Change
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -39,8 +41,9 @@ from featuredao.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
+from featuredao.types import Key
 
-from ._sql import MYSQL, SqlSource, SqlSourceOptions
+from ._sql import MYSQL, SqlDao, SqlSource, SqlSourceOptions
 
 if TYPE_CHECKING:
     Connection: TypeAlias = pymysql.connections.Connection[Any]  # generic only in the stubs
@@ -154,7 +157,8 @@ class MySQLSource(SqlSource):
     type_name = "mysql"
     options_model = MySQLOptions
     dialect = MYSQL
-    capabilities = Capabilities(server_timeout=True)
+    capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
+                                state=True)
     default_batch_size = 1000
     error_map = (
         (pymysql.err.InterfaceError, BackendUnavailable),
@@ -231,12 +235,40 @@ class MySQLSource(SqlSource):
 
         self._run(work, None)
 
+    def transaction(self, statements: Sequence[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        def work(conn: Connection) -> None:
+            conn.begin()
+            try:
+                with conn.cursor() as cur:
+                    for sql, params in statements:
+                        cur.executemany(sql, params)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+        self._run(work, None)
+
     def execute(self, sql: str) -> None:
         def work(conn: Connection) -> None:
             with conn.cursor() as cur:
                 cur.execute(sql)
 
         self._run(work, None)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
+        """Run one statement as it is (no time-limit prefix: SHOW statements) and return its rows."""
+        def work(conn: Connection) -> Sequence[Sequence[Any]]:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                rows: Sequence[Sequence[Any]] = cur.fetchall()
+                return rows
+
+        rows: Sequence[Sequence[Any]] = self._run(work, None)
+        return rows
+
+    def dao(self, view: View) -> MySQLDao:
+        return MySQLDao(self, view)
 
     def raw_connect(self) -> Connection:
         return self._connect()
@@ -264,3 +296,104 @@ class MySQLSource(SqlSource):
     def close(self) -> None:
         self._pool.close()
         super().close()
+
+
+def _binlog_position(value: Any) -> tuple[str, int, int] | None:
+    """A feed position ``[binlog file, start of the transaction, change index]`` (None: the start)."""
+    if not value:
+        return None
+    file, start, index = value
+    return str(file), int(start), int(index)
+
+
+class MySQLDao(SqlDao):
+    """A SQL view whose change feed is the server's row-based binary log (``mysql-replication``).
+
+    Positions are ``[file, start of the transaction in it, index of the change within it]``: a reader
+    resumes at the start of the transaction (its table maps come first there) and skips what it applied.
+    Each change is applied with the key's row as it is when read (absent: deleted), like the SQLite
+    outbox, so a replayed change never brings back an older row. The binary log is never trimmed by us
+    (``_ack_feed`` is a no-op): the server's own expiry does that.
+    """
+
+    source: MySQLSource
+
+    def _schema_table(self) -> tuple[str, str]:
+        schema, _, table = self.view.table.rpartition(".")
+        return schema or self.source.options.database, table
+
+    def _install_feed(self) -> None:
+        self._wide_only("change feed")
+        rows = self.source.query("SELECT @@GLOBAL.binlog_format, @@GLOBAL.log_bin")
+        if not rows or str(rows[0][0]).upper() != "ROW" or not int(rows[0][1]):
+            raise self._unsupported("change feed (needs log_bin and binlog_format=ROW)")
+
+    def _feed_position(self) -> Any:
+        rows = self.source.query("SHOW MASTER STATUS")
+        if not rows:
+            raise self._unsupported("change feed (binary logging is off)")
+        return [str(rows[0][0]), int(rows[0][1]), 0]
+
+    def _ack_feed(self, position: Any) -> None:
+        """Nothing to trim: the binary log expires on the server's schedule."""
+
+    def _feed_batch(self, after: Any, limit: int) -> list[Change]:
+        from pymysqlreplication import BinLogStreamReader
+        from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
+        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+        start = _binlog_position(after)
+        o = self.source.options
+        schema, table = self._schema_table()
+        settings = {"host": o.host, "port": o.port, "user": o.user, "password": o.password.get_secret_value(),
+                    "connect_timeout": o.connect_timeout_ms / 1000}
+        if start is None:
+            first = self.source.query("SHOW BINARY LOGS")
+            resume: dict[str, Any] = {"log_file": str(first[0][0]), "log_pos": 4} if first else {}
+        else:
+            resume = {"log_file": start[0], "log_pos": start[1]}
+        stream = BinLogStreamReader(
+            connection_settings=settings, server_id=random.randint(1 << 20, 1 << 30), blocking=False,
+            resume_stream=True, is_mariadb=self.source.options.flavor == "mariadb",
+            only_events=[MariadbGtidEvent, QueryEvent, XidEvent, WriteRowsEvent, UpdateRowsEvent,
+                         DeleteRowsEvent],
+            only_schemas=[schema], only_tables=[table], enable_logging=False, **resume)
+        found: list[tuple[tuple[str, int, int], Key, float]] = []
+        key_col = self.view.key
+        txn: tuple[str, int] | None = None
+        index = 0
+        try:
+            for event in stream:
+                if isinstance(event, MariadbGtidEvent) or (isinstance(event, QueryEvent)
+                                                          and event.query.strip().upper() == "BEGIN"):
+                    if isinstance(event, QueryEvent) and txn is not None and index == 0:
+                        continue  # the BEGIN after a GTID event of the same transaction
+                    txn, index = (stream.log_file, event.packet.log_pos - event.packet.event_size), 0
+                    continue
+                if isinstance(event, XidEvent):
+                    txn = None  # committed: the next change starts a new transaction
+                    continue
+                if not isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
+                    continue
+                if txn is None:  # a stream started in the middle of a transaction: only its own start
+                    txn = (stream.log_file, event.packet.log_pos - event.packet.event_size)
+                for r in event.rows:
+                    keys = [r["before_values"][key_col], r["after_values"][key_col]] \
+                        if isinstance(event, UpdateRowsEvent) else [r["values"][key_col]]
+                    for k in dict.fromkeys(keys):  # a key change: the old key goes, the new one comes
+                        index += 1
+                        pos = (txn[0], txn[1], index)
+                        if start is None or pos > start:
+                            found.append((pos, k, float(event.timestamp)))
+                if len(found) >= limit:
+                    break
+        finally:
+            stream.close()
+        found = found[:limit]
+        norm = [self._norm(_key_text(k)) for _, k, _ in found]
+        current = self.current_rows(list(dict.fromkeys(norm)))
+        return [Change(list(pos), k, current.get(k), ts) for (pos, _, ts), k in zip(found, norm, strict=True)]
+
+
+def _key_text(key: Any) -> Any:
+    return key.decode() if isinstance(key, bytes) else key
