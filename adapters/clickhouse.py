@@ -55,7 +55,6 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
-    FeatureDaoError,
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
@@ -304,15 +303,12 @@ class ClickHouseSource(Source):
             return BackendQueryError  # type mismatches and the like, found by the driver
         return None
 
-    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
-        if isinstance(exc, ch_errors.ServerException) and not isinstance(exc, FeatureDaoError):
-            kind = self.map_error(exc)
+    def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
+        if isinstance(exc, ch_errors.ServerException):
             # str() of a ServerException starts with a bare "Code: 60."; the message says what failed.
             text = (exc.message or "").strip().splitlines()
-            detail = text[0] if text else "no message"
-            if kind is not None:
-                return kind(f"ServerException {exc.code}: {detail}", source=self.name, view=view)
-        return super().translate(exc, view)
+            return f"ServerException {exc.code}: {text[0] if text else 'no message'}"
+        return super().error_detail(exc, kind, view)
 
     def close(self) -> None:
         super().close()

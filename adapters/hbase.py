@@ -51,7 +51,6 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
-    FeatureDaoError,
 )
 from featuredao.types import CoercionError, FeatureType, FeatureValue, Key, RawRows, Row
 
@@ -193,12 +192,10 @@ class HBaseSource(Source):
             return BackendQueryError  # TableNotFoundException, NoSuchColumnFamilyException...
         return super().map_error(exc)
 
-    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
+    def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
         # Thrift exceptions print as their repr; their message field is the readable part.
-        kind = None if isinstance(exc, FeatureDaoError) else self.map_error(exc)
-        if kind is None or not _message(exc):
-            return super().translate(exc, view)
-        return kind(f"{type(exc).__name__}: {_message(exc)}", source=self.name, view=view)
+        message = _message(exc)
+        return f"{type(exc).__name__}: {message}" if message else super().error_detail(exc, kind, view)
 
     def close(self) -> None:
         super().close()

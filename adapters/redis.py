@@ -42,10 +42,10 @@ from featuredao.config import StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, KeyValueStore, Source
 from featuredao.errors import (
     BackendAuthError,
+    BackendError,
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
-    FeatureDaoError,
 )
 from featuredao.types import FeatureType, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
 
@@ -227,13 +227,8 @@ class RedisSource(Source):
     def ping(self) -> None:
         self.client().ping()
 
-    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
-        if isinstance(exc, FeatureDaoError):
-            return exc
-        kind = self.map_error(exc)
-        if kind is None:
-            return exc
-        return kind(f"{type(exc).__name__}: {_detail(exc)}", source=self.name, view=view)
+    def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
+        return f"{type(exc).__name__}: {_detail(exc)}"
 
     def close(self) -> None:
         super().close()
@@ -620,7 +615,7 @@ class RedisDao(BaseDao):
             flat.append(rk)
             flat.append(pack({f: v for f, v in row.items() if v is not None}))
         if flat:
-            self.source.client().execute_command("MSET", *flat)
+            self.source.client().execute_command("MSET", *flat)  # type: ignore[no-untyped-call]
 
     def _delete_batch(self, keys: list[Key]) -> None:
         pipe = self.source.client().pipeline(transaction=not self.source.is_cluster)

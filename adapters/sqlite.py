@@ -210,6 +210,7 @@ class SqliteDao(BaseDao):
                        limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
         fields = list(self.view.features)
         wm = quote_identifier(column)
+        params: list[Any]
         if after is None:
             where, params = f"WHERE {wm} IS NOT NULL", [limit]
         else:

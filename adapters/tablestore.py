@@ -37,7 +37,6 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
-    FeatureDaoError,
 )
 from featuredao.types import Key, RawRows, Row, RowFailure
 
@@ -187,12 +186,7 @@ class TableStoreSource(Source):
             return BackendUnavailable
         return None
 
-    def translate(self, exc: BaseException, view: str | None = None) -> BaseException:
-        if isinstance(exc, FeatureDaoError):
-            return exc
-        kind = self.map_error(exc)
-        if kind is None:
-            return exc
+    def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
         table = self._tables.get(view or "")
         if isinstance(exc, ots.OTSServiceError):
             detail = f"{exc.code}: {exc.message}"
@@ -208,7 +202,7 @@ class TableStoreSource(Source):
         if secret:
             # The service never echoes the secret; this guards against a proxy or a future SDK that does.
             detail = detail.replace(secret, "***")
-        return kind(detail, source=self.name, view=view)
+        return detail
 
     def close(self) -> None:
         super().close()

@@ -245,11 +245,14 @@ class Source(ABC):
         kind = self.map_error(exc)
         if kind is None:
             return exc
+        return kind(self.error_detail(exc, kind, view), source=self.name, view=view)
+
+    def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
+        """The message of the featuredao exception that stands for ``exc`` (adapters refine it)."""
         # Driver messages may quote the statement but never contain our secrets: those live in
         # SecretStr options that are only read when connecting.
-        text = str(getattr(exc, "message", None) or exc).strip()  # Thrift exceptions print as reprs
-        detail = text.splitlines()[0] if text else type(exc).__name__
-        return kind(f"{type(exc).__name__}: {detail}", source=self.name, view=view)
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
     def __enter__(self) -> Self:
         return self
