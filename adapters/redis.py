@@ -422,6 +422,25 @@ class RedisDao(BaseDao):
         return [f"{head}{k}{tail}" for k in keys]
 
     # -- reads -----------------------------------------------------------------------------------------
+    def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
+        """redis-py by hand (standalone msgpack/json): one MGET, each value unpacked, rows in key order."""
+        if self._format not in ("msgpack", "json") or self.source.is_cluster:
+            return None
+        unpack = msgpack.unpackb if self._format == "msgpack" else orjson.loads
+
+        def read(keys: list[Key], fields: list[str]) -> object:
+            values = self.source.client().mget(self._redis_keys(keys))
+            out: list[dict[str, Any] | None] = []
+            for blob in values:
+                if blob is None:
+                    out.append(None)
+                else:
+                    row = unpack(blob)
+                    out.append({f: row.get(f) for f in fields})
+            return out
+
+        return read
+
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         rkeys = self._redis_keys(keys)
         client: Any = self.source.client()

@@ -156,7 +156,8 @@ def test_default_run_needs_no_config_and_no_server(tmp_path: Path) -> None:
 
 @pytest.mark.redis
 def test_end_to_end_on_redis_layouts_side_by_side(tmp_path: Path, redis_server: Any) -> None:
-    layouts = {"hash": {"layout": "hash"}, "msgpack": {"layout": "string", "encoding": "msgpack"}}
+    layouts = {"json": {"layout": "string", "encoding": "json"},
+               "msgpack": {"layout": "string", "encoding": "msgpack"}}
     views = [{"name": f"items_{name}", "entity": "item", "source": "cache", "table": f"bench_{name}",
               "key": "item_id", "key_type": "int", "features": FEATURES, "prefix": f"{name}_",
               "timeout_ms": 5000, "options": options} for name, options in layouts.items()]
@@ -164,6 +165,6 @@ def test_end_to_end_on_redis_layouts_side_by_side(tmp_path: Path, redis_server: 
     config.write_text(json.dumps({
         "sources": {"cache": {"type": "redis", "host": redis_server.host, "port": redis_server.port}},
         "views": views, "service": {"deadline_ms": 5000}}))
-    doc = run_end_to_end(config, [v["name"] for v in views], tmp_path, baseline_expected=False)
+    doc = run_end_to_end(config, [v["name"] for v in views], tmp_path)
     assert doc["machine"]["adapters"] == ["redis"]
-    assert any("offers no raw baseline" in n for n in doc["notes"])
+    assert {r["path"] for r in doc["records"]} == {"service", "dao", "raw"}

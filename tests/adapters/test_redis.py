@@ -278,3 +278,19 @@ def test_cluster_spreads_keys_over_every_master(name: str, redis_cluster: RedisC
         assert [r["clicks"] if r else None for r in dao.read(keys)] == [None] * 5 + list(range(300))
     finally:
         runtime.close()
+
+
+def test_raw_reader_reads_what_the_dao_reads(redis_server: RedisServer) -> None:
+    cfg = {"sources": {"r": {"type": "redis", "host": redis_server.host, "port": redis_server.port}},
+           "views": [{"name": "v", "entity": "item", "source": "r", "table": "raw_reader", "key": "id",
+                      "features": {"n": "int", "tags": "list[str]"},
+                      "options": {"layout": "string", "encoding": "msgpack"}}]}
+    runtime = factory.build(cfg)
+    try:
+        dao: Any = runtime.daos["v"]
+        dao.upsert([("a", {"n": 1, "tags": ["x"]}), ("b", {"n": 2, "tags": ["y", "z"]})])
+        raw = dao.raw_reader()
+        assert raw is not None
+        assert raw(["b", "missing", "a"], ["n", "tags"]) == list(dao.read(["b", "missing", "a"]))
+    finally:
+        runtime.close()
