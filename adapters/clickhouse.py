@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
@@ -58,36 +58,27 @@ from featuredao.errors import (
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
-_TALL_ONLY = ("feature_column", "value_column", "event_time_column")
+from ._sql import SqlViewOptions
+
 _CANCEL_GRACE_S = 0.5  # how long a cancelled query may take to end its stream before we drop the Client
 
 
-class ClickHouseViewOptions(StrictModel):
-    """View options of the clickhouse adapter: the table layout."""
+class ClickHouseViewOptions(SqlViewOptions):
+    """View options of the clickhouse adapter: the SQL layouts plus the ReplacingMergeTree settings."""
 
-    layout: Literal["wide", "tall"] = "wide"
     final: bool | None = None
     """Read with FINAL; default true for wide (collapses unmerged re-upserts), false for tall (argMax)."""
     version_column: Identifier = "version"
     """The ReplacingMergeTree version (UInt64) that upserts write."""
     nulls_column: Identifier | None = "_nulls"
     """Wide only: Array(String) naming the list features that are null; None if the table has none."""
-    feature_column: Identifier = "feature"
-    value_column: Identifier = "value"
-    event_time_column: Identifier | None = None
-    """Tall only: with several rows per (key, feature), the newest event time wins."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.layout == "wide":
-            misplaced = sorted(self.model_fields_set & set(_TALL_ONLY))
-            if misplaced:
-                raise ValueError(f"{', '.join(misplaced)} only apply to layout 'tall'")
-        elif "nulls_column" in self.model_fields_set:
+    def _merge_tree_columns(self) -> Self:
+        if self.layout == "tall" and "nulls_column" in self.model_fields_set:
             raise ValueError("nulls_column only applies to layout 'wide'")
-        cols = [self.version_column, self.feature_column, self.value_column, self.event_time_column]
-        if self.layout == "wide":
-            cols = [self.version_column, self.nulls_column]
+        cols = [self.version_column, self.nulls_column] if self.layout == "wide" else \
+            [self.version_column, self.feature_column, self.value_column, self.event_time_column]
         named = [c for c in cols if c is not None]
         if len(set(named)) != len(named):
             raise ValueError("the layout's column names must differ")
