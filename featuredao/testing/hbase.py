@@ -136,7 +136,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType, TracebackType
+from types import FrameType, ModuleType
 from typing import Any, cast
 
 import thriftpy2
@@ -148,6 +148,8 @@ from thriftpy2.transport import (
     TSocket,
     TTransportException,
 )
+
+from featuredao.testing._lifecycle import StartStop
 
 __all__ = [
     "LATEST_TIMESTAMP",
@@ -1186,7 +1188,7 @@ class _HBaseHandler:
 # --------------------------------------------------------------------------
 
 
-class HBaseThriftServer:
+class HBaseThriftServer(StartStop):
     """A local HBase Thrift1 server for happybase (see the module docstring).
 
     ``port=0`` picks a free port when :meth:`start` binds; the bound port is
@@ -1305,16 +1307,6 @@ class HBaseThriftServer:
                 thread.join(timeout=5)
             logger.info("local HBase Thrift server on %s:%d stopped", self.host, self.port)
 
-    def __enter__(self) -> HBaseThriftServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until Ctrl-C / SIGTERM, then stop."""

@@ -39,8 +39,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Self
+
+from featuredao.testing._lifecycle import StartStop
 
 __all__ = [
     "LOCALHOST",
@@ -364,7 +365,7 @@ def _stop_all_servers() -> None:
 # ------------------------------------------------------------------------ base class
 
 
-class ServerProcess:
+class ServerProcess(StartStop):
     """A server process living in its own temporary directory.
 
     Subclasses implement :meth:`_prepare` (one-time initialisation of the
@@ -574,16 +575,6 @@ class ServerProcess:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ internals
     def _log_report(self) -> str:
@@ -1138,7 +1129,7 @@ class RedisServer(ServerProcess):
             raise ConnectionError(f"PING answered {reply!r}")
 
 
-class RedisCluster:
+class RedisCluster(StartStop):
     """A Redis Cluster of ``masters`` masters (no replicas), one :class:`RedisServer` each."""
 
     packages: ClassVar[tuple[str, ...]] = ("redis-server", "redis-tools")
@@ -1261,16 +1252,6 @@ class RedisCluster:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------------ ClickHouse

@@ -67,13 +67,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Literal
 
 import tablestore.protobuf.table_store_filter_pb2 as filter_pb
 import tablestore.protobuf.table_store_pb2 as pb
 
 from featuredao.testing import _plainbuffer as pbuf
+from featuredao.testing._lifecycle import StartStop
 from featuredao.testing._plainbuffer import AUTO_INCREMENT, INF_MAX, INF_MIN, ColumnValue, PKValue, Sentinel
 
 __all__ = ["DEFAULT_ACCESS_KEY_ID", "DEFAULT_ACCESS_KEY_SECRET", "OTSError", "TableStoreServer", "main"]
@@ -618,7 +618,7 @@ class _Store:
 # --------------------------------------------------------------------------- the server
 
 
-class TableStoreServer:
+class TableStoreServer(StartStop):
     """In-memory TableStore-compatible HTTP server (see the module docstring).
 
     ``start()`` serves from a daemon thread; ``endpoint`` is the URL to hand to ``OTSClient``.
@@ -716,14 +716,6 @@ class TableStoreServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-    def __enter__(self) -> TableStoreServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- test hooks
 
