@@ -1116,32 +1116,24 @@ class TableStoreServer(StartStop):
             pk, modified = op[kind](table, raw, condition)
             return self._return_row(table, pk, modified, return_content)
 
-    def _put_row(self, body: bytes) -> Any:
-        req = self._parse(pb.PutRowRequest(), body)
-        resp = pb.PutRowResponse()
-        row = self._write("put", req.table_name, req.row, req.condition, req.return_content)
+    def _single_write(self, kind: str, request: Any, response: Any, row_field: str, body: bytes) -> Any:
+        """PutRow, UpdateRow and DeleteRow: one conditional write, the row returned if asked for."""
+        req = self._parse(request, body)
+        row = self._write(kind, req.table_name, getattr(req, row_field), req.condition, req.return_content)
         if row:
-            resp.row = row
-        self._consumed(resp.consumed, write=1)
-        return resp
+            response.row = row
+        self._consumed(response.consumed, write=1)
+        return response
+
+    def _put_row(self, body: bytes) -> Any:
+        return self._single_write("put", pb.PutRowRequest(), pb.PutRowResponse(), "row", body)
 
     def _update_row(self, body: bytes) -> Any:
-        req = self._parse(pb.UpdateRowRequest(), body)
-        resp = pb.UpdateRowResponse()
-        row = self._write("update", req.table_name, req.row_change, req.condition, req.return_content)
-        if row:
-            resp.row = row
-        self._consumed(resp.consumed, write=1)
-        return resp
+        return self._single_write("update", pb.UpdateRowRequest(), pb.UpdateRowResponse(), "row_change", body)
 
     def _delete_row(self, body: bytes) -> Any:
-        req = self._parse(pb.DeleteRowRequest(), body)
-        resp = pb.DeleteRowResponse()
-        row = self._write("delete", req.table_name, req.primary_key, req.condition, req.return_content)
-        if row:
-            resp.row = row
-        self._consumed(resp.consumed, write=1)
-        return resp
+        return self._single_write("delete", pb.DeleteRowRequest(), pb.DeleteRowResponse(), "primary_key",
+                                  body)
 
     # ----------------------------------------------------------------- batch APIs
 
