@@ -503,14 +503,8 @@ class SqlDao(BaseDao):
         for conn in conns:
             conn.close()
 
-    def prepare(self) -> None:
-        try:
-            self.source.execute(self.statements.create_table())
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+    def _prepare(self) -> None:
+        self.source.execute(self.statements.create_table())
 
     # -- synchronization hooks (wide layout; a tall table has no row per key to scan) ----------------
     def _wide_only(self, what: str) -> None:

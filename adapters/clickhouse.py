@@ -55,6 +55,7 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Overloaded,
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
@@ -138,7 +139,7 @@ class _Pool:
     def client(self, wait_s: float | None) -> Iterator[Any]:
         """Borrow a Client; one that raised is disconnected and dropped, never handed out again."""
         if not self._slots.acquire(timeout=wait_s):
-            raise TimeoutError("no free ClickHouse connection in time")
+            raise Overloaded("no free ClickHouse connection of the pool in time")
         client: Any = None
         try:
             with self._lock:
@@ -301,8 +302,7 @@ class ClickHouseSource(Source):
             return f"ServerException {exc.code}: {text[0] if text else 'no message'}"
         return super().error_detail(exc, kind, view)
 
-    def close(self) -> None:
-        super().close()
+    def _release(self) -> None:
         self._pool.close()
 
 
@@ -473,7 +473,7 @@ class ClickHouseDao(BaseDao):
         rows = self.source.query(sql, params, None)
         return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(rows, 1), strict=True)]
 
-    def prepare(self) -> None:
+    def _prepare(self) -> None:
         o = self.options
         key_type = "Int64" if self.view.key_type == "int" else "String"
         if self._tall:

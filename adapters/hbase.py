@@ -30,6 +30,7 @@ arrives or ``timeout_ms`` passes (a timed-out connection is replaced, never reus
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import json
@@ -51,6 +52,7 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Overloaded,
 )
 from featuredao.types import CoercionError, FeatureType, FeatureValue, Key, RawRows, Row
 
@@ -109,7 +111,7 @@ class HBaseSource(Source):
     capabilities = Capabilities(server_timeout=False)
     default_batch_size = 100
     error_map = (
-        (happybase.NoConnectionsAvailable, BackendTimeout),
+        (happybase.NoConnectionsAvailable, Overloaded),  # our own pool, not the store
         (TimeoutError, BackendTimeout),
         (_thrift.IllegalArgument, BackendQueryError),
         (_thrift.AlreadyExists, BackendQueryError),
@@ -171,13 +173,7 @@ class HBaseSource(Source):
         return HBaseDao(self, view)
 
     def ping(self) -> None:
-        try:
-            self.run(lambda conn: conn.tables(), self.options.timeout_ms / 1000)
-        except Exception as exc:
-            mapped = self.translate(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+        self.run(lambda conn: conn.tables(), self.options.timeout_ms / 1000)
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         if isinstance(exc, TTransportException):
@@ -197,8 +193,7 @@ class HBaseSource(Source):
         message = _message(exc)
         return f"{type(exc).__name__}: {message}" if message else super().error_detail(exc, kind, view)
 
-    def close(self) -> None:
-        super().close()
+    def _release(self) -> None:
         with self._pool_lock:
             self._pool = None
             seen, self._seen = self._seen, set()
@@ -412,16 +407,9 @@ class HBaseDao(BaseDao):
             raise CoercionError(f"view {self.view.name!r} key {key!r} feature {name!r}: {exc}") from None
         return out
 
-    def prepare(self) -> None:
+    def _prepare(self) -> None:
         """Create the table with the view's column family unless the table exists."""
         opts: HBaseViewOptions = self.view.options
         families = {self._family: {"max_versions": opts.max_versions}}
-        try:
+        with contextlib.suppress(_thrift.AlreadyExists):
             self.source.run(lambda conn: conn.create_table(self.view.table, families))
-        except _thrift.AlreadyExists:
-            pass
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
-                raise
-            raise mapped from exc

@@ -26,6 +26,7 @@ PostgreSQL-specific choices, noted for Hologres:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -48,6 +49,7 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Overloaded,
 )
 
 from ._sql import POSTGRES, SqlDao, SqlSource, SqlSourceOptions
@@ -98,6 +100,8 @@ class HologresSource(SqlSource):
         # Set by every connection attempt of the pool: the last failure, None after a success.
         self._connect_error: BaseException | None = None
         self._healthy = False
+        self._busy: set[psycopg.Connection[Any]] = set()
+        self._busy_lock = threading.Lock()
         n = options.pool_size
         # Nothing connects before the first read: open=False, opened in _pool_ready().
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -163,10 +167,15 @@ class HologresSource(SqlSource):
                     raise kind(f"cannot connect: {type(failed).__name__}: {_first_line(failed)}",
                                source=self.name) from failed
                 if time.monotonic() >= deadline:
-                    raise BackendTimeout("no connection from the pool in time", source=self.name) from exc
+                    raise Overloaded("no connection of the pool came free in time", source=self.name) \
+                        from exc
+        with self._busy_lock:
+            self._busy.add(conn)
         try:
             yield conn
         finally:
+            with self._busy_lock:
+                self._busy.discard(conn)
             pool.putconn(conn)  # the pool discards a broken connection and opens a new one
 
     def _run(self, work: Callable[[psycopg.Connection[Any], float | None], _T],
@@ -253,12 +262,18 @@ class HologresSource(SqlSource):
             return BackendAuthError
         return super().map_error(exc)
 
-    def close(self) -> None:
+    def _interrupt(self) -> None:
+        with self._busy_lock:
+            busy = list(self._busy)
+        for conn in busy:
+            with contextlib.suppress(psycopg.Error):  # the statement may have ended meanwhile
+                conn.cancel_safe(timeout=1.0)  # a cancel request on a connection of its own
+
+    def _release(self) -> None:
         with self._open_lock:
             if self._opened:
                 self._pool.close(timeout=1.0)
                 self._opened = False
-        super().close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ read that finds a pooled connection dead (server restarted) drops the idle ones 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -40,6 +41,7 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Overloaded,
 )
 from featuredao.types import Key
 
@@ -98,6 +100,8 @@ class ConnectionPool:
         self._connect = connect
         self._name = name
         self._idle: deque[Connection] = deque()
+        self._busy: set[Connection] = set()
+        self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(size)
         self._closed = False
 
@@ -105,29 +109,35 @@ class ConnectionPool:
     def connection(self, timeout_s: float | None) -> Iterator[tuple[Connection, bool]]:
         """Borrow a connection and whether it is fresh; it is closed, not returned, after a broken call."""
         if not self._slots.acquire(timeout=None if timeout_s is None else max(timeout_s, 0.0)):
-            raise BackendTimeout("no free connection in the pool in time", source=self._name)
+            raise Overloaded("no free connection of the pool in time", source=self._name)
         try:
             try:
                 conn, fresh = self._idle.pop(), False
             except IndexError:
                 conn, fresh = self._connect(), True
+            with self._lock:
+                self._busy.add(conn)
             try:
                 yield conn, fresh
             except BaseException as exc:
-                if _reusable(exc):
-                    self._give_back(conn)
-                else:
-                    _close_quietly(conn)
+                self._give_back(conn, _reusable(exc))
                 raise
-            self._give_back(conn)
+            self._give_back(conn, True)
         finally:
             self._slots.release()
 
-    def _give_back(self, conn: Connection) -> None:
-        if self._closed or not conn.open:
-            _close_quietly(conn)
-        else:
+    def _give_back(self, conn: Connection, reusable: bool) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+        if reusable and not self._closed and conn.open:
             self._idle.append(conn)
+        else:
+            _close_quietly(conn)
+
+    def busy_threads(self) -> list[int]:
+        """Server thread ids of the connections now borrowed (to cancel their statements)."""
+        with self._lock:
+            return [conn.thread_id() for conn in self._busy]  # type: ignore[no-untyped-call]
 
     def clear(self) -> None:
         """Close every idle connection (after the server went away they are all dead)."""
@@ -293,9 +303,24 @@ class MySQLSource(SqlSource):
                 return BackendUnavailable
         return super().map_error(exc)
 
-    def close(self) -> None:
+    def _interrupt(self) -> None:
+        threads = self._pool.busy_threads()
+        if not threads:
+            return
+        # A statement is cancelled from the owning side by a second session: KILL QUERY <thread id>.
+        o = self.options
+        conn = pymysql.connect(host=o.host, port=o.port, user=o.user, password=o.password.get_secret_value(),
+                               connect_timeout=1, read_timeout=1, write_timeout=1, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                for thread_id in threads:
+                    with contextlib.suppress(pymysql.err.MySQLError):  # the statement ended meanwhile
+                        cur.execute(f"KILL QUERY {int(thread_id)}")
+        finally:
+            _close_quietly(conn)
+
+    def _release(self) -> None:
         self._pool.close()
-        super().close()
 
 
 def _binlog_position(value: Any) -> tuple[str, int, int] | None:
@@ -342,6 +367,13 @@ class MySQLDao(SqlDao):
         from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
         from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
+        def connect(**kwargs: Any) -> pymysql.Connection[Any]:
+            # mysql-replication opens its control connection with pymysql's deprecated ``db`` argument (a
+            # DeprecationWarning per batch): the same connection, with that argument under its current name.
+            if "db" in kwargs:
+                kwargs["database"] = kwargs.pop("db")
+            return pymysql.connect(**kwargs)
+
         start = _binlog_position(after)
         o = self.source.options
         schema, table = self._schema_table()
@@ -357,7 +389,8 @@ class MySQLDao(SqlDao):
             resume_stream=True, is_mariadb=self.source.options.flavor == "mariadb",
             only_events=[MariadbGtidEvent, QueryEvent, XidEvent, WriteRowsEvent, UpdateRowsEvent,
                          DeleteRowsEvent],
-            only_schemas=[schema], only_tables=[table], enable_logging=False, **resume)
+            only_schemas=[schema], only_tables=[table], enable_logging=False, pymysql_wrapper=connect,
+            **resume)
         found: list[tuple[tuple[str, int, int], Key, float]] = []
         key_col = self.view.key
         txn: tuple[str, int] | None = None

@@ -46,6 +46,8 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Closed,
+    Overloaded,
 )
 from featuredao.types import FeatureType, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
 
@@ -191,6 +193,8 @@ class RedisSource(Source):
             return client
         opts: RedisOptions = self.options
         with self._lock:
+            if self.closed:
+                raise Closed(f"source {self.name!r} is closed")
             if opts.cluster:
                 if self._cluster is None:
                     seeds = opts.startup_nodes or [f"{opts.host}:{opts.port}"]
@@ -227,11 +231,21 @@ class RedisSource(Source):
     def ping(self) -> None:
         self.client().ping()
 
+    def map_error(self, exc: BaseException) -> type[BackendError] | None:
+        # Our own pool had no connection (the standalone pool's wait ran out; a cluster node's pool is
+        # at max_connections): load, not a failure of the store.
+        # A cluster client re-reads the slot map after any connection error, and reports a full pool met
+        # there as "cannot be connected", caused by the same MaxConnectionsError.
+        if isinstance(exc, rexc.MaxConnectionsError) or \
+                isinstance(exc.__cause__, rexc.MaxConnectionsError) or (
+                isinstance(exc, rexc.ConnectionError) and str(exc) == "No connection available."):
+            return Overloaded
+        return super().map_error(exc)
+
     def error_detail(self, exc: BaseException, kind: type[BackendError], view: str | None) -> str:
         return f"{type(exc).__name__}: {_detail(exc)}"
 
-    def close(self) -> None:
-        super().close()
+    def _release(self) -> None:
         with self._lock:
             if self._cluster is not None:
                 self._cluster.close()

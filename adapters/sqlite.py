@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,13 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from featuredao.config import StrictModel, View, quote_identifier
 from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
-from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
+from featuredao.errors import (
+    BackendError,
+    BackendQueryError,
+    BackendTimeout,
+    BackendUnavailable,
+    Overloaded,
+)
 from featuredao.types import FeatureType, Key, RawRows, Row
 
 # Benchmarks' hand-written baseline keeps one plain connection per database file.
@@ -57,10 +64,9 @@ class SqliteSource(Source):
     def __init__(self, name: str, options: SqliteOptions) -> None:
         super().__init__(name, options)
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
-        self._all: list[sqlite3.Connection] = []
-        self._slots = queue.Queue[None]()
-        for _ in range(options.pool_size):
-            self._slots.put(None)
+        self._busy: set[sqlite3.Connection] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(options.pool_size)
 
     def _connect(self) -> sqlite3.Connection:
         opts: SqliteOptions = self.options
@@ -68,32 +74,46 @@ class SqliteSource(Source):
                                isolation_level=None, cached_statements=256)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        self._all.append(conn)
         return conn
 
     @contextmanager
     def connection(self, timeout_s: float | None = None) -> Iterator[sqlite3.Connection]:
         """Borrow a connection; with a timeout, work still running when it passes is interrupted."""
-        try:
-            self._slots.get(timeout=timeout_s)
-        except queue.Empty:
-            raise BackendTimeout("no free connection in time", source=self.name) from None
-        try:
+        # Admitted like any store work (state stores borrow directly), so close() waits for it.
+        with self._gate.admit():
+            if not self._slots.acquire(timeout=None if timeout_s is None else max(timeout_s, 0.0)):
+                raise Overloaded("no free connection of the pool in time", source=self.name)
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
-            if timeout_s is not None:
-                deadline = time.perf_counter() + timeout_s
-                # Returning non-zero from the progress handler aborts the statement inside SQLite.
-                conn.set_progress_handler(lambda: int(time.perf_counter() > deadline), 1000)
-            try:
-                yield conn
+                conn = self._checkout()
+                if timeout_s is not None:
+                    deadline = time.perf_counter() + timeout_s
+                    # Returning non-zero from the progress handler aborts the statement inside SQLite.
+                    conn.set_progress_handler(lambda: int(time.perf_counter() > deadline), 1000)
+                try:
+                    yield conn
+                finally:
+                    conn.set_progress_handler(None, 0)
+                    self._checkin(conn)
             finally:
-                conn.set_progress_handler(None, 0)
-                self._idle.put(conn)
-        finally:
-            self._slots.put(None)
+                self._slots.release()
+
+    def _checkout(self) -> sqlite3.Connection:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        with self._lock:
+            self._busy.add(conn)
+        return conn
+
+    def _checkin(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            keep = not self.closed
+        if keep:
+            self._idle.put(conn)
+        else:
+            conn.close()  # by the thread that ran on it: no statement is running any more
 
     def dao(self, view: View) -> SqliteDao:
         return SqliteDao(self, view)
@@ -116,11 +136,19 @@ class SqliteSource(Source):
             return BackendUnavailable
         return BackendQueryError
 
-    def close(self) -> None:
-        super().close()
-        for conn in self._all:
+    def _interrupt(self) -> None:
+        with self._lock:
+            busy = list(self._busy)
+        for conn in busy:
+            conn.interrupt()  # thread-safe: the statement ends with "interrupted" at its next step
+
+    def _release(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
             conn.close()
-        self._all.clear()
 
 
 class SqliteDao(BaseDao):
@@ -185,7 +213,7 @@ class SqliteDao(BaseDao):
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         return value
 
-    def prepare(self) -> None:
+    def _prepare(self) -> None:
         key_type = "INTEGER" if self.view.key_type == "int" else "TEXT"
         cols = ", ".join(f"{quote_identifier(f)} {_SQL_TYPES.get(t, 'TEXT')}"
                          for f, t in self.view.features.items())

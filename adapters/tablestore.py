@@ -18,16 +18,17 @@ degraded rows. Request-level 5xx and throttling errors are retried by the SDK wi
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import tablestore as ots
 import urllib3.exceptions as u3
 from pydantic import Field, SecretStr, field_validator
-from tablestore.retry import RetryPolicy, RetryUtil
 
 from featuredao.config import StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Source
@@ -39,6 +40,32 @@ from featuredao.errors import (
     BackendUnavailable,
 )
 from featuredao.types import Key, RawRows, Row, RowFailure
+
+
+@contextmanager
+def _without_codec_notices() -> Iterator[None]:
+    """Quiet the SDK's notices that its native codec is missing (the pure-Python one is expected here): the
+    "Native C++ encoder/decoder not available" warnings of its two codec loggers, dropped only while it is
+    imported, and its ImportWarnings (seen under ``-W default``), ignored only when raised from SDK modules.
+    Not catch_warnings(): restoring the filters would also undo those numpy (imported by the SDK) installs."""
+    warnings.filterwarnings("ignore", category=ImportWarning, module=r"tablestore\.")
+    loggers = [logging.getLogger(f"tablestore.{name}") for name in ("encoder", "decoder")]
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "using Python implementation" not in record.getMessage()
+
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
+
+
+with _without_codec_notices():
+    import tablestore as ots
+    from tablestore.retry import RetryPolicy, RetryUtil
 
 BATCH_GET_MAX_ROWS = 100
 BATCH_WRITE_MAX_ROWS = 200
@@ -204,8 +231,7 @@ class TableStoreSource(Source):
             detail = detail.replace(secret, "***")
         return detail
 
-    def close(self) -> None:
-        super().close()
+    def _release(self) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -342,7 +368,7 @@ class TableStoreDao(BaseDao):
                            source=self.source.name, view=self.view.name)
             pending = [row for row, _ in failed]
 
-    def prepare(self) -> None:
+    def _prepare(self) -> None:
         """Create the table with the view's key as its only primary-key column (exists already: fine)."""
         key_type = "INTEGER" if self.view.key_type == "int" else "STRING"
         meta = ots.TableMeta(self._table, [(self._key, key_type)])
@@ -351,11 +377,5 @@ class TableStoreDao(BaseDao):
         try:
             self.source.client().create_table(meta, options, throughput)
         except ots.OTSServiceError as exc:
-            if exc.code == "OTSObjectAlreadyExist":
-                return
-            raise self.source.translate(exc, self.view.name) from exc
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
+            if exc.code != "OTSObjectAlreadyExist":
                 raise
-            raise mapped from exc

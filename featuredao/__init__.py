@@ -10,9 +10,11 @@ from featuredao.errors import (
     BackendTimeout,
     BackendUnavailable,
     CircuitOpen,
+    Closed,
     ConfigError,
     FeatureDaoError,
     FetchError,
+    Overloaded,
 )
 from featuredao.factory import Runtime, build
 from featuredao.service import FeatureService, FetchResult
@@ -30,6 +32,7 @@ __all__ = [
     "BatchResult",
     "Capabilities",
     "CircuitOpen",
+    "Closed",
     "Config",
     "ConfigError",
     "Degraded",
@@ -41,6 +44,7 @@ __all__ = [
     "FetchError",
     "FetchResult",
     "Key",
+    "Overloaded",
     "Reason",
     "Row",
     "Runtime",

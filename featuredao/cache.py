@@ -358,6 +358,10 @@ class CachedDao(FeatureDao):
         """Ping the store behind the cache."""
         self.inner.ping()
 
+    def lane(self) -> tuple[str, int] | None:
+        """The store's lane: misses are read there."""
+        return self.inner.lane()
+
     def close(self) -> None:
         """Stop listening for invalidations and close the store's DAO."""
         if self._unsubscribe is not None:

@@ -13,8 +13,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -27,8 +28,11 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Closed,
     FeatureDaoError,
+    Overloaded,
 )
+from featuredao.lifecycle import Gate
 from featuredao.types import (
     BatchResult,
     CoercionError,
@@ -163,6 +167,21 @@ class FeatureDao(ABC):
     def ping(self) -> None:
         """Raise a BackendError when the store cannot serve."""
 
+    def peek(self, keys: Sequence[Key]) -> BatchResult | None:
+        """The whole answer from memory without blocking, if this DAO holds it (a cache's L1)."""
+        return None
+
+    def invalidate(self, keys: Iterable[Key]) -> None:  # noqa: B027 - optional hook
+        """Forget cached values of keys (a DAO that caches nothing has nothing to forget)."""
+
+    def lane(self) -> tuple[str, int] | None:
+        """The resource reads of this DAO share and how many may use it at once (None: no limit).
+
+        A request runs the views of one lane on at most that many workers, so they queue on its own
+        threads instead of timing out in the store's pool.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most DAOs hold nothing
         """Release what this DAO holds (the source's pool is closed by its owner)."""
 
@@ -184,12 +203,15 @@ class Source(ABC):
     error_map: ClassVar[ErrorMap] = ()
     """(driver exception, featuredao exception) pairs, most specific first."""
     default_batch_size: ClassVar[int] = 1000
+    close_timeout_s: ClassVar[float] = 5.0
+    """How long ``close`` waits for interrupted work to end before it frees what is left idle."""
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name
         self.options = options
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._gate = Gate(f"source {name!r}")
 
     @abstractmethod
     def dao(self, view: View) -> BaseDao:
@@ -199,11 +221,60 @@ class Source(ABC):
     def ping(self) -> None:
         """Round-trip to the store; raise a mapped BackendError on failure."""
 
+    @contextmanager
+    def operation(self, view: str | None = None) -> Iterator[None]:
+        """One unit of store work: refused after close, counted until it ends, driver errors mapped.
+
+        The one place a driver exception becomes ours (``raise ... from`` the original).
+        """
+        self._gate.enter()
+        try:
+            yield
+        except Exception as exc:
+            if self._gate.closed and not isinstance(exc, Closed):
+                # Interrupted (or its connection freed) by close(): say so, not "the store failed".
+                raise Closed(f"source {self.name!r} was closed during the operation") from exc
+            if isinstance(exc, FeatureDaoError):
+                raise
+            mapped = self.translate(exc, view)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        finally:
+            self._gate.leave()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has begun: no more work is admitted."""
+        return self._gate.closed
+
     def close(self) -> None:
-        """Close the pool."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """Stop admitting work, interrupt what runs, wait for it (bounded), then free the pool.
+
+        A connection is never freed while a statement runs on it: work that outlives the bound keeps
+        its connection, which the adapter closes when it comes back. Idempotent and thread-safe.
+        """
+        if not self._gate.shut():
+            return
+        try:
+            self._interrupt()
+        except Exception:  # interrupting is best effort: the wait below still bounds the close
+            log.exception("interrupting the work of source %s failed", self.name)
+        left = self._gate.drain(self.close_timeout_s)
+        if left:
+            log.warning("source %s: %d operation(s) still running after %.1f s; their connections are "
+                        "closed when they end", self.name, left, self.close_timeout_s)
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=not left, cancel_futures=True)
+        self._release()
+
+    def _interrupt(self) -> None:  # noqa: B027 - optional hook
+        """Make running statements end soon (``sqlite3`` interrupt, a server-side cancel); best effort."""
+
+    def _release(self) -> None:  # noqa: B027 - optional hook
+        """Free the pool's idle connections; borrowed ones are closed when they come back."""
 
     @property
     def batch_size(self) -> int:
@@ -218,6 +289,8 @@ class Source(ABC):
     def executor(self) -> ThreadPoolExecutor:
         """The thread pool that runs the chunks of one read concurrently."""
         with self._executor_lock:
+            if self._gate.closed:
+                raise Closed(f"source {self.name!r} is closed")
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                                     thread_name_prefix=f"featuredao-{self.name}")
@@ -307,6 +380,14 @@ class BaseDao(FeatureDao):
 
     def prepare(self) -> None:
         """Create the table or keyspace the view needs, if the store has such a thing."""
+        self._guarded(self._prepare)
+
+    def _prepare(self) -> None:
+        """The adapter's part of ``prepare`` (nothing to create by default)."""
+
+    def lane(self) -> tuple[str, int] | None:
+        """Reads share the source's pool: ``pool_size`` at once."""
+        return self.source.name, self.source.concurrency
 
     def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
@@ -348,13 +429,8 @@ class BaseDao(FeatureDao):
                                  source=self.source.name, view=self.view.name)
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
+        with self.source.operation(self.view.name):
             return fn(*args)
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
-                raise
-            raise mapped from exc
 
     def scan(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
         """Rows in key order with keys strictly greater than ``after``: raw stored values, every feature."""
@@ -465,9 +541,10 @@ class BaseDao(FeatureDao):
         if len(chunks) == 1 or not self.source.capabilities.concurrent_chunks or \
                 self.source.concurrency <= 1:
             failure: BackendUnavailable | None = None
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 remaining = left()
-                if failure is None and remaining is not None and remaining <= 0:
+                # Out of time after a chunk was read: the store was slow (before any, _call says why).
+                if failure is None and i and remaining is not None and remaining <= 0:
                     failure = self._timeout()
                 if failure is not None:
                     yield failure  # don't keep knocking on a store that just failed
@@ -479,7 +556,10 @@ class BaseDao(FeatureDao):
                     yield exc
             return
         pool = self.source.executor()
-        futures: list[Future[RawRows]] = [pool.submit(self._call, c, fields, left()) for c in chunks]
+        try:
+            futures: list[Future[RawRows]] = [pool.submit(self._call, c, fields, left()) for c in chunks]
+        except RuntimeError as exc:  # the executor was shut down between the check and the submit
+            raise Closed(f"source {self.source.name!r} is closed") from exc
         try:
             for fut in futures:
                 remaining = left()
@@ -489,20 +569,19 @@ class BaseDao(FeatureDao):
                     yield self._timeout()
                 except BackendUnavailable as exc:
                     yield exc
+                except CancelledError as exc:  # close() cancelled the chunks still queued
+                    raise Closed(f"source {self.source.name!r} is closed") from exc
         finally:
             for fut in futures:
                 fut.cancel()
 
     def _call(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         if timeout_s is not None and timeout_s <= 0:
-            raise self._timeout()
-        try:
+            # The time went while the read queued behind others of this process: load, not the store.
+            raise Overloaded("no time left when the read could start", source=self.source.name,
+                             view=self.view.name)
+        with self.source.operation(self.view.name):
             return self._fetch_batch(keys, fields, timeout_s)
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
-                raise
-            raise mapped from exc
 
     def _fields(self, features: Sequence[str] | None) -> list[str]:
         if features is None:
@@ -559,14 +638,7 @@ class BaseDao(FeatureDao):
         items = list(prepared.items())
         size = max(1, self.source.batch_size)
         for i in range(0, len(items), size):
-            chunk = items[i:i + size]
-            try:
-                self._write_batch(chunk)
-            except Exception as exc:
-                mapped = self.source.translate(exc, self.view.name)
-                if mapped is exc:
-                    raise
-                raise mapped from exc
+            self._guarded(self._write_batch, items[i:i + size])
         return len(items)
 
     def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
@@ -588,13 +660,7 @@ class BaseDao(FeatureDao):
 
     def ping(self) -> None:
         """Round-trip to the store."""
-        try:
-            self.source.ping()
-        except Exception as exc:
-            mapped = self.source.translate(exc, self.view.name)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+        self._guarded(self.source.ping)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(view={self.view.name!r}, source={self.source.name!r})"

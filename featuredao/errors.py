@@ -5,10 +5,13 @@ Every driver exception is translated into one of these at the adapter boundary a
 
     FeatureDaoError
     ├── ConfigError                  invalid configuration (names each JSON path at fault)
+    ├── Closed                       the service or source was closed; no work is admitted
     ├── BackendError                 a store failed; carries ``source`` and ``view``
     │   ├── BackendUnavailable       connection refused/reset, server down: worth a fallback
     │   │   ├── BackendTimeout       the store did not answer within the time left
-    │   │   └── CircuitOpen          failing fast: the source's breaker is open
+    │   │   ├── CircuitOpen          failing fast: the source's breaker is open
+    │   │   └── Overloaded           our own pool had no connection in time: load, not a store
+    │   │                            failure (never counts toward the breaker)
     │   ├── BackendQueryError        the store rejected the query (missing table/column, bad type)
     │   └── BackendAuthError         the store rejected our credentials
     └── FetchError                   strict mode: a fetch had degraded parts
@@ -18,10 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from featuredao.types import Degraded
+from featuredao.types import Degraded, Reason
 
 
 class FeatureDaoError(Exception):
@@ -39,6 +40,10 @@ class ConfigIssue:
     def __str__(self) -> str:
         shown = "" if self.value is None else f" (got {self.value})"
         return f"{self.path}: {self.message}{shown}"
+
+
+class Closed(FeatureDaoError):
+    """The service or source was closed: it admits no more work."""
 
 
 class ConfigError(FeatureDaoError):
@@ -75,6 +80,10 @@ class CircuitOpen(BackendUnavailable):
     """The source's circuit breaker is open; the call was not attempted."""
 
 
+class Overloaded(BackendUnavailable):
+    """No connection of featuredao's own pool came free in time: load, not a failure of the store."""
+
+
 class BackendQueryError(BackendError):
     """The store rejected the query (missing table or column, type mismatch)."""
 
@@ -90,3 +99,13 @@ class FetchError(FeatureDaoError):
         self.degraded = list(degraded)
         parts = "; ".join(f"{d.view}: {d.reason.value} {d.detail}".strip() for d in self.degraded)
         super().__init__(f"fetch degraded: {parts}")
+
+
+def reason_of(exc: BaseException) -> Reason:
+    """What a degraded entry says about a part that failed with ``exc``."""
+    for kind, reason in ((CircuitOpen, Reason.CIRCUIT_OPEN), (Overloaded, Reason.OVERLOADED),
+                         (BackendTimeout, Reason.TIMEOUT), (BackendUnavailable, Reason.UNAVAILABLE),
+                         (BackendQueryError, Reason.QUERY_ERROR), (Closed, Reason.CLOSED)):
+        if isinstance(exc, kind):
+            return reason
+    return Reason.ERROR

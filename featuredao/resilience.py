@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
 from featuredao.dao import FeatureDao
-from featuredao.errors import BackendTimeout, BackendUnavailable, CircuitOpen
+from featuredao.errors import BackendTimeout, BackendUnavailable, CircuitOpen, Overloaded, reason_of
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
@@ -161,7 +161,9 @@ class ResilientDao(FeatureDao):
             return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=err)
         attempt = 0
         result = self._attempt(dao, keys, features, deadline)
-        while result.failed and attempt < self.retries.max and not isinstance(result.error, BackendTimeout):
+        # A timeout used the time up; an overloaded pool is not helped by asking again.
+        while result.failed and attempt < self.retries.max and \
+                not isinstance(result.error, BackendTimeout | Overloaded):
             attempt += 1
             pause = self.retries.backoff_ms / 1000 * attempt * (0.5 + random.random())
             left = self._left(deadline)
@@ -170,10 +172,10 @@ class ResilientDao(FeatureDao):
             time.sleep(pause)
             again = self._attempt(dao, result.failed, features, deadline)
             result = self._merge_retry(result, again)
-        if result.failed:
-            breaker.failure()
-        else:
+        if not result.failed:
             breaker.success()
+        elif not isinstance(result.error, Overloaded):  # waiting for our own pool is not the store's fault
+            breaker.failure()
         return result
 
     def _attempt(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
@@ -199,8 +201,7 @@ class ResilientDao(FeatureDao):
         return None if deadline is None else deadline - time.perf_counter()
 
     def _degraded(self, dao: FeatureDao, error: BaseException, keys: list[Key]) -> Degraded:
-        reason = (Reason.CIRCUIT_OPEN if isinstance(error, CircuitOpen)
-                  else Reason.TIMEOUT if isinstance(error, BackendTimeout) else Reason.UNAVAILABLE)
+        reason = reason_of(error)
         self._metrics.error(dao.view.name, reason.value)
         return Degraded(dao.view.name, reason, str(error), tuple(keys[:20]))
 
@@ -211,6 +212,10 @@ class ResilientDao(FeatureDao):
     def ping(self) -> None:
         """Ping the primary."""
         self.primary.ping()
+
+    def lane(self) -> tuple[str, int] | None:
+        """The primary's lane (fallbacks are read only for what it could not serve)."""
+        return self.primary.lane()
 
     def close(self) -> None:
         """Close the primary and the fallbacks."""

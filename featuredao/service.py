@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from os import PathLike
@@ -14,16 +14,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from featuredao import factory
-from featuredao.cache import CachedDao
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
-from featuredao.errors import (
-    BackendQueryError,
-    BackendTimeout,
-    BackendUnavailable,
-    CircuitOpen,
-    FetchError,
-)
+from featuredao.errors import Closed, FetchError, reason_of
+from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
 
@@ -63,23 +57,17 @@ class SourceHealth:
     error: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Task:
-    view: View
+    dao: FeatureDao
     keys: list[Key]
     timeout_s: float
+    first: bool = True
+    """Starts at once (first of its lane): the service may give up on it after its own timeout."""
 
-
-def _reason(exc: BaseException) -> Reason:
-    if isinstance(exc, CircuitOpen):
-        return Reason.CIRCUIT_OPEN
-    if isinstance(exc, BackendTimeout):
-        return Reason.TIMEOUT
-    if isinstance(exc, BackendUnavailable):
-        return Reason.UNAVAILABLE
-    if isinstance(exc, BackendQueryError):
-        return Reason.QUERY_ERROR
-    return Reason.ERROR
+    @property
+    def view(self) -> View:
+        return self.dao.view
 
 
 class FeatureService:
@@ -95,6 +83,7 @@ class FeatureService:
         self._on_close = on_close
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers,
                                         thread_name_prefix="featuredao-view")
+        self._gate = Gate("service")
         self._shapes: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...],
                                       dict[str, FeatureValue]]] = {}
         self._by_entity: dict[str, list[FeatureDao]] = {"user": [], "item": []}
@@ -115,43 +104,97 @@ class FeatureService:
         budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
         tasks = []
         if user_id is not None:
-            tasks += [_Task(d.view, [user_id], min(budget, d.view.timeout_ms / 1000.0))
+            tasks += [_Task(d, [user_id], min(budget, d.view.timeout_ms / 1000.0))
                       for d in self._by_entity["user"]]
         if item_ids:
-            tasks += [_Task(d.view, list(item_ids), min(budget, d.view.timeout_ms / 1000.0))
+            tasks += [_Task(d, list(item_ids), min(budget, d.view.timeout_ms / 1000.0))
                       for d in self._by_entity["item"]]
         return tasks, budget
 
-    def _start(self, task: _Task) -> Future[BatchResult]:
-        """Answer from memory at once when the view's L1 holds every key; otherwise read on a worker."""
-        dao = self.daos[task.view.name]
-        if isinstance(dao, CachedDao):
+    def _start(self, tasks: list[_Task], deadline: float) -> list[Future[BatchResult]]:
+        """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
+
+        Views of one source share its pool: at most ``pool_size`` of them run at once, the others
+        queue on the same workers (each one's time counted from when it starts, capped by the
+        deadline) instead of timing out in the pool and counting as a failure of the store.
+        """
+        futures: list[Future[BatchResult]] = [Future() for _ in tasks]
+        lanes: dict[object, list[list[tuple[_Task, Future[BatchResult]]]]] = {}
+        for task, fut in zip(tasks, futures, strict=True):
             started = time.perf_counter()
-            hit = dao.peek(task.keys)
+            hit = task.dao.peek(task.keys)
             if hit is not None:
                 self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), hit.found)
-                done: Future[BatchResult] = Future()
-                done.set_result(hit)
-                return done
-        return self._pool.submit(self._read, task)
+                fut.set_result(hit)
+                continue
+            lane = task.dao.lane()
+            if lane is None:
+                lanes[id(task)] = [[(task, fut)]]
+                continue
+            group = lanes.setdefault(lane[0], [])
+            if len(group) < max(1, lane[1]):
+                group.append([(task, fut)])
+            else:
+                slot = group[sum(len(g) for g in group) % len(group)]
+                task.first = False
+                slot.append((task, fut))
+        for group in lanes.values():
+            for queue in group:
+                self._submit(queue, deadline)
+        return futures
+
+    def _submit(self, queue: list[tuple[_Task, Future[BatchResult]]], deadline: float) -> None:
+        try:
+            worker = self._pool.submit(self._run_lane, queue, deadline)
+        except RuntimeError:  # shut down by close() meanwhile
+            worker = None
+        if worker is None or worker.cancelled():
+            self._fail(queue)
+            return
+        worker.add_done_callback(lambda w: self._fail(queue) if w.cancelled() else None)
+
+    @staticmethod
+    def _fail(queue: list[tuple[_Task, Future[BatchResult]]]) -> None:
+        for _, fut in queue:
+            if not fut.done():
+                fut.set_exception(Closed("the service was closed"))
+
+    def _run_lane(self, queue: list[tuple[_Task, Future[BatchResult]]], deadline: float) -> None:
+        with self._gate.admit():
+            for task, fut in queue:
+                left = deadline - time.perf_counter()
+                task.timeout_s = min(task.timeout_s, left)
+                if fut.done():
+                    continue
+                try:
+                    fut.set_result(self._read(task))
+                except BaseException as exc:  # handed to the waiting request
+                    fut.set_exception(exc)
 
     def _read(self, task: _Task) -> BatchResult:
         started = time.perf_counter()
         try:
-            result = self.daos[task.view.name].read(task.keys, timeout_s=task.timeout_s)
+            result = task.dao.read(task.keys, timeout_s=max(task.timeout_s, 0.0))
         except Exception as exc:
-            self._metrics.error(task.view.name, _reason(exc).value)
+            self._metrics.error(task.view.name, reason_of(exc).value)
             raise
         self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), result.found)
         return result
+
+    def _wait_s(self, task: _Task, started: float, budget: float) -> float:
+        """How much longer to wait for a task; a small grace lets the adapter's own deadline fire first."""
+        bound = min(task.timeout_s, budget) if task.first else budget
+        return bound * 1.1 + 0.002 - (time.perf_counter() - started)
 
     @staticmethod
     def _failure(task: _Task, exc: BaseException | None) -> Degraded:
         if exc is None:
             detail = f"no answer within {task.timeout_s * 1000:.0f} ms"
             return Degraded(task.view.name, Reason.TIMEOUT, detail)
-        reason = _reason(exc)
-        if reason is Reason.QUERY_ERROR:
+        reason = reason_of(exc)
+        if reason is Reason.CLOSED:
+            log.debug("view %s: the service was closed during the request", task.view.name)
+        elif reason is Reason.QUERY_ERROR:
             log.error("view %s: the store rejected the query: %s", task.view.name, exc)
         elif reason is Reason.ERROR:
             log.error("view %s: unexpected error", task.view.name, exc_info=exc)
@@ -213,18 +256,17 @@ class FeatureService:
               deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
         """Fetch the user's and the items' features; degraded views give defaults, never raise."""
         started = time.perf_counter()
+        self._check_open()
         tasks, budget = self._plan(user_id, item_ids, deadline_ms)
-        futures: list[Future[BatchResult]] = [self._start(t) for t in tasks]
+        futures = self._start(tasks, started + budget)
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, futures, strict=True):
-            # A small grace lets the adapter's own deadline fire first and report why.
-            wait = min(task.timeout_s, budget) * 1.1 + 0.002 - (time.perf_counter() - started)
             try:
-                outcomes.append(fut.result(timeout=max(0.0, wait)))
+                outcomes.append(fut.result(timeout=max(0.0, self._wait_s(task, started, budget))))
             except FutureTimeout:
-                fut.cancel()
+                fut.cancel()  # a lane skips a task nobody waits for any more
                 outcomes.append(None)
-            except Exception as exc:
+            except (Exception, CancelledError) as exc:
                 outcomes.append(exc)
         return self._merge(user_id, item_ids, tasks, outcomes, started, strict)
 
@@ -232,11 +274,12 @@ class FeatureService:
                      deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
         """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
         started = time.perf_counter()
+        self._check_open()
         tasks, budget = self._plan(user_id, item_ids, deadline_ms)
-        waits = [asyncio.wrap_future(self._start(t)) for t in tasks]
+        waits = [asyncio.wrap_future(f) for f in self._start(tasks, started + budget)]
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, waits, strict=True):
-            wait = min(task.timeout_s, budget) * 1.1 + 0.002 - (time.perf_counter() - started)
+            wait = self._wait_s(task, started, budget)
             try:
                 outcomes.append(await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, wait)))
             except TimeoutError:
@@ -266,8 +309,7 @@ class FeatureService:
         dao = self.daos.get(view)
         if dao is None:
             raise KeyError(f"unknown view {view!r}")
-        if isinstance(dao, CachedDao):
-            dao.invalidate(keys)
+        dao.invalidate(keys)
 
     def health(self, timeout_s: float = 2.0) -> list[SourceHealth]:
         """Ping every source concurrently: whether it answers, how fast, and its breaker's state."""
@@ -298,11 +340,24 @@ class FeatureService:
                                         runtime.breakers[name].state.value, "no answer in time"))
         return out
 
-    def close(self) -> None:
-        """Stop the worker threads and close every source."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _check_open(self) -> None:
+        if self._gate.closed:
+            raise Closed("the service is closed")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Refuse new requests, stop the sources' work in flight, then the workers; idempotent.
+
+        Requests in flight get their answers (degraded ``closed`` where a read was cut); a request
+        that arrives after ``close`` raises :class:`~featuredao.errors.Closed`.
+        """
+        if not self._gate.shut():
+            return
         if self._on_close is not None:
-            self._on_close()
+            self._on_close()  # each source: refuse, interrupt, wait for its work, then free the pool
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        left = self._gate.drain(timeout_s)
+        if left:
+            log.warning("service closed with %d worker(s) still running after %.1f s", left, timeout_s)
 
     def __enter__(self) -> Self:
         return self

@@ -169,6 +169,8 @@ class Reason(StrEnum):
     UNAVAILABLE = "unavailable"
     QUERY_ERROR = "query_error"
     CIRCUIT_OPEN = "circuit_open"
+    OVERLOADED = "overloaded"
+    CLOSED = "closed"
     COERCION = "coercion"
     ROW_ERROR = "row_error"
     FALLBACK = "fallback"

@@ -16,7 +16,7 @@ import pytest
 
 from featuredao import config, factory
 from featuredao.dao import BaseDao
-from featuredao.errors import BackendQueryError, BackendTimeout, BackendUnavailable
+from featuredao.errors import BackendQueryError, BackendTimeout, BackendUnavailable, Overloaded
 from featuredao.testing.hbase import HBaseThriftServer
 from featuredao.types import CoercionError, Key, Reason
 
@@ -280,7 +280,7 @@ def test_unanswered_request_times_out(built: list[Built]) -> None:
         assert isinstance(info.value.__cause__, TimeoutError)
 
 
-def test_no_free_connection_is_a_timeout(server: HBaseThriftServer, built: list[Built]) -> None:
+def test_no_free_connection_is_overloaded(server: HBaseThriftServer, built: list[Built]) -> None:
     b = make(built, server.port, source={"pool_size": 1, "pool_timeout_ms": 50}, features={"n": "int"})
     source: Any = b.runtime.sources["hb"]
     holding, release = threading.Event(), threading.Event()
@@ -293,7 +293,7 @@ def test_no_free_connection_is_a_timeout(server: HBaseThriftServer, built: list[
     worker.start()
     try:
         assert holding.wait(10)
-        with pytest.raises(BackendTimeout, match="No connection available"):
+        with pytest.raises(Overloaded, match="No connection available"):
             b.dao.read(["a"])
     finally:
         release.set()

@@ -1,0 +1,92 @@
+"""Many views on one source: they share its pool without degrading, and waiting for our own pool is load.
+
+On the embedded SQLite default with a real file: dozens of views per request are normal in a
+recommender config, and a pool kept busy by someone else must not open the store's circuit breaker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from featuredao import FeatureService, Reason, build
+from featuredao.resilience import BreakerState
+
+VIEWS = 50
+FEATURES = {"a": "int", "b": "float", "c": "str"}
+
+
+def _config(path: Path, pool_size: int, deadline_ms: int) -> dict[str, Any]:
+    return {
+        "sources": {"store": {"type": "sqlite", "path": str(path), "pool_size": pool_size}},
+        "views": [{"name": f"v{i}", "entity": "item", "source": "store", "table": f"t{i}", "key": "id",
+                   "key_type": "int", "features": FEATURES, "prefix": f"v{i}_", "timeout_ms": 50}
+                  for i in range(VIEWS)],
+        "service": {"deadline_ms": deadline_ms},
+    }
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "many.db"
+    runtime = build(_config(path, 1, 100))
+    try:
+        for dao in runtime.daos.values():
+            dao.prepare()  # type: ignore[attr-defined]
+            dao.upsert([(i, {"a": i, "b": i / 2, "c": f"s{i}"}) for i in range(0, 200, 3)])
+    finally:
+        runtime.close()
+    return path
+
+
+@pytest.fixture
+def small_pool(db: Path) -> Iterator[FeatureService]:
+    with FeatureService.from_config(_config(db, pool_size=2, deadline_ms=2000)) as service:
+        yield service
+
+
+def test_fifty_views_on_a_small_pool_never_degrade_and_never_open_the_breaker(
+        small_pool: FeatureService) -> None:
+    runtime = small_pool.runtime
+    assert runtime is not None
+    items = list(range(100))
+    for _ in range(40):
+        result = small_pool.fetch(None, items)
+        assert result.degraded == []
+        assert result.items[3]["v49_a"] == 3 and result.items[4]["v0_a"] is None
+    assert runtime.breakers["store"].state is BreakerState.CLOSED
+
+
+def test_a_pool_held_by_a_slow_statement_degrades_as_overloaded_and_keeps_the_breaker_closed(
+        db: Path) -> None:
+    with FeatureService.from_config(_config(db, pool_size=1, deadline_ms=150)) as service:
+        runtime = service.runtime
+        assert runtime is not None
+        source: Any = runtime.sources["store"]
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with source.connection() as conn:
+                conn.execute("SELECT 1").fetchone()  # a statement ran: the connection is the store's
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert held.wait(5)
+            for _ in range(8):  # more than the breaker's failure threshold (5)
+                result = service.fetch(None, [3, 4])
+                reasons = {d.reason for d in result.degraded}
+                assert reasons == {Reason.OVERLOADED}, result.degraded
+                assert result.items[0]["v0_a"] is None
+            assert runtime.breakers["store"].state is BreakerState.CLOSED
+        finally:
+            release.set()
+            holder.join()
+        result = service.fetch(None, [3, 4])
+        assert result.degraded == [] and result.items[0]["v0_a"] == 3
