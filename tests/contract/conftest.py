@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from backends.base import ContractBackend
 
-from featuredao import factory
+from featuredao import factory, registry
 from featuredao.dao import BaseDao
 
 FEATURES = {
@@ -35,6 +35,35 @@ def _variants() -> list[Any]:
         for variant, marker in module.VARIANTS:
             params.append(pytest.param((module, variant), id=variant, marks=getattr(pytest.mark, marker)))
     return params
+
+
+def has(module: Any, variant: str, flag: str) -> bool:
+    """Whether a variant can do ``flag``: a capability of its adapter (the module's name), or ``slow``."""
+    if flag == "slow":
+        return hasattr(module, "slow")
+    caps = registry.get_adapter(module.__name__.rsplit(".", 1)[1]).capabilities
+    return bool(getattr(caps, flag)) and flag not in getattr(module, "LACKS", {}).get(variant, ())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(*flags): run only on contract variants that have every "
+                                       "capability flag (or 'slow': a slow-read hook)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (never skip) contract tests a variant cannot run: a skipped test fails scripts/test."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("needs")
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("backend") if callspec is not None else None
+        if marker is not None and param is not None and not all(has(*param, f) for f in marker.args):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 _tables = itertools.count()
@@ -60,6 +89,7 @@ def build_dao(backend: ContractBackend, source: dict[str, Any], key_type: str = 
 def backend(request: pytest.FixtureRequest) -> ContractBackend:
     module, variant = request.param
     made: ContractBackend = module.make(variant, request)
+    made.slow = getattr(module, "slow", None)
     return made
 
 

@@ -11,7 +11,7 @@ from backends.base import ContractBackend
 from conftest import SMALL_BATCH, build_dao
 
 from featuredao.dao import BaseDao
-from featuredao.errors import BackendUnavailable
+from featuredao.errors import BackendQueryError, BackendTimeout, BackendUnavailable
 from featuredao.types import Key, Row
 
 
@@ -162,5 +162,60 @@ def test_unreachable_server_gives_backend_unavailable(backend: ContractBackend) 
         assert info.value.__cause__ is not None
         with pytest.raises(BackendUnavailable):
             dao.ping()
+    finally:
+        runtime.close()
+
+
+@pytest.mark.needs("slow")
+def test_deadline_cuts_a_slow_read(backend: ContractBackend) -> None:
+    assert backend.slow is not None
+    runtime, dao = build_dao(backend, {**backend.source, "batch_size": SMALL_BATCH})
+    try:
+        backend.slow(dao)
+        keys = [f"k{i}" for i in range(3 * SMALL_BATCH)]  # three chunks, each of them slow
+        started = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            dao.read(keys[:1], timeout_s=0.2)
+        result = dao.read_partial(keys, timeout_s=0.2)
+        assert time.monotonic() - started < 3  # two reads cut at 0.2 s each, not the seconds they take
+        assert result.rows == [None] * len(keys)
+        assert sorted(result.failed) == sorted(keys) and isinstance(result.error, BackendTimeout)
+    finally:
+        runtime.close()
+
+
+def test_failed_chunk_leaves_its_keys_in_failed(small_batch_dao: BaseDao,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    dao = small_batch_dao
+    keys = [f"key{i:02d}" for i in range(3 * SMALL_BATCH)]
+    seed(dao, keys)
+    real = dao._fetch_batch
+    sent: list[list[Key]] = []
+
+    def second_chunk_fails(chunk: list[Key], fields: list[str], timeout_s: float | None) -> Any:
+        sent.append(list(chunk))
+        if keys[SMALL_BATCH] in chunk:
+            raise BackendUnavailable("this chunk's shard is down")
+        return real(chunk, fields, timeout_s)
+
+    monkeypatch.setattr(dao, "_fetch_batch", second_chunk_fails)
+    result = dao.read_partial(keys)
+    concurrent = dao.source.capabilities.concurrent_chunks and dao.source.concurrency > 1
+    # Sequential reads stop knocking on a store that just failed: the chunks after it fail unasked.
+    lost = keys[SMALL_BATCH:2 * SMALL_BATCH] if concurrent else keys[SMALL_BATCH:]
+    assert sorted(result.failed) == lost and isinstance(result.error, BackendUnavailable)
+    assert len(sent) == (3 if concurrent else 2)
+    assert result.rows == [None if k in lost else row(i) for i, k in enumerate(keys)]
+    with pytest.raises(BackendUnavailable):
+        dao.read(keys)
+
+
+@pytest.mark.needs("create")
+def test_missing_table_is_a_query_error(backend: ContractBackend) -> None:
+    runtime, dao = build_dao(backend, backend.source)  # its storage never created
+    try:
+        with pytest.raises(BackendQueryError) as info:
+            dao.read(["a", "b"], timeout_s=5.0)
+        assert info.value.view == dao.view.name
     finally:
         runtime.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from fakes import FakeDao, make_view
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
@@ -74,18 +75,14 @@ def test_chain_of_two_fallbacks_and_open_breaker() -> None:
 def test_without_fallback_the_failure_is_raised() -> None:
     primary = FakeDao(make_view("p"), ROWS, error=BackendUnavailable("down"))
     dao = ResilientDao(primary, breaker(threshold=1))
-    try:
+    # Exact types: CircuitOpen is a BackendUnavailable, so isinstance could not tell the two calls apart.
+    with pytest.raises(BackendUnavailable) as first:
         dao.read(["a"])
-    except BackendUnavailable:
-        pass
-    else:
-        raise AssertionError("expected BackendUnavailable")
-    try:
+    assert type(first.value) is BackendUnavailable and first.value is primary.error
+    with pytest.raises(CircuitOpen) as second:
         dao.read(["a"])
-    except CircuitOpen:
-        pass
-    else:
-        raise AssertionError("expected CircuitOpen")
+    assert type(second.value) is CircuitOpen
+    assert len(primary.calls) == 1  # the open breaker failed fast: the store was not asked again
 
 
 def test_query_errors_are_not_hidden_by_fallback() -> None:

@@ -6,15 +6,16 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 from fakes import FakeDao, make_view
 
-from featuredao.config import ServiceConfig
+from featuredao.config import ServiceConfig, View
 from featuredao.dao import FeatureDao
 from featuredao.errors import BackendQueryError, BackendUnavailable, FetchError
 from featuredao.service import FeatureService, FetchResult
-from featuredao.types import Reason
+from featuredao.types import BatchResult, Key, Reason, Row
 
 
 def service(*daos: FeatureDao, deadline_ms: int = 500, strict: bool = False) -> FeatureService:
@@ -81,13 +82,28 @@ def test_strict_mode_raises() -> None:
         svc.fetch("u1", [], strict=True)
 
 
+class MeetingDao(FakeDao):
+    """A fake whose read returns only once every other read on the same barrier is in flight too."""
+
+    def __init__(self, view: View, rows: dict[Key, Row], barrier: threading.Barrier) -> None:
+        super().__init__(view, rows)
+        self.barrier = barrier
+
+    def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                     timeout_s: float | None = None) -> BatchResult:
+        self.barrier.wait()  # BrokenBarrierError after 1 s unless the other view is being read meanwhile
+        return super().read_partial(keys, features, timeout_s=timeout_s)
+
+
 def test_views_are_read_concurrently() -> None:
-    a = FakeDao(make_view("a", "item"), {}, delay=0.3)
-    b = FakeDao(make_view("b", "item", prefix="b_"), {}, delay=0.3)
+    barrier = threading.Barrier(2, timeout=1)
+    a = MeetingDao(make_view("a", "item", timeout_ms=5000), {"i1": {"a": 1, "b": "x"}}, barrier)
+    b = MeetingDao(make_view("b", "item", prefix="b_", timeout_ms=5000), {"i1": {"a": 2, "b": "y"}}, barrier)
     with service(a, b, deadline_ms=5000) as svc:
-        threading.Timer(0.05, lambda: (a.release.set(), b.release.set())).start()
         result = svc.fetch(None, ["i1"])
-    assert result.degraded == [] and len(a.calls) == len(b.calls) == 1
+    assert result.degraded == [] and not barrier.broken
+    assert result.items == [{"a": 1, "b": "x", "b_a": 2, "b_b": "y"}]
+    assert len(a.calls) == len(b.calls) == 1
 
 
 def test_afetch_does_not_block_the_event_loop() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from featuredao.dao import BaseDao
 from featuredao.testing.servers import free_port
 
 
@@ -20,6 +22,9 @@ class ContractBackend:
     """The same source pointing at a closed port (None for embedded stores)."""
     table_prefix: str = "t"
     """Prefix of the per-test table names."""
+    slow: Callable[[BaseDao], None] | None = None
+    """Make every read of a DAO's view take seconds, called instead of ``prepare`` (the module's ``slow``
+    function, where the store has a natural slow path; None elsewhere: deadline tests are deselected)."""
 
 
 _LAYOUT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -31,6 +36,15 @@ _LAYOUT_OPTIONS: dict[str, dict[str, Any]] = {
 def layout_variants(adapter: str) -> list[tuple[str, str]]:
     """``VARIANTS`` of an adapter with a wide and a tall layout, both under the adapter's marker."""
     return [(f"{adapter}_{layout}", adapter) for layout in _LAYOUT_OPTIONS]
+
+
+# What a tall table cannot do: it has no row per key to scan, order by watermark, delete or feed.
+TALL_LACKS = frozenset({"scan", "changes", "delete", "change_feed"})
+
+
+def layout_lacks(adapter: str) -> dict[str, frozenset[str]]:
+    """``LACKS`` of an adapter with ``layout_variants``: the flags its tall variant switches off."""
+    return {f"{adapter}_tall": TALL_LACKS}
 
 
 def layout_backend(variant: str, source: dict[str, Any]) -> ContractBackend:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import ContractBackend
+from backends.base import ContractBackend, layout_lacks
 from featuredao.testing.servers import ClickHouseServer, free_port
 
 VARIANTS = [("clickhouse_wide", "clickhouse"), ("clickhouse_tall", "clickhouse")]
+LACKS = layout_lacks("clickhouse")
 
 _VIEW_OPTIONS = {
     "clickhouse_wide": {"layout": "wide"},

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import ContractBackend, layout_backend, layout_variants
+from backends.base import ContractBackend, layout_backend, layout_lacks, layout_variants
 from featuredao.testing.servers import MariaDbServer
 
 VARIANTS = layout_variants("mysql")
+LACKS = layout_lacks("mysql")
 
 
 def make(variant: str, request: pytest.FixtureRequest) -> ContractBackend:
