@@ -26,8 +26,31 @@ Written for Debian's ClickHouse 18.16 and correct on current servers; the differ
 * ``argMax`` skips NULL values, which would resurrect an older value over a newer null: we take
   ``argMax(tuple(value), ...).1`` instead.
 * No Map, Bool, JSON or DateTime64 in 18.16: booleans are ``UInt8``, event times ``DateTime`` (whole
-  seconds, the version orders writes within a second). ``FINAL`` only works on *MergeTree engines
-  (code 181 otherwise): set ``final: false`` for views, Memory or plain MergeTree tables.
+  seconds, the version orders writes within a second). ``FINAL`` only works on the collapsing
+  *MergeTree engines (code 181 on plain MergeTree, Memory, Log...).
+
+Existing tables are read as they are. On its first use (read, upsert, scan) a DAO reads the table's engine
+and columns from ``system.tables`` and ``system.columns`` in one query, then caches what it found for the
+life of the DAO (no further round trips; a table altered later is seen after a restart):
+
+* ``FINAL`` (option ``final`` left out): used for a wide table whose engine collapses rows
+  (Replacing/Collapsing/VersionedCollapsing/Summing/Aggregating/Graphite/Coalescing MergeTree, replicated or
+  not), never for a plain MergeTree, Memory or Log table, nor for views and Distributed tables (set
+  ``final: true`` to push it to the table behind them). ``final: true`` on an engine known not to support
+  it is an error that says to set ``final`` to false.
+* ``nulls_column`` (wide, views with list features) and ``version_column``: used only where the table
+  has them. Without a nulls column a null list is written as ``[]`` and reads as ``[]``; without a version
+  column upserts write none (a ReplacingMergeTree keeps the last inserted row, a plain MergeTree keeps
+  every row and reads see any one of them), and tall reads order by the event time alone, or take any
+  row of a (key, feature) when there is no event time either.
+* A column named by an option that was set explicitly (``nulls_column``, ``version_column``,
+  ``event_time_column``, and the tall ``feature_column`` and ``value_column`` even by default) but is
+  missing from the table is a :class:`BackendQueryError` naming the option to set.
+* A missing table is not cached: the statement runs and fails as it always did (``BackendQueryError``,
+  ServerException 60), and the next use looks again (after ``prepare`` created it, say). ``prepare``
+  creates the full layout above and forgets what was cached.
+
+The first use spends one extra round trip inside its own deadline.
 """
 
 from __future__ import annotations
@@ -36,11 +59,13 @@ import contextlib
 import datetime as dt
 import json
 import math
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from clickhouse_driver import Client
@@ -62,17 +87,22 @@ from featuredao.types import FeatureType, Key, RawRows, Row
 from ._sql import SqlViewOptions
 
 _CANCEL_GRACE_S = 0.5  # how long a cancelled query may take to end its stream before we drop the Client
+# Engines whose FINAL collapses rows (Replicated*, Shared* variants included): wide reads use it by default.
+_COLLAPSING = re.compile(r"(Replacing|Collapsing|Summing|Aggregating|Graphite|Coalescing)MergeTree$")
+# Engines known to refuse FINAL (code 181). Others (View, Distributed, Merge, Buffer...) may pass it on.
+_NO_FINAL = re.compile(r"MergeTree$|^(Memory|Log|TinyLog|StripeLog|Null|Set|Join)$")
 
 
 class ClickHouseViewOptions(SqlViewOptions):
     """View options of the clickhouse adapter: the SQL layouts plus the ReplacingMergeTree settings."""
 
     final: bool | None = None
-    """Read with FINAL; default true for wide (collapses unmerged re-upserts), false for tall (argMax)."""
+    """Read with FINAL; left out: for wide tables whose engine collapses rows (ReplacingMergeTree...)."""
     version_column: Identifier = "version"
-    """The ReplacingMergeTree version (UInt64) that upserts write."""
+    """The ReplacingMergeTree version (UInt64) that upserts write; left out: used if the table has it."""
     nulls_column: Identifier | None = "_nulls"
-    """Wide only: Array(String) naming the list features that are null; None if the table has none."""
+    """Wide only: Array(String) naming the list features that are null; None if the table has none (left
+    out: used only if the table has it)."""
 
     @model_validator(mode="after")
     def _merge_tree_columns(self) -> Self:
@@ -179,6 +209,7 @@ class ClickHouseSource(Source):
     """One ClickHouse server (native protocol) with a pool of clickhouse-driver Clients."""
 
     type_name = "clickhouse"
+    driver_modules = {"clickhouse_driver": "clickhouse-driver"}
     options_model = ClickHouseOptions
     view_options_model = ClickHouseViewOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True)
@@ -315,8 +346,24 @@ def _rough_size(params: dict[str, Any]) -> int:
     return size
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What one view's statements use of its table: found by inspecting it, or as configured."""
+
+    final: str
+    """`` FINAL`` or nothing."""
+    nulls: str | None
+    """The quoted nulls column (wide, views with list features), if used."""
+    version: str | None
+    """The quoted version column, if the table has one."""
+    order: str | None
+    """Tall: what ``argMax`` orders by (event time, version); None: any row of a (key, feature)."""
+    sql: dict[tuple[str, ...], tuple[str, bool]] = field(default_factory=dict)
+    """Read statements per projection (see ``ClickHouseDao._select``)."""
+
+
 class ClickHouseDao(BaseDao):
-    """Reads and writes one view's wide or tall ReplacingMergeTree table."""
+    """Reads and writes one view's wide or tall table, as made by ``prepare`` or by another tool."""
 
     source: ClickHouseSource
 
@@ -325,14 +372,96 @@ class ClickHouseDao(BaseDao):
         opts: ClickHouseViewOptions = view.options or ClickHouseViewOptions()
         self.options = opts
         self._tall = opts.layout == "tall"
-        self._final = " FINAL" if (opts.final if opts.final is not None else not self._tall) else ""
         self._table = _q(view.table)
         self._key = _q(view.key)
-        self._version = _q(opts.version_column)
         self._lists = {f for f, t in view.features.items() if t.is_list}
-        self._nulls = _q(opts.nulls_column) if opts.nulls_column is not None and self._lists else None
-        self._sql: dict[tuple[str, ...], tuple[str, bool]] = {}
+        # What prepare creates, and what a statement uses while the table cannot be inspected (missing).
+        self._final_conf = opts.final if opts.final is not None else not self._tall
+        self._nulls_conf = _q(opts.nulls_column) if opts.nulls_column is not None and self._lists else None
+        self._version_conf = _q(opts.version_column)
+        db, _, name = view.table.rpartition(".")
+        where_db = "%(db)s" if db else "currentDatabase()"
+        self._describe_sql = (
+            f"SELECT 'engine', engine FROM system.tables WHERE database = {where_db} AND name = %(table)s "
+            f"UNION ALL SELECT 'column', name FROM system.columns "
+            f"WHERE database = {where_db} AND table = %(table)s")
+        self._describe_params = {"db": db, "table": name} if db else {"table": name}
+        self._known: _Layout | None = None
+        self._known_lock = threading.Lock()
 
+    # -- the table as it is ------------------------------------------------------------------------------
+    def _layout(self, timeout_s: float | None) -> _Layout:
+        """The table's layout: inspected once (thread-safe) and cached; as configured while it is missing."""
+        known = self._known
+        if known is not None:
+            return known
+        with self._known_lock:
+            if self._known is not None:
+                return self._known
+            rows = self.source.query(self._describe_sql, self._describe_params, timeout_s)
+            engines = [r[1] for r in rows if r[0] == "engine"]
+            if not engines:
+                # Missing (or not yet created): the statement fails as it always did, and the next use
+                # looks again.
+                return self._configured()
+            self._known = self._inspected(engines[0], {r[1] for r in rows if r[0] == "column"})
+            return self._known
+
+    def _configured(self) -> _Layout:
+        o = self.options
+        order = self._version_conf if o.event_time_column is None else \
+            f"({_q(o.event_time_column)}, {self._version_conf})"
+        return _Layout(" FINAL" if self._final_conf else "", self._nulls_conf, self._version_conf,
+                       order if self._tall else None)
+
+    def _missing(self, column: str, option: str, fix: str) -> BackendQueryError:
+        return BackendQueryError(f"table {self.view.table!r} has no column {column!r} (options.{option}): "
+                                 f"set options.{option} to {fix}", source=self.source.name,
+                                 view=self.view.name)
+
+    def _inspected(self, engine: str, columns: set[str]) -> _Layout:
+        o = self.options
+        explicit = o.model_fields_set
+        if o.final is None:
+            final = not self._tall and _COLLAPSING.search(engine) is not None
+        elif o.final and _COLLAPSING.search(engine) is None and _NO_FINAL.search(engine) is not None:
+            raise BackendQueryError(f"table {self.view.table!r} (engine {engine}) does not support FINAL: "
+                                    "set options.final to false, or leave it out",
+                                    source=self.source.name, view=self.view.name)
+        else:
+            final = o.final
+        nulls = None
+        if self._nulls_conf is not None and o.nulls_column is not None:
+            if o.nulls_column in columns:
+                nulls = self._nulls_conf
+            elif "nulls_column" in explicit:
+                raise self._missing(o.nulls_column, "nulls_column",
+                                    "null, or to the Array(String) column naming the null lists")
+        version = None
+        if o.version_column in columns:
+            version = self._version_conf
+        elif "version_column" in explicit:
+            raise self._missing(o.version_column, "version_column",
+                                "the table's version column, or leave it out")
+        order = None
+        if self._tall:
+            for option in ("feature_column", "value_column"):
+                name = getattr(o, option)
+                if name not in columns:
+                    what = "feature names" if option == "feature_column" else "feature values"
+                    raise self._missing(name, option, f"the column holding the {what}")
+            parts = []
+            if o.event_time_column is not None:
+                if o.event_time_column not in columns:
+                    raise self._missing(o.event_time_column, "event_time_column",
+                                        "the table's event-time column, or to null")
+                parts.append(_q(o.event_time_column))
+            if version is not None:
+                parts.append(version)
+            order = f"({', '.join(parts)})" if len(parts) > 1 else parts[0] if parts else None
+        return _Layout(" FINAL" if final else "", nulls, version, order)
+
+    # -- reads ---------------------------------------------------------------------------------------------
     def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
         """clickhouse-driver by hand (wide layout): the same statement, rows as dicts in key order."""
         if self._tall:
@@ -340,7 +469,7 @@ class ClickHouseDao(BaseDao):
         client = self.source._client()  # a plain Client of its own, outside the pool
 
         def read(keys: list[Key], fields: list[str]) -> object:
-            sql, with_nulls = self._select(fields)
+            sql, with_nulls = self._select(self._layout(None), fields)
             columns = [*fields, "_nulls"] if with_nulls else fields
             rows = client.execute(sql, {"keys": tuple(keys)})
             found = {r[0]: dict(zip(columns, r[1:], strict=True)) for r in rows}
@@ -348,9 +477,9 @@ class ClickHouseDao(BaseDao):
 
         return read
 
-    def _select(self, fields: list[str]) -> tuple[str, bool]:
+    def _select(self, layout: _Layout, fields: list[str]) -> tuple[str, bool]:
         """The statement for these fields, and whether it ends with the null-lists column."""
-        cached = self._sql.get(tuple(fields))
+        cached = layout.sql.get(tuple(fields))
         if cached is not None:
             return cached
         o = self.options
@@ -358,24 +487,32 @@ class ClickHouseDao(BaseDao):
         if self._tall and not fields:
             sql = f"SELECT DISTINCT {self._key} FROM {self._table} WHERE {self._key} IN %(keys)s"
         elif self._tall:
-            order = self._version if o.event_time_column is None else \
-                f"({_q(o.event_time_column)}, {self._version})"
             # tuple(): argMax skips NULLs, and a newer null must hide an older value.
+            pick = "anyLast(tuple({}))" if layout.order is None else f"argMax(tuple({{}}), {layout.order})"
             feature = _q(o.feature_column)
-            sql = (f"SELECT {self._key}, {feature}, argMax(tuple({_q(o.value_column)}), {order}).1 "
-                   f"FROM {self._table}{self._final} WHERE {self._key} IN %(keys)s "
+            sql = (f"SELECT {self._key}, {feature}, {pick.format(_q(o.value_column))}.1 "
+                   f"FROM {self._table}{layout.final} WHERE {self._key} IN %(keys)s "
                    f"AND {feature} IN %(fields)s GROUP BY {self._key}, {feature}")
         else:
             cols = [self._key, *(_q(f) for f in fields)]
-            with_nulls = self._nulls is not None and any(f in self._lists for f in fields)
+            with_nulls = layout.nulls is not None and any(f in self._lists for f in fields)
             if with_nulls:
-                cols.append(str(self._nulls))
-            sql = f"SELECT {', '.join(cols)} FROM {self._table}{self._final} WHERE {self._key} IN %(keys)s"
-        self._sql[tuple(fields)] = (sql, with_nulls)
+                cols.append(str(layout.nulls))
+            sql = f"SELECT {', '.join(cols)} FROM {self._table}{layout.final} WHERE {self._key} IN %(keys)s"
+        layout.sql[tuple(fields)] = (sql, with_nulls)
         return sql, with_nulls
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
-        sql, with_nulls = self._select(fields)
+        layout = self._known
+        if layout is None:  # first use: the inspection spends part of this read's time
+            started = time.perf_counter()
+            layout = self._layout(timeout_s)
+            if timeout_s is not None:
+                timeout_s -= time.perf_counter() - started
+                if timeout_s <= 0:
+                    raise BackendTimeout("deadline passed while inspecting the table",
+                                         source=self.source.name, view=self.view.name)
+        sql, with_nulls = self._select(layout, fields)
         params: dict[str, Any] = {"keys": tuple(keys)}
         if self._tall:
             if fields:
@@ -401,7 +538,9 @@ class ClickHouseDao(BaseDao):
         return out
 
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        layout = self._layout(None)
         version = self.source.next_version()
+        tail = [version] if layout.version is not None else []
         o = self.options
         if self._tall:
             cols = [self._key, _q(o.feature_column), _q(o.value_column)]
@@ -409,15 +548,17 @@ class ClickHouseDao(BaseDao):
             if o.event_time_column is not None:
                 cols.append(_q(o.event_time_column))
                 now = [dt.datetime.now(dt.UTC).replace(microsecond=0)]
-            cols.append(self._version)
-            data = [(key, name, _encode_text(value), *now, version)
+            if layout.version is not None:
+                cols.append(layout.version)
+            data = [(key, name, _encode_text(value), *now, *tail)
                     for key, row in rows for name, value in row.items()]
         else:
             fields = list(self.view.features)
             cols = [self._key, *(_q(f) for f in fields)]
-            if self._nulls is not None:
-                cols.append(self._nulls)
-            cols.append(self._version)
+            if layout.nulls is not None:
+                cols.append(layout.nulls)
+            if layout.version is not None:
+                cols.append(layout.version)
             data = []
             for key, row in rows:
                 values: list[Any] = [key]
@@ -426,52 +567,54 @@ class ClickHouseDao(BaseDao):
                     if v is None and f in self._lists:
                         v = []  # no Nullable(Array): the nulls column says it is null
                     values.append(int(v) if isinstance(v, bool) else v)
-                if self._nulls is not None:
+                if layout.nulls is not None:
                     values.append([f for f in self._lists if row[f] is None])
-                values.append(version)
+                values.extend(tail)
                 data.append(tuple(values))
         self.source.execute(f"INSERT INTO {self._table} ({', '.join(cols)}) VALUES", data)
 
     # -- synchronization hooks (wide layout) -------------------------------------------------------------
-    def _wide_rows(self, rows: list[Any], skip: int) -> list[tuple[Key, dict[str, Any]]]:
+    def _wide_rows(self, layout: _Layout, rows: list[Any], skip: int) -> list[tuple[Key, dict[str, Any]]]:
         """Rows of (prefix columns..., key, features..., [nulls]) as (key, stored values)."""
         fields = list(self.view.features)
         out = []
         for r in rows:
             got = dict(zip(fields, r[skip + 1:skip + 1 + len(fields)], strict=True))
-            if self._nulls is not None:
+            if layout.nulls is not None:
                 for name in r[-1]:
                     if name in got:
                         got[name] = None
             out.append((r[skip], got))
         return out
 
-    def _sync_select(self, prefix: str, where: str, order: str) -> str:
+    def _sync_select(self, layout: _Layout, prefix: str, where: str, order: str) -> str:
         if self._tall:
             raise self._unsupported("scan (layout 'tall')")
         cols = [prefix, self._key, *(_q(f) for f in self.view.features)]
-        if self._nulls is not None:
-            cols.append(self._nulls)
-        return (f"SELECT {', '.join(c for c in cols if c)} FROM {self._table}{self._final} {where} "
+        if layout.nulls is not None:
+            cols.append(layout.nulls)
+        return (f"SELECT {', '.join(c for c in cols if c)} FROM {self._table}{layout.final} {where} "
                 f"ORDER BY {order} LIMIT %(limit)s")
 
     def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
+        layout = self._layout(None)
         where = "" if after is None else f"WHERE {self._key} > %(after)s"
-        sql = self._sync_select("", where, self._key)
+        sql = self._sync_select(layout, "", where, self._key)
         rows = self.source.query(sql, {"after": after, "limit": limit}, None)
-        return list(self._wide_rows(rows, 0))
+        return list(self._wide_rows(layout, rows, 0))
 
     def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
                        limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        layout = self._layout(None)
         wm = _q(column)
         where = f"WHERE {wm} IS NOT NULL"
         if after is not None:
             where += f" AND ({wm} > %(w)s OR ({wm} = %(w)s AND {self._key} > %(after)s))"
-        sql = self._sync_select(wm, where, f"{wm}, {self._key}")
+        sql = self._sync_select(layout, wm, where, f"{wm}, {self._key}")
         params = {"limit": limit, "w": None if after is None else after[0],
                   "after": None if after is None else after[1]}
         rows = self.source.query(sql, params, None)
-        return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(rows, 1), strict=True)]
+        return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(layout, rows, 1), strict=True)]
 
     def _prepare(self) -> None:
         o = self.options
@@ -486,14 +629,16 @@ class ClickHouseDao(BaseDao):
         else:
             cols = [f"{self._key} {key_type}",
                     *(f"{_q(f)} {_WIDE_TYPES[t]}" for f, t in self.view.features.items())]
-            if self._nulls is not None:
-                cols.append(f"{self._nulls} Array(String)")
+            if self._nulls_conf is not None:
+                cols.append(f"{self._nulls_conf} Array(String)")
             order = [self._key]
-        cols.append(f"{self._version} UInt64")
+        cols.append(f"{self._version_conf} UInt64")
         # Point lookups read whole index granules: smaller ones than the default 8192 rows read less.
         self.source.execute(f"CREATE TABLE IF NOT EXISTS {self._table} ({', '.join(cols)}) "
-                            f"ENGINE = ReplacingMergeTree({self._version}) ORDER BY ({', '.join(order)}) "
-                            f"SETTINGS index_granularity = 1024")
+                            f"ENGINE = ReplacingMergeTree({self._version_conf}) "
+                            f"ORDER BY ({', '.join(order)}) SETTINGS index_granularity = 1024")
+        with self._known_lock:
+            self._known = None  # look again: the table may have been (re)made just now
 
 
 def _encode_text(value: Any) -> str | None:

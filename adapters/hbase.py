@@ -21,6 +21,12 @@ feature can be named, and reads ask for it: an HBase row exists only while it ha
 a row whose features are all null (nulls delete their column) or a projection of absent features would
 read as a missing key.
 
+Rows written by other tools (happybase, the HBase shell, a Java ``Put``) need no marker. The rule: a key
+is found when its row has the marker or a cell of at least one requested feature (one ``rows()`` call,
+no extra round trip); its other requested features read as null (the view's defaults). So a row without
+the marker whose requested features are all absent reads as a missing key, also when it has other cells;
+once featuredao upserts the row, its marker keeps it found for every projection.
+
 Timeouts: ``timeout_ms`` is the socket timeout of each connection (connect and every read). happybase
 builds its socket inside ``Connection`` and the Cython transport hides it, so the time left of a read
 cannot be applied to the socket per call; it bounds the wait for a pooled connection, and the core
@@ -106,6 +112,7 @@ class HBaseSource(Source):
     """One HBase Thrift server, through a happybase ConnectionPool created on first use."""
 
     type_name = "hbase"
+    driver_modules = {"happybase": "happybase", "thriftpy2": "thriftpy2"}
     options_model = HBaseOptions
     view_options_model = HBaseViewOptions
     capabilities = Capabilities(server_timeout=False)

@@ -522,3 +522,141 @@ def test_raw_reader_reads_what_the_dao_reads(clickhouse_server: ClickHouseServer
         assert [list(r["tags"]) for r in (got[0], got[2])] == [["y", "z"], ["x"]]
     finally:
         runtime.close()
+
+
+# -- tables made by other tools: inspected on first use ----------------------------------------------
+
+
+def test_a_foreign_merge_tree_table_is_inspected_once(clickhouse_server: ClickHouseServer, raw: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    table = table_name("foreign")
+    raw.execute(f"CREATE TABLE {table} (id String, n Nullable(Int64), tags Array(String)) "
+                "ENGINE = MergeTree ORDER BY id")
+    raw.execute(f"INSERT INTO {table} VALUES", [(f"k{i}", i, [str(i)]) for i in range(30)])
+    runtime = build(clickhouse_server, view_config(table, {"n": "int", "tags": "list[str]"}),
+                    batch_size=10, pool_size=3)
+    try:
+        dao = runtime.daos["v"]
+        log = QueryLog(dao.source, monkeypatch)
+        keys = [f"k{i}" for i in range(30)]
+        # Three chunks at once: one inspection between them, then one statement per chunk.
+        assert [r["n"] if r else None for r in dao.read(keys)] == list(range(30))
+        inspections = [sql for sql, _ in log.sent if "system.columns" in sql]
+        assert len(inspections) == 1 and len(log.sent) == 4
+        for sql, _ in log.sent[1:]:
+            assert "FINAL" not in sql and "_nulls" not in sql and "version" not in sql
+        log.sent.clear()
+        assert dao.read(["k3", "nope"]).rows == [{"n": 3, "tags": ["3"]}, None]
+        assert len(log.sent) == 1  # cached: the hot path has no extra round trip
+        # Upserts write the columns the table has (a null list becomes [] without a nulls column).
+        dao.upsert([("new", {"n": 7, "tags": None})])
+        assert dao.read(["new"]).rows == [{"n": 7, "tags": []}]
+        assert raw.execute(f"SELECT count() FROM {table}")[0][0] == 31
+    finally:
+        runtime.close()
+
+
+def test_final_follows_the_engine(clickhouse_server: ClickHouseServer, raw: Any,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    replacing = table_name("noversion")
+    # ReplacingMergeTree without a version column: FINAL keeps the last inserted row.
+    raw.execute(f"CREATE TABLE {replacing} (id String, n Int64) ENGINE = ReplacingMergeTree ORDER BY id")
+    raw.execute(f"INSERT INTO {replacing} VALUES", [("a", 1)])
+    raw.execute(f"INSERT INTO {replacing} VALUES", [("a", 2)])
+    memory, view = f"{replacing}_mem", f"{replacing}_view"
+    raw.execute(f"CREATE TABLE {memory} (id String, n Int64) ENGINE = Memory")
+    raw.execute(f"INSERT INTO {memory} VALUES", [("a", 3)])
+    raw.execute(f"CREATE VIEW {view} AS SELECT id, n FROM {memory}")
+    runtime = build(clickhouse_server, view_config(replacing, {"n": "int"}, name="rep"),
+                    view_config(memory, {"n": "int"}, name="mem", prefix="m_"),
+                    view_config(view, {"n": "int"}, name="view", prefix="w_"),
+                    # Qualified by the database: looked up there, not in the current one.
+                    view_config(f"{clickhouse_server.database}.{replacing}", {"n": "int"}, name="qualified",
+                                prefix="q_"))
+    try:
+        log = QueryLog(runtime.sources["ch"], monkeypatch)
+        assert runtime.daos["rep"].read(["a"]).rows == [{"n": 2}]
+        assert runtime.daos["qualified"].read(["a"]).rows == [{"n": 2}]
+        assert runtime.daos["mem"].read(["a"]).rows == [{"n": 3}]
+        assert runtime.daos["view"].read(["a"]).rows == [{"n": 3}]
+        selects = [sql for sql, _ in log.sent if "system.columns" not in sql]
+        assert ["FINAL" in sql for sql in selects] == [True, True, False, False]
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"nulls_column": "_nulls"}, "set options.nulls_column to null"),
+    ({"version_column": "ver"}, "set options.version_column to"),
+    ({"final": True}, "set options.final to false"),
+    ({"layout": "tall", "event_time_column": "ts"}, "set options.event_time_column to"),
+    ({"layout": "tall", "value_column": "val"}, "set options.value_column to"),
+])
+def test_a_configured_column_the_table_lacks_names_the_option(clickhouse_server: ClickHouseServer, raw: Any,
+                                                              options: dict[str, Any], named: str) -> None:
+    table = table_name("lacks")
+    # Wide and tall at once (a wide view ignores the tall columns); no _nulls, version, ts or val.
+    raw.execute(f"CREATE TABLE {table} (id String, n Nullable(Int64), tags Array(String), feature String, "
+                "value Nullable(String)) ENGINE = MergeTree ORDER BY id")
+    runtime = build(clickhouse_server, view_config(table, {"n": "int", "tags": "list[str]"}, options=options))
+    try:
+        for _ in range(2):  # not cached: the next use looks again
+            with pytest.raises(BackendQueryError) as info:
+                runtime.daos["v"].read(["a"])
+            assert named in str(info.value) and table in str(info.value) and "'v'" in str(info.value)
+            assert info.value.__cause__ is None  # our check, before any statement on the table
+        with pytest.raises(BackendQueryError, match=named):
+            runtime.daos["v"].upsert([("a", {"n": 1, "tags": []})])
+    finally:
+        runtime.close()
+
+
+def test_a_wide_table_read_as_tall_names_the_feature_column(clickhouse_server: ClickHouseServer,
+                                                            raw: Any) -> None:
+    table = table_name("nottall")
+    raw.execute(f"CREATE TABLE {table} (id String, n Int64) ENGINE = MergeTree ORDER BY id")
+    runtime = build(clickhouse_server, view_config(table, {"n": "int"}, options={"layout": "tall"}))
+    try:
+        with pytest.raises(BackendQueryError, match=r"no column 'feature'.*set options\.feature_column to"):
+            runtime.daos["v"].read(["a"])
+    finally:
+        runtime.close()
+
+
+def test_tall_foreign_tables_without_a_version(clickhouse_server: ClickHouseServer, raw: Any) -> None:
+    timed, plain = table_name("tall_ts"), table_name("tall_plain")
+    raw.execute(f"CREATE TABLE {timed} (id String, feature String, value String, ts DateTime) "
+                "ENGINE = MergeTree ORDER BY (id, feature)")
+    t = [dt.datetime(2024, 1, d, tzinfo=dt.UTC) for d in (1, 2)]
+    raw.execute(f"INSERT INTO {timed} VALUES", [("u", "age", "31", t[1]), ("u", "city", "Oslo", t[0])])
+    raw.execute(f"INSERT INTO {timed} VALUES", [("u", "age", "30", t[0])])  # older, inserted later
+    raw.execute(f"CREATE TABLE {plain} (id String, feature String, value Nullable(String)) "
+                "ENGINE = MergeTree ORDER BY (id, feature)")
+    raw.execute(f"INSERT INTO {plain} VALUES", [("u", "age", "5"), ("u", "city", None)])
+    features = {"age": "int", "city": "str"}
+    runtime = build(clickhouse_server,
+                    view_config(timed, features, options={"layout": "tall", "event_time_column": "ts"}),
+                    view_config(plain, features, options={"layout": "tall"}, name="plain", prefix="p_"))
+    try:
+        assert runtime.daos["v"].read(["u", "x"]).rows == [{"age": 31, "city": "Oslo"}, None]
+        assert runtime.daos["plain"].read(["u", "x"]).rows == [{"age": 5, "city": None}, None]
+        runtime.daos["plain"].upsert([("w", {"age": 9, "city": "Rome"})])  # no version column written
+        assert runtime.daos["plain"].read(["w"], ["city"]).rows == [{"city": "Rome"}]
+    finally:
+        runtime.close()
+
+
+def test_a_missing_table_is_looked_up_again(clickhouse_server: ClickHouseServer, raw: Any) -> None:
+    table = table_name("later")
+    runtime = build(clickhouse_server, view_config(table, {"n": "int"}))
+    try:
+        dao = runtime.daos["v"]
+        with pytest.raises(BackendQueryError) as info:
+            dao.read(["a"])
+        assert isinstance(info.value.__cause__, ch_errors.ServerException)
+        assert info.value.__cause__.code == 60
+        raw.execute(f"CREATE TABLE {table} (id String, n Int64) ENGINE = MergeTree ORDER BY id")
+        raw.execute(f"INSERT INTO {table} VALUES", [("a", 1)])
+        assert dao.read(["a"]).rows == [{"n": 1}]
+    finally:
+        runtime.close()
