@@ -165,6 +165,7 @@ class MySQLSource(SqlSource):
     """One MySQL/MariaDB database reached through a pool of pymysql connections."""
 
     type_name = "mysql"
+    driver_modules = {"pymysql": "PyMySQL"}
     options_model = MySQLOptions
     dialect = MYSQL
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
@@ -386,7 +387,10 @@ class MySQLDao(SqlDao):
             resume = {"log_file": start[0], "log_pos": start[1]}
         stream = BinLogStreamReader(
             connection_settings=settings, server_id=random.randint(1 << 20, 1 << 30), blocking=False,
-            resume_stream=True, is_mariadb=self.source.options.flavor == "mariadb",
+            # is_mariadb makes mysql-replication send an empty file name and position 4 (MariaDB then
+            # streams from its first binlog on every read); the classic dump by file and position
+            # works on both servers, and MariaDB's GTID events are parsed either way.
+            resume_stream=True, is_mariadb=False,
             only_events=[MariadbGtidEvent, QueryEvent, XidEvent, WriteRowsEvent, UpdateRowsEvent,
                          DeleteRowsEvent],
             only_schemas=[schema], only_tables=[table], enable_logging=False, pymysql_wrapper=connect,
