@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from featuredao.config import Identifier, StrictModel, View, quote_identifier
 from featuredao.dao import BaseDao, Source, StateStore
+from featuredao.errors import Unsupported
 from featuredao.types import FeatureType, FinalRow, Key, RawRows, Row
 
 _TALL_ONLY = ("feature_column", "value_column", "event_time_column")
@@ -193,10 +194,6 @@ def pivot_tall(rows: Sequence[Sequence[Any]], with_time: bool) -> dict[Any, dict
     return out
 
 
-_EXACT: dict[FeatureType, type[Any]] = {
-    FeatureType.INT: int, FeatureType.FLOAT: float, FeatureType.STR: str, FeatureType.BOOL: bool,
-    FeatureType.LIST_INT: list, FeatureType.LIST_FLOAT: list, FeatureType.LIST_STR: list,
-}
 
 
 # Per projection: the exact Python type of each column (the key last), and (index, element types) of lists.
@@ -332,8 +329,8 @@ class SqlStatements:
         if found is None:
             types = [self.view.features[f] for f in fields]
             key_type = int if self.view.key_type == "int" else str
-            found = ((*(_EXACT[t] for t in types), key_type),
-                     [(i, {_EXACT[t.element]}) for i, t in enumerate(types) if t.is_list])
+            found = ((*(t.python for t in types), key_type),
+                     [(i, {t.element.python}) for i, t in enumerate(types) if t.is_list])
             self._exacts[tuple(fields)] = found
         return found
 
@@ -421,7 +418,7 @@ class SqlSource(Source):
 
     def transaction(self, statements: Sequence[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """Run several statements (each for many parameter rows) in one transaction."""
-        raise NotImplementedError(f"adapter {self.type_name!r} has no multi-statement transactions")
+        raise Unsupported(f"adapter {self.type_name!r} has no multi-statement transactions")
 
     def state_store(self) -> SqlStateStore:
         """Synchronization checkpoints and seen keys in two tables of this database."""

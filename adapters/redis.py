@@ -19,11 +19,9 @@ reads give the view's default for it. A hash row whose features are all null is 
 
 from __future__ import annotations
 
-import logging
-import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Literal
@@ -39,7 +37,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from featuredao.config import StrictModel, View
-from featuredao.dao import BaseDao, Capabilities, KeyValueStore, Source
+from featuredao.dao import BaseDao, Capabilities, Source
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -49,7 +47,21 @@ from featuredao.errors import (
     Closed,
     Overloaded,
 )
-from featuredao.types import FeatureType, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
+from featuredao.types import FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
+
+from ._redis_codecs import (
+    _DECODE_ERRORS,
+    _DECODERS,
+    _convert_column,
+    _csv_escape,
+    _decode,
+    _detail,
+    _elements_are,
+    _text,
+    _text_converter,
+    _TextStep,
+)
+from ._redis_kv import RedisKeyValue
 
 _HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 
@@ -134,6 +146,7 @@ class RedisSource(Source):
     """One Redis server or cluster, with its connection pool(s)."""
 
     type_name = "redis"
+    driver_modules = {"redis": "redis", "msgpack": "msgpack"}
     options_model = RedisOptions
     view_options_model = RedisViewOptions
     capabilities = Capabilities(create=False, key_value=True, delete=True)
@@ -226,7 +239,7 @@ class RedisSource(Source):
 
     def key_value(self) -> RedisKeyValue:
         """This source as the shared (L2) cache tier."""
-        return RedisKeyValue(self)
+        return RedisKeyValue(self.client, self.is_cluster)
 
     def ping(self) -> None:
         self.client().ping()
@@ -254,163 +267,6 @@ class RedisSource(Source):
                 self._standalone.connection_pool.disconnect()
                 self._standalone.close()
                 self._standalone = None
-
-
-log = logging.getLogger("featuredao")
-
-
-class RedisKeyValue(KeyValueStore):
-    """The cache tier's operations on a Redis source's own pool, plus pub/sub for invalidation."""
-
-    def __init__(self, source: RedisSource) -> None:
-        self._source = source
-
-    def _pipeline(self) -> Any:
-        # Without MULTI: in a cluster the pipeline is split per node, one round trip each.
-        return self._source.client().pipeline(transaction=False)
-
-    def get_many(self, keys: Sequence[str], timeout_s: float | None = None) -> list[bytes | None]:
-        if not keys:
-            return []
-        if self._source.is_cluster:
-            pipe = self._pipeline()
-            for k in keys:
-                pipe.get(k)
-            return list(pipe.execute())
-        return list(self._source.client().mget(keys))  # type: ignore[arg-type]
-
-    def set_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        if not items:
-            return
-        pipe = self._pipeline()
-        for key, value, ttl_s in items:
-            pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
-        pipe.execute()
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        if not keys:
-            return
-        pipe = self._pipeline()
-        for key in keys:
-            pipe.delete(key)
-        pipe.execute()
-
-    def publish(self, channel: str, message: bytes) -> None:
-        self._source.client().publish(channel, message)
-
-    def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> Callable[[], None]:
-        """Listen on a daemon thread that reconnects by itself, so a Redis that is down now is no error."""
-        stop = threading.Event()
-        ready = threading.Event()
-
-        def listen() -> None:
-            while not stop.is_set():
-                pubsub = None
-                try:
-                    pubsub = self._source.client().pubsub(  # type: ignore[no-untyped-call]
-                        ignore_subscribe_messages=True)
-                    pubsub.subscribe(channel)
-                    while not stop.is_set():
-                        message = pubsub.get_message(timeout=0.2)
-                        ready.set()
-                        if message is not None and message.get("type") == "message":
-                            callback(message["data"])
-                except Exception as exc:
-                    if stop.is_set():
-                        break  # closing: the source's pool went away under us
-                    log.warning("invalidation listener on %s: %s; reconnecting", channel,
-                                _detail(exc))
-                    stop.wait(1.0)
-                finally:
-                    if pubsub is not None:
-                        pubsub.close()
-
-        threading.Thread(target=listen, daemon=True, name=f"featuredao-sub-{channel}").start()
-        ready.wait(1.0)  # usually subscribed by now; if Redis is down, go on and catch up later
-        return stop.set
-
-
-_ANNOTATION = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
-
-
-def _detail(exc: BaseException) -> str:
-    """The server's or driver's message without redis-py's pipeline annotation (it quotes keys and values)."""
-    text = str(exc).strip()
-    text = _ANNOTATION.sub("", text)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# -- text values (hash fields, csv pairs) ------------------------------------------------------------
-
-_BOOL_TEXT: dict[Any, bool] = {}
-for _word, _flag in (("1", True), ("true", True), ("True", True), ("0", False), ("false", False),
-                     ("False", False)):
-    _BOOL_TEXT[_word] = _BOOL_TEXT[_word.encode()] = _flag
-
-
-def _decode(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def _text_converter(ftype: FeatureType, raw_bytes: bool) -> Callable[[Any], Any] | None:
-    """A C-implemented function turning stored text into the declared type (None: already text)."""
-    if ftype is FeatureType.FLOAT:
-        return float
-    if ftype is FeatureType.INT:
-        return int
-    if ftype is FeatureType.BOOL:
-        return _BOOL_TEXT.__getitem__
-    if ftype is FeatureType.STR:
-        return bytes.decode if raw_bytes else None
-    return orjson.loads  # lists: JSON arrays
-
-
-def _convert_column(col: list[Any], convert: Callable[[Any], Any] | None, ftype: FeatureType) -> list[Any]:
-    """Convert one feature's values for a whole chunk with one C loop; leave the column raw if it fails.
-
-    A raw column goes through the core's coercer, which converts what it can value by value and reports
-    the values it cannot convert as degraded (default in their place).
-    """
-    if convert is None:
-        return col
-    try:
-        out = list(map(convert, col))
-    except (TypeError, ValueError, KeyError, UnicodeDecodeError, OverflowError):
-        if None not in col:
-            return col
-        try:  # sparse feature: absent values stay None
-            out = [None if v is None else convert(v) for v in col]
-        except (TypeError, ValueError, KeyError, UnicodeDecodeError, OverflowError):
-            return col
-    # The core refuses NaN spelled as text; keep its verdict by leaving such a column to it.
-    if ftype is FeatureType.FLOAT and any(map(math.isnan, filter(None, out))):
-        return col
-    return out
-
-
-_TextStep = tuple[str, Callable[[Any], Any] | None, FeatureType]
-"""One feature of a text layout: its name, the converter of its column, its type."""
-
-
-def _text(value: FeatureValue) -> str | bytes | int | float:
-    """How one non-null value is stored as text (hash field, csv pair)."""
-    if value is True:
-        return b"1"
-    if value is False:
-        return b"0"
-    if isinstance(value, list):
-        return orjson.dumps(value)
-    if isinstance(value, float):
-        return repr(value)
-    return value  # type: ignore[return-value]
-
-
-def _csv_escape(text: str, delimiter: str) -> str:
-    if "%" in text:
-        text = text.replace("%", "%25")
-    if delimiter in text:
-        text = text.replace(delimiter, f"%{ord(delimiter):02X}")
-    return text
 
 
 class RedisDao(BaseDao):
@@ -570,8 +426,8 @@ class RedisDao(BaseDao):
         """
         expected = self._expected.get(tuple(fields))
         if expected is None:
-            types = [_EXACT.get(self.view.features[f], list) for f in fields]
-            lists = [(f, _EXACT[self.view.features[f].element]) for f in fields
+            types = [self.view.features[f].python for f in fields]
+            lists = [(f, self.view.features[f].element.python) for f in fields
                      if self.view.features[f].is_list]
             expected = self._expected[tuple(fields)] = (types, lists)
         types, lists = expected
@@ -660,18 +516,3 @@ class RedisDao(BaseDao):
     def _csv_text(value: FeatureValue) -> str | bytes:
         text = _text(value)
         return text if isinstance(text, str | bytes) else str(text)
-
-
-def _elements_are(etype: type[Any], lists: Iterable[list[Any]]) -> bool:
-    """True when every element of every list has exactly type ``etype``."""
-    want = {etype}
-    return all(not v or set(map(type, v)) == want for v in lists)
-
-
-_DECODERS: dict[str, Callable[[bytes], Any]] = {"msgpack": msgpack.unpackb, "json": orjson.loads}
-_DECODE_ERRORS = (ValueError, TypeError, UnicodeDecodeError, msgpack.ExtraData, msgpack.FormatError,
-                  msgpack.StackError)
-
-_EXACT: dict[FeatureType, type[Any]] = {
-    FeatureType.INT: int, FeatureType.FLOAT: float, FeatureType.STR: str, FeatureType.BOOL: bool,
-}

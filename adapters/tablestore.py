@@ -154,6 +154,7 @@ class TableStoreSource(Source):
     """One TableStore instance, reached through one OTSClient (created on first use) and its HTTP pool."""
 
     type_name = "tablestore"
+    driver_modules = {"tablestore": "tablestore"}
     options_model = TableStoreOptions
     capabilities = Capabilities()
     default_batch_size = BATCH_GET_MAX_ROWS

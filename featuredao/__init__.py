@@ -11,14 +11,19 @@ from featuredao.errors import (
     BackendUnavailable,
     CircuitOpen,
     Closed,
+    CoercionError,
     ConfigError,
     FeatureDaoError,
     FetchError,
     Overloaded,
+    UnknownAdapter,
+    UnknownView,
+    Unsupported,
+    UsageError,
 )
 from featuredao.factory import Runtime, build
 from featuredao.service import FeatureService, FetchResult
-from featuredao.types import BatchResult, Degraded, FeatureType, FeatureValue, Key, Reason, Row
+from featuredao.types import BatchResult, Degraded, FeatureType, FeatureValue, Key, Reason, Row, coercion_plan
 
 __version__ = "0.1.0"
 
@@ -33,6 +38,7 @@ __all__ = [
     "Capabilities",
     "CircuitOpen",
     "Closed",
+    "CoercionError",
     "Config",
     "ConfigError",
     "Degraded",
@@ -49,8 +55,13 @@ __all__ = [
     "Row",
     "Runtime",
     "Source",
+    "UnknownAdapter",
+    "UnknownView",
+    "Unsupported",
+    "UsageError",
     "View",
     "__version__",
     "build",
+    "coercion_plan",
     "load_config",
 ]

@@ -12,7 +12,7 @@ import click
 
 from featuredao import config as config_mod
 from featuredao.bench import bench
-from featuredao.errors import ConfigError, FeatureDaoError
+from featuredao.exits import run
 from featuredao.sync.cli import sync
 
 
@@ -116,27 +116,6 @@ cli.add_command(sync)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map our errors to exit codes without tracebacks."""
     run(cli, argv, "featuredao")
-
-
-def run(group: click.Group, argv: list[str] | None, prog_name: str) -> None:
-    """Run a command group with featuredao's exit codes: 0 ok, 1 runtime failure, 2 usage or config."""
-    try:
-        group.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FeatureDaoError as exc:
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,18 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from featuredao.errors import ConfigError, ConfigIssue
+from featuredao import registry
+from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter
+from featuredao.registry import Adapter
 from featuredao.types import FeatureType, FeatureValue, fits
-
-if TYPE_CHECKING:
-    from featuredao.dao import Source
+from featuredao.validation import json_path, pydantic_issues, resolve_env, shown
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 QUALIFIED = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
@@ -27,9 +27,6 @@ Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
 QualifiedName = Annotated[str, StringConstraints(pattern=QUALIFIED)]
 """A table name, optionally qualified by one schema/database name."""
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Values at paths whose last segment matches this are never echoed back.
-_SECRET_NAME = re.compile(r"(pass|secret|token|credential|auth|private)", re.IGNORECASE)
 
 
 class StrictModel(BaseModel):
@@ -116,7 +113,7 @@ class RawConfig(StrictModel):
     # Views are validated one by one so that one broken view does not hide the others' problems.
     views: list[dict[str, Any]] = Field(min_length=1)
     service: ServiceConfig = ServiceConfig()
-    # Synchronization jobs are validated by featuredao.sync.config against the views.
+    # Synchronization jobs: validated by the section's own validator (featuredao.sync registers it).
     sync: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -177,74 +174,12 @@ class Config:
     service: ServiceConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     sync: list[Any] = field(default_factory=list)
-    """Validated synchronization jobs (featuredao.sync.config.SyncJob)."""
+    """Validated synchronization jobs (featuredao.sync.config.SyncJob), once featuredao.sync is imported."""
 
     @property
     def fallback_only(self) -> set[str]:
         """Views named in another view's fallback chain: served only as fallbacks, never merged."""
         return {name for view in self.views.values() for name in view.fallback}
-
-
-def json_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
-    """Render a location as a JSON path: ``$.views[0].features.age``."""
-    out = "$"
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def _resolve_env(node: Any, loc: tuple[int | str, ...], issues: list[ConfigIssue],
-                 secrets: dict[str, str]) -> Any:
-    """Replace ``${VAR}`` references; remember which paths hold resolved values."""
-    if isinstance(node, dict):
-        return {k: _resolve_env(v, (*loc, k), issues, secrets) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_env(v, (*loc, i), issues, secrets) for i, v in enumerate(node)]
-    if isinstance(node, str) and "${" in node:
-        def sub(m: re.Match[str]) -> str:
-            var = m.group(1)
-            if var not in os.environ:
-                issues.append(ConfigIssue(json_path(loc), f"environment variable {var} is not set",
-                                          repr(node)))
-                return ""
-            return os.environ[var]
-
-        resolved = _ENV_REF.sub(sub, node)
-        secrets[json_path(loc)] = node
-        return resolved
-    return node
-
-
-def _shown(path: str, value: Any, secrets: Mapping[str, str]) -> str | None:
-    """How a value may appear in an error: references instead of secrets, scalars only."""
-    if path in secrets:
-        return repr(secrets[path])
-    if _SECRET_NAME.search(path.rsplit(".", 1)[-1]):
-        return "'***'"
-    if isinstance(value, str | int | float | bool) or value is None:
-        text = repr(value)
-        return text if len(text) <= 80 else text[:77] + "..."
-    return None
-
-
-def _pydantic_issues(exc: ValidationError, prefix: tuple[int | str, ...],
-                     secrets: Mapping[str, str]) -> list[ConfigIssue]:
-    issues = []
-    for err in exc.errors(include_url=False):
-        loc = (*prefix, *err["loc"])
-        path = json_path(loc)
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "enum":
-            message = "unknown type; " + message.lower()
-        elif err["type"] == "string_pattern_mismatch":
-            message = ("invalid name: letters, digits and underscores only, not starting with a digit, "
-                       "at most 63 characters")
-        # A missing key's "input" is the enclosing object: never echo it.
-        value = None if err["type"] == "missing" else _shown(path, err.get("input"), secrets)
-        issues.append(ConfigIssue(path, message, value))
-    return issues
 
 
 def _unknown_source(loc: tuple[int | str, ...], name: str, known: Mapping[str, Any]) -> ConfigIssue:
@@ -272,33 +207,43 @@ def read_document(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     return doc
 
 
+SectionCheck = Callable[[list[dict[str, Any]], Mapping[str, View], Mapping[str, Adapter]],
+                        tuple[list[Any], list[ConfigIssue]]]
+"""Validates one optional top-level section against the views: (parsed items, problems)."""
+
+_sections: dict[str, SectionCheck] = {}
+
+
+def register_section(name: str, check: SectionCheck) -> None:
+    """Have ``load`` validate the top-level section ``name`` (``sync``) with ``check``."""
+    _sections[name] = check
+
+
 def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     """Load and validate a configuration; raise ConfigError listing every problem found."""
-    from featuredao import registry  # registry imports this module
-
     doc = read_document(source)
     # Relative file paths in adapter options are relative to the config file, not to the cwd.
     context = {"base_dir": Path.cwd() if isinstance(source, Mapping) else Path(source).resolve().parent}
     issues: list[ConfigIssue] = []
     secrets: dict[str, str] = {}
-    resolved = _resolve_env(doc, (), issues, secrets)
+    resolved = resolve_env(doc, (), issues, secrets)
     try:
         raw = RawConfig.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(issues + _pydantic_issues(exc, (), secrets)) from None
+        raise ConfigError(issues + pydantic_issues(exc, (), secrets)) from None
 
     sources: dict[str, SourceSpec] = {}
-    adapters: dict[str, type[Source]] = {}
+    adapters: dict[str, Adapter] = {}
     for name, body in raw.sources.items():
         loc: tuple[int | str, ...] = ("sources", name)
         kind = body.get("type")
         if not isinstance(kind, str):
             issues.append(ConfigIssue(json_path((*loc, "type")), "a source needs a string 'type'",
-                                      _shown(json_path((*loc, "type")), kind, secrets)))
+                                      shown(json_path((*loc, "type")), kind, secrets)))
             continue
         try:
             adapter = registry.get_adapter(kind)
-        except LookupError as exc:
+        except UnknownAdapter as exc:
             issues.append(ConfigIssue(json_path((*loc, "type")), str(exc), repr(kind)))
             continue
         options = {k: v for k, v in body.items() if k not in COMMON_SOURCE_KEYS}
@@ -309,7 +254,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
             try:
                 parts.append(model.model_validate(value, context=context))
             except ValidationError as exc:
-                issues.extend(_pydantic_issues(exc, loc if key is None else (*loc, key), secrets))
+                issues.extend(pydantic_issues(exc, loc if key is None else (*loc, key), secrets))
         if len(parts) < 3:
             continue
         parsed, breaker, retries = parts
@@ -328,7 +273,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         try:
             vc = ViewConfig.model_validate(body)
         except ValidationError as exc:
-            issues.extend(_pydantic_issues(exc, loc, secrets))
+            issues.extend(pydantic_issues(exc, loc, secrets))
             source_name = body.get("source")
             if isinstance(source_name, str) and source_name not in raw.sources:
                 issues.append(_unknown_source(loc, source_name, raw.sources))
@@ -349,7 +294,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                 ok = False
             elif not fits(value, vc.features[fname]):
                 issues.append(ConfigIssue(dloc, f"default does not fit type {vc.features[fname].value}",
-                                          _shown(dloc, value, secrets) or json.dumps(value)[:80]))
+                                          shown(dloc, value, secrets) or json.dumps(value)[:80]))
                 ok = False
             else:
                 defaults[fname] = float(value) if vc.features[fname] is FeatureType.FLOAT else value
@@ -368,7 +313,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
             try:
                 view_options = adapter_cls.view_options_model.model_validate(vc.options, context=context)
             except ValidationError as exc:
-                issues.extend(_pydantic_issues(exc, (*loc, "options"), secrets))
+                issues.extend(pydantic_issues(exc, (*loc, "options"), secrets))
                 ok = False
         elif vc.source in raw.sources:
             ok = False  # the source itself is invalid; already reported
@@ -378,17 +323,18 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                                   tuple(vc.fallback), vc.fallback_on_missing, vc.cache)
             positions[vc.name] = i
     issues.extend(_check_chains(raw, views, positions, adapters))
-    from featuredao.sync.config import check_jobs  # sync builds on this module
-
-    jobs, sync_issues = check_jobs(raw.sync, views, adapters)
-    issues.extend(sync_issues)
+    jobs: list[Any] = []
+    check_sync = _sections.get("sync")
+    if check_sync is not None:
+        jobs, sync_issues = check_sync(raw.sync, views, adapters)
+        issues.extend(sync_issues)
     if issues:
         raise ConfigError(issues)
     return Config(sources, views, raw.service, doc, jobs)
 
 
 def _check_chains(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],
-                  adapters: Mapping[str, type[Source]]) -> list[ConfigIssue]:
+                  adapters: Mapping[str, Adapter]) -> list[ConfigIssue]:
     """Fallback chains and cache tiers refer to views and sources that can serve them."""
     issues = []
     for view in views.values():

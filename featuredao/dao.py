@@ -16,28 +16,35 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel
 
+# Part of the adapter interface, defined in leaf modules.
+from featuredao.capabilities import Capabilities as Capabilities
 from featuredao.config import NoOptions, View
 from featuredao.errors import (
     BackendError,
-    BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
     Closed,
     FeatureDaoError,
     Overloaded,
+    Unsupported,
+    UsageError,
 )
 from featuredao.lifecycle import Gate
+from featuredao.ports import Change as Change
+from featuredao.ports import KeyValueStore as KeyValueStore
+from featuredao.ports import StateStore as StateStore
+from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
+    COERCION_ERRORS,
     BatchResult,
+    Coercion,
     CoercionError,
     Degraded,
-    FeatureType,
     FeatureValue,
     FinalRow,
     Key,
@@ -46,99 +53,12 @@ from featuredao.types import (
     Row,
     RowFailure,
     coercer,
+    coercion_plan,
 )
 
 log = logging.getLogger("featuredao")
 
 ErrorMap = Sequence[tuple[type[BaseException], type[BackendError]]]
-# Per feature: name, the exact Python type that needs no conversion, the converter, the default.
-_Plan = list[tuple[str, type[Any], Callable[[Any], FeatureValue], FeatureValue]]
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    """What an adapter can do; callers branch on these, never on the adapter's name."""
-
-    write: bool = True
-    """Has a write path (upsert)."""
-    projection: bool = True
-    """Reads only the requested features from the store."""
-    server_timeout: bool = False
-    """Cancels work on the server when the time left runs out."""
-    concurrent_chunks: bool = True
-    """Chunks of one read may run concurrently (the pool has several connections)."""
-    create: bool = True
-    """Can create the table or keyspace a view needs (``prepare``)."""
-    key_value: bool = False
-    """Offers a shared key-value store (``Source.key_value()``) that can hold the L2 cache."""
-    scan: bool = False
-    """Reads a view's rows in key order (``BaseDao.scan``): the source of a full sync."""
-    changes: bool = False
-    """Reads rows changed after a watermark (``BaseDao.changes``): the source of an incremental sync."""
-    delete: bool = False
-    """Deletes keys (``BaseDao.delete``)."""
-    change_feed: bool = False
-    """Records inserts, updates and deletes in a change feed (``BaseDao.feed``): the source of CDC."""
-    state: bool = False
-    """Holds durable synchronization state with atomic commits (``Source.state_store()``)."""
-
-
-class KeyValueStore(ABC):
-    """The few key-value operations the shared cache tier needs; an adapter such as Redis supplies it."""
-
-    @abstractmethod
-    def get_many(self, keys: Sequence[str], timeout_s: float | None = None) -> list[bytes | None]:
-        """Values in key order, None where absent: one round trip per node."""
-
-    @abstractmethod
-    def set_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        """Store (key, value, ttl seconds) triples, pipelined."""
-
-    @abstractmethod
-    def delete_many(self, keys: Sequence[str]) -> None:
-        """Remove keys."""
-
-    @abstractmethod
-    def publish(self, channel: str, message: bytes) -> None:
-        """Send a message to every subscriber of a channel."""
-
-    @abstractmethod
-    def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> Callable[[], None]:
-        """Call ``callback`` with each message on ``channel`` (from a background thread); return a stopper."""
-
-
-class StateStore(ABC):
-    """Durable synchronization state: JSON checkpoints and a registry of seen keys, committed atomically.
-
-    A ``scope`` is a sync job, a ``group`` one of its targets; keys are stored as JSON text.
-    """
-
-    @abstractmethod
-    def load(self, scope: str) -> dict[str, Any]:
-        """Every checkpoint of a scope, by name (JSON values)."""
-
-    @abstractmethod
-    def commit(self, scope: str, values: Mapping[str, Any],
-               seen: tuple[str, Sequence[str], int] | None = None,
-               forget: tuple[str, Sequence[str]] | None = None) -> None:
-        """In one transaction: store checkpoints, mark ``(group, keys, generation)`` seen, forget keys."""
-
-    @abstractmethod
-    def unseen(self, scope: str, group: str, generation: int, limit: int) -> list[str]:
-        """Keys of a group last seen before ``generation`` (at most ``limit``)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release what the store holds (its source's pool is closed by its owner)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One entry of a change feed: its position, the key, the row now (None: deleted), when it happened."""
-
-    position: Any
-    key: Key
-    row: Mapping[str, Any] | None
-    ts: float | None = None
 
 
 class FeatureDao(ABC):
@@ -203,6 +123,8 @@ class Source(ABC):
     error_map: ClassVar[ErrorMap] = ()
     """(driver exception, featuredao exception) pairs, most specific first."""
     default_batch_size: ClassVar[int] = 1000
+    driver_modules: ClassVar[Mapping[str, str]] = {}
+    """The driver modules this adapter imports, by distribution name (recorded with benchmark results)."""
     close_timeout_s: ClassVar[float] = 5.0
     """How long ``close`` waits for interrupted work to end before it frees what is left idle."""
 
@@ -298,11 +220,11 @@ class Source(ABC):
 
     def state_store(self) -> StateStore:
         """Durable synchronization state in this source (adapters with ``capabilities.state``)."""
-        raise NotImplementedError(f"adapter {self.type_name!r} cannot hold synchronization state")
+        raise Unsupported(f"adapter {self.type_name!r} cannot hold synchronization state")
 
     def key_value(self) -> KeyValueStore:
         """The shared key-value store of this source (adapters with ``capabilities.key_value``)."""
-        raise NotImplementedError(f"adapter {self.type_name!r} offers no key-value store")
+        raise Unsupported(f"adapter {self.type_name!r} offers no key-value store")
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         """The featuredao exception a driver exception stands for (None: not a store error)."""
@@ -358,7 +280,7 @@ def normaliser(key_type: str) -> Callable[[Any], Key]:
     return to_str
 
 
-class BaseDao(FeatureDao):
+class BaseDao(SyncHooks, FeatureDao):
     """Shared batch logic; a backend implements ``_fetch_batch`` and ``_write_batch`` for one chunk."""
 
     def __init__(self, source: Source, view: View) -> None:
@@ -366,7 +288,7 @@ class BaseDao(FeatureDao):
         self.view = view
         self._norm = normaliser(view.key_type)
         self._all_fields = list(view.features)
-        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._plans: dict[tuple[str, ...], tuple[Coercion, ...]] = {}
 
     # -- per-backend hooks ---------------------------------------------------------------
     @abstractmethod
@@ -375,12 +297,11 @@ class BaseDao(FeatureDao):
 
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
         """Write one chunk of distinct keys (whole rows, already coerced)."""
-        raise BackendQueryError(f"adapter {self.source.type_name!r} has no write path",
-                                source=self.source.name, view=self.view.name)
+        raise self._unsupported("write")
 
     def prepare(self) -> None:
         """Create the table or keyspace the view needs, if the store has such a thing."""
-        self._guarded(self._prepare)
+        self._store_call(self._prepare)
 
     def _prepare(self) -> None:
         """The adapter's part of ``prepare`` (nothing to create by default)."""
@@ -393,102 +314,21 @@ class BaseDao(FeatureDao):
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
         return None
 
-    # -- synchronization hooks (optional; see Capabilities.scan/changes/delete/change_feed) ---------
-    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
-        """Up to ``limit`` rows with keys greater than ``after``, in key order: raw stored values."""
-        raise self._unsupported("scan")
+    @property
+    def _batch_size(self) -> int:
+        return max(1, self.source.batch_size)
 
-    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
-                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
-        """Up to ``limit`` (watermark, key, raw row) with (watermark, key) greater than ``after``, in that
-        order; rows whose watermark is null are never returned."""
-        raise self._unsupported("changes")
+    def _check_writable(self) -> None:
+        if not self.source.capabilities.write:
+            raise self._unsupported("write")
 
-    def _delete_batch(self, keys: list[Key]) -> None:
-        """Delete one chunk of distinct keys (absent keys are no error)."""
-        raise self._unsupported("delete")
+    def _unsupported(self, what: str) -> Unsupported:
+        return Unsupported(f"view {self.view.name!r}: adapter {self.source.type_name!r} has no {what} "
+                           "support")
 
-    def _install_feed(self) -> None:
-        """Start recording changes of the view's table (idempotent)."""
-        raise self._unsupported("change feed")
-
-    def _feed_batch(self, after: Any, limit: int) -> list[Change]:
-        """Up to ``limit`` changes after position ``after`` (None: from the start), in position order."""
-        raise self._unsupported("change feed")
-
-    def _feed_position(self) -> Any:
-        """The position of the newest change recorded so far (None: nothing recorded)."""
-        raise self._unsupported("change feed")
-
-    def _ack_feed(self, position: Any) -> None:
-        """Every consumer has applied the changes up to ``position``: the feed may drop them."""
-        raise self._unsupported("change feed")
-
-    def _unsupported(self, what: str) -> BackendQueryError:
-        return BackendQueryError(f"adapter {self.source.type_name!r} has no {what} support",
-                                 source=self.source.name, view=self.view.name)
-
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _store_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.source.operation(self.view.name):
             return fn(*args)
-
-    def scan(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
-        """Rows in key order with keys strictly greater than ``after``: raw stored values, every feature."""
-        rows: list[tuple[Key, Mapping[str, Any]]] = self._guarded(
-            self._scan_batch, None if after is None else self._norm(after), limit)
-        return rows
-
-    def changes(self, column: str, after: tuple[Any, Key] | None,
-                limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
-        """Rows ordered by (watermark ``column``, key), strictly after ``after``: ties are never skipped."""
-        cursor = None if after is None else (after[0], self._norm(after[1]))
-        rows: list[tuple[Any, Key, Mapping[str, Any]]] = self._guarded(self._changes_batch, column, cursor,
-                                                                       limit)
-        return rows
-
-    def delete(self, keys: Iterable[Key]) -> int:
-        """Delete keys (absent ones are no error); return how many were asked for."""
-        unique = list(dict.fromkeys(self._norm(k) for k in keys))
-        size = max(1, self.source.batch_size)
-        for i in range(0, len(unique), size):
-            self._guarded(self._delete_batch, unique[i:i + size])
-        return len(unique)
-
-    def lookup(self, keys: Sequence[Key]) -> RawRows:
-        """Raw stored values of every feature of distinct keys (no coercion, no defaults)."""
-        unique = list(dict.fromkeys(self._norm(k) for k in keys))
-        return self._call(unique, self._all_fields, None) if unique else {}
-
-    def write_checked(self, rows: Sequence[tuple[Key, Row]]) -> int:
-        """Upsert rows already normalised and coerced to the view's types (one entry per key)."""
-        if not self.source.capabilities.write:
-            raise BackendQueryError("this adapter is read-only", source=self.source.name,
-                                    view=self.view.name)
-        size = max(1, self.source.batch_size)
-        for i in range(0, len(rows), size):
-            self._guarded(self._write_checked_batch, list(rows[i:i + size]))
-        return len(rows)
-
-    def _write_checked_batch(self, rows: list[tuple[Key, Row]]) -> None:
-        """Write one chunk for ``write_checked`` (an adapter may offer a faster bulk path)."""
-        self._write_batch(rows)
-
-    def install_feed(self) -> None:
-        """Start recording the table's changes (idempotent)."""
-        self._guarded(self._install_feed)
-
-    def feed(self, after: Any, limit: int) -> list[Change]:
-        """Changes after ``after`` in position order; a deleted key comes with ``row=None``."""
-        changes: list[Change] = self._guarded(self._feed_batch, after, limit)
-        return changes
-
-    def feed_position(self) -> Any:
-        """The newest position of the change feed (None when empty)."""
-        return self._guarded(self._feed_position)
-
-    def ack_feed(self, position: Any) -> None:
-        """Every consumer applied the changes up to ``position``."""
-        self._guarded(self._ack_feed, position)
 
     # -- the shared work -----------------------------------------------------------------
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
@@ -511,7 +351,7 @@ class BaseDao(FeatureDao):
                 result.error = result.error or part
             else:
                 raw.update(part)
-        plan = self._plan(fields)
+        plan = self._coercions(fields)
         rows: dict[Key, Row | None] = {}
         for key in unique:
             found = raw.get(key)
@@ -588,30 +428,21 @@ class BaseDao(FeatureDao):
             return self._all_fields
         unknown = [f for f in features if f not in self.view.features]
         if unknown:
-            raise BackendQueryError(f"unknown features {unknown}", source=self.source.name,
-                                    view=self.view.name)
+            raise UsageError(f"view {self.view.name!r}: unknown features {unknown}")
         return list(dict.fromkeys(features))
 
-    _PY: ClassVar[dict[FeatureType, type[Any]]] = {
-        FeatureType.INT: int, FeatureType.FLOAT: float, FeatureType.STR: str, FeatureType.BOOL: bool,
-    }
-
-    def _plan(self, fields: list[str]) -> _Plan:
+    def _coercions(self, fields: list[str]) -> tuple[Coercion, ...]:
         plan = self._plans.get(tuple(fields))
         if plan is None:
-            plan = []
-            for f in fields:
-                ftype = self.view.features[f]
-                # Lists always go through the coercer: elements need checking too.
-                exact = self._PY.get(ftype, type(None))
-                plan.append((f, exact, coercer(ftype), self.view.defaults.get(f)))
-            self._plans[tuple(fields)] = plan
+            features = self.view.features
+            plan = self._plans[tuple(fields)] = coercion_plan({f: features[f] for f in fields},
+                                                              self.view.defaults)
         return plan
 
     def _coerce_row(self, key: Key, raw: Mapping[str, Any],
-                    plan: _Plan, degraded: list[Degraded]) -> Row:
+                    plan: tuple[Coercion, ...], degraded: list[Degraded]) -> Row:
         row: Row = {}
-        for name, exact, convert, default in plan:
+        for name, exact, convert, _, default in plan:
             value = raw.get(name)
             if value is None:
                 row[name] = default
@@ -620,7 +451,7 @@ class BaseDao(FeatureDao):
             else:
                 try:
                     row[name] = convert(value)
-                except (CoercionError, TypeError, ValueError, UnicodeDecodeError, OverflowError) as exc:
+                except COERCION_ERRORS as exc:
                     log.warning("view %s key %r feature %s: cannot coerce stored value: %s",
                                 self.view.name, key, name, exc)
                     degraded.append(Degraded(self.view.name, Reason.COERCION, str(exc), (key,), name))
@@ -629,16 +460,14 @@ class BaseDao(FeatureDao):
 
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         """Write rows idempotently (whole rows: absent features are written as null); return the count."""
-        if not self.source.capabilities.write:
-            raise BackendQueryError("this adapter is read-only", source=self.source.name,
-                                    view=self.view.name)
+        self._check_writable()
         prepared: dict[Key, Row] = {}
         for key, values in rows:
             prepared[self._norm(key)] = self._check_row(key, values)  # later duplicates win
         items = list(prepared.items())
-        size = max(1, self.source.batch_size)
+        size = self._batch_size
         for i in range(0, len(items), size):
-            self._guarded(self._write_batch, items[i:i + size])
+            self._store_call(self._write_batch, items[i:i + size])
         return len(items)
 
     def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
@@ -660,7 +489,7 @@ class BaseDao(FeatureDao):
 
     def ping(self) -> None:
         """Round-trip to the store."""
-        self._guarded(self.source.ping)
+        self._store_call(self.source.ping)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(view={self.view.name!r}, source={self.source.name!r})"

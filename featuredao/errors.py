@@ -1,11 +1,17 @@
-"""Exceptions raised by featuredao.
+"""Exceptions raised by featuredao, and the reasons a part of a result is degraded.
 
-Every driver exception is translated into one of these at the adapter boundary and raised
-``from`` the original, so callers never need to import a driver to handle failures::
+Every driver exception is translated into one of these at the adapter boundary (one context manager,
+``Source.operation``) and raised ``from`` the original, so callers never need to import a driver to
+handle failures. Every exception featuredao raises on purpose is a ``FeatureDaoError``::
 
     FeatureDaoError
-    ├── ConfigError                  invalid configuration (names each JSON path at fault)
+    ├── UsageError (ValueError)      the caller asked for something the view cannot do
+    │   └── CoercionError            a value that cannot be turned into its declared type
+    ├── UnknownView (KeyError)       no view of that name
+    ├── UnknownAdapter (LookupError) no adapter of that type installed
+    ├── Unsupported (NotImplementedError)  the adapter lacks the capability
     ├── Closed                       the service or source was closed; no work is admitted
+    ├── ConfigError                  invalid configuration (names each JSON path at fault)
     ├── BackendError                 a store failed; carries ``source`` and ``view``
     │   ├── BackendUnavailable       connection refused/reset, server down: worth a fallback
     │   │   ├── BackendTimeout       the store did not answer within the time left
@@ -15,18 +21,83 @@ Every driver exception is translated into one of these at the adapter boundary a
     │   ├── BackendQueryError        the store rejected the query (missing table/column, bad type)
     │   └── BackendAuthError         the store rejected our credentials
     └── FetchError                   strict mode: a fetch had degraded parts
+
+A leaf module: it imports nothing of featuredao.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from featuredao.types import Degraded, Reason
+from enum import StrEnum
+from typing import Any
 
 
 class FeatureDaoError(Exception):
     """Base class of every featuredao exception."""
+
+
+class UsageError(FeatureDaoError, ValueError):
+    """The caller asked for something the view cannot do (an unknown feature, a write to a read-only view)."""
+
+
+class CoercionError(UsageError):
+    """A value that cannot be turned into its declared type."""
+
+
+class UnknownView(FeatureDaoError, KeyError):
+    """No view of that name is configured."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError would show the repr
+
+
+class UnknownAdapter(FeatureDaoError, LookupError):
+    """No adapter of that type is installed (or it cannot be imported)."""
+
+
+class Unsupported(FeatureDaoError, NotImplementedError):
+    """The adapter lacks the capability an operation needs."""
+
+
+class Reason(StrEnum):
+    """Why part of a result is degraded."""
+
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    QUERY_ERROR = "query_error"
+    CIRCUIT_OPEN = "circuit_open"
+    OVERLOADED = "overloaded"
+    CLOSED = "closed"
+    COERCION = "coercion"
+    ROW_ERROR = "row_error"
+    FALLBACK = "fallback"
+    STALE = "stale"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Degraded:
+    """One part of a result that was not served as stored: which view, why, and for which keys."""
+
+    view: str
+    reason: Reason
+    detail: str = ""
+    keys: tuple[str | int, ...] = ()
+    """Keys (``featuredao.types.Key``) the entry is about; empty: every key of the view."""
+    feature: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        out: dict[str, Any] = {"view": self.view, "reason": self.reason.value, "detail": self.detail}
+        if self.keys:
+            out["keys"] = list(self.keys)
+        if self.feature is not None:
+            out["feature"] = self.feature
+        return out
+
+
+
 
 
 @dataclass(frozen=True, slots=True)

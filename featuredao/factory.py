@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
@@ -11,12 +14,24 @@ from typing import Any
 from featuredao import config as config_mod
 from featuredao import registry
 from featuredao.cache import CachedDao
-from featuredao.config import Config
-from featuredao.dao import FeatureDao, Source
+from featuredao.config import CacheConfig, Config
+from featuredao.dao import BaseDao, FeatureDao, Source
 from featuredao.metrics import Metrics
 from featuredao.resilience import CircuitBreaker, ResilientDao
 
 log = logging.getLogger("featuredao")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """One source's answer to a ping."""
+
+    source: str
+    type: str
+    ok: bool
+    latency_ms: float
+    breaker: str
+    error: str = ""
 
 
 @dataclass
@@ -25,24 +40,53 @@ class Runtime:
 
     config: Config
     sources: dict[str, Source] = field(default_factory=dict)
-    daos: dict[str, FeatureDao] = field(default_factory=dict)
+    daos: dict[str, BaseDao] = field(default_factory=dict)
     """Each view's own DAO, straight on its store."""
     served: dict[str, FeatureDao] = field(default_factory=dict)
     """Each served view (fallback-only views excluded) wrapped in breaker, fallbacks and cache."""
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
 
     def close(self) -> None:
-        """Close every DAO, then every source (their pools)."""
-        for dao in [*self.served.values(), *self.daos.values()]:
-            try:
-                dao.close()
-            except Exception:
-                log.exception("closing view %s failed", dao.view.name)
+        """Close every source (refuse, interrupt, wait for its work, free its pool), then every DAO."""
         for source in self.sources.values():
             try:
                 source.close()
             except Exception:  # closing must go on for the others
                 log.exception("closing source %s failed", source.name)
+        for dao in [*self.served.values(), *self.daos.values()]:
+            try:
+                dao.close()
+            except Exception:
+                log.exception("closing view %s failed", dao.view.name)
+
+    def health(self, timeout_s: float = 2.0) -> list[SourceHealth]:
+        """Ping every source concurrently: whether it answers, how fast, and its breaker's state."""
+        def check(name: str) -> SourceHealth:
+            source, kind = self.sources[name], self.config.sources[name].type
+            breaker = self.breakers[name].state.value
+            started = time.perf_counter()
+            try:
+                with source.operation():
+                    source.ping()
+            except Exception as exc:
+                return SourceHealth(name, kind, False, (time.perf_counter() - started) * 1000, breaker,
+                                    f"{type(exc).__name__}: {exc}")
+            return SourceHealth(name, kind, True, (time.perf_counter() - started) * 1000, breaker)
+
+        if not self.sources:
+            return []
+        # Not a with-block: leaving one waits for every ping, and a hung store must not hold the caller.
+        pool = ThreadPoolExecutor(max_workers=len(self.sources), thread_name_prefix="featuredao-health")
+        futures = {n: pool.submit(check, n) for n in self.sources}
+        out = []
+        for name, fut in futures.items():
+            try:
+                out.append(fut.result(timeout=timeout_s))
+            except FutureTimeout:
+                out.append(SourceHealth(name, self.config.sources[name].type, False, timeout_s * 1000,
+                                        self.breakers[name].state.value, "no answer in time"))
+        pool.shutdown(wait=False, cancel_futures=True)
+        return out
 
 
 def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metrics | None = None) -> Runtime:
@@ -53,7 +97,8 @@ def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metric
     runtime = Runtime(cfg)
     try:
         for name, spec in cfg.sources.items():
-            runtime.sources[name] = registry.get_adapter(spec.type)(name, spec.options)
+            source: Source = registry.get_adapter(spec.type)(name, spec.options)
+            runtime.sources[name] = source
             runtime.breakers[name] = CircuitBreaker(name, spec.circuit_breaker, metrics)
         for name, view in cfg.views.items():
             runtime.daos[name] = runtime.sources[view.source].dao(view)
@@ -61,17 +106,22 @@ def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metric
         for name, view in cfg.views.items():
             if name in fallback_only:
                 continue
-            runtime.served[name] = _compose(runtime, view.name, metrics)
+            runtime.served[name] = compose(runtime, view.name, metrics)
     except BaseException:
         runtime.close()
         raise
     return runtime
 
 
-def _compose(runtime: Runtime, name: str, metrics: Metrics) -> FeatureDao:
-    """Cache(Resilient(view, fallbacks=[Resilient(fallback), ...])): cache hits skip everything else."""
+def compose(runtime: Runtime, name: str, metrics: Metrics | None = None, *,
+            cache: CacheConfig | bool | None = True) -> FeatureDao:
+    """Cache(Resilient(view, fallbacks=[Resilient(fallback), ...])): cache hits skip everything else.
+
+    ``cache``: True uses the view's own cache config, False none, a ``CacheConfig`` that one instead.
+    """
     cfg = runtime.config
     view = cfg.views[name]
+    metrics = metrics or Metrics.disabled()
 
     def guarded(view_name: str, fallbacks: list[FeatureDao]) -> ResilientDao:
         source = cfg.views[view_name].source
@@ -79,7 +129,8 @@ def _compose(runtime: Runtime, name: str, metrics: Metrics) -> FeatureDao:
                             fallbacks, view.fallback_on_missing, metrics)
 
     dao: FeatureDao = guarded(name, [guarded(f, []) for f in view.fallback])
-    if view.cache is not None:
-        l2 = runtime.sources[view.cache.l2.source].key_value() if view.cache.l2 is not None else None
-        dao = CachedDao(dao, view.cache, l2, metrics)
+    tiers = view.cache if cache is True else cache or None
+    if tiers is not None:
+        l2 = runtime.sources[tiers.l2.source].key_value() if tiers.l2 is not None else None
+        dao = CachedDao(dao, tiers, l2, metrics)
     return dao

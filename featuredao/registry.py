@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import difflib
 import threading
+from collections.abc import Mapping
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from featuredao.dao import Source
+from pydantic import BaseModel
+
+from featuredao.capabilities import Capabilities
+from featuredao.errors import UnknownAdapter
 
 GROUP = "featuredao.adapters"
 
+
+class Adapter(Protocol):
+    """What configuration and the factory need of an adapter: its ``Source`` class, seen from outside."""
+
+    type_name: ClassVar[str]
+    options_model: ClassVar[type[BaseModel]]
+    view_options_model: ClassVar[type[BaseModel]]
+    capabilities: ClassVar[Capabilities]
+    driver_modules: ClassVar[Mapping[str, str]]
+
+    def __call__(self, name: str, options: Any) -> Any:
+        """Build the source (a ``featuredao.dao.Source``) from its validated options."""
+
+
 _lock = threading.Lock()
-_loaded: dict[str, type[Source]] = {}
-_registered: dict[str, type[Source]] = {}
+_loaded: dict[str, Adapter] = {}
+_registered: dict[str, Adapter] = {}
 
 
 def available() -> list[str]:
@@ -22,14 +39,14 @@ def available() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=GROUP)} | set(_registered))
 
 
-def register(name: str, source_cls: type[Source]) -> None:
+def register(name: str, source_cls: Adapter) -> None:
     """Register an adapter class in code (tests, plugins not installed as packages)."""
     with _lock:
         _registered[name] = source_cls
         _loaded.pop(name, None)
 
 
-def get_adapter(name: str) -> type[Source]:
+def get_adapter(name: str) -> Adapter:
     """Return the Source class of adapter ``name``, importing its module on first use."""
     with _lock:
         if name in _registered:
@@ -40,11 +57,11 @@ def get_adapter(name: str) -> type[Source]:
     if not found:
         hint = difflib.get_close_matches(name, available(), n=1)
         msg = f"unknown adapter type; known: {', '.join(available())}"
-        raise LookupError(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise UnknownAdapter(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
     try:
-        cls: type[Source] = found[0].load()
+        cls: Adapter = found[0].load()
     except ImportError as exc:
-        raise LookupError(f"adapter {name!r} cannot be loaded ({exc}); "
+        raise UnknownAdapter(f"adapter {name!r} cannot be loaded ({exc}); "
                           f"install it with: pip install 'featuredao[{name}]'") from exc
     with _lock:
         _loaded[name] = cls

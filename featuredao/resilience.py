@@ -219,15 +219,9 @@ class ResilientDao(FeatureDao):
 
     def close(self) -> None:
         """Close the primary and the fallbacks."""
-        self.primary.close()
+        for dao in (self.primary, *self.fallbacks):
+            dao.close()
 
     def __repr__(self) -> str:
         chain = ", ".join(f.view.name for f in self.fallbacks)
         return f"ResilientDao({self.primary!r}, fallbacks=[{chain}])"
-
-
-def breaker_guard(dao: FeatureDao, breaker: CircuitBreaker, retries: RetryConfig | None = None,
-                  metrics: Metrics | None = None) -> ResilientDao:
-    """A fallback link: the same breaker and retries as its source, no chain of its own."""
-    return ResilientDao(dao, breaker, retries, metrics=metrics)
-

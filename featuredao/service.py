@@ -16,7 +16,8 @@ from typing import Any, Self
 from featuredao import factory
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
-from featuredao.errors import Closed, FetchError, reason_of
+from featuredao.errors import Closed, FetchError, UnknownView, reason_of
+from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
@@ -45,18 +46,6 @@ class FetchResult:
                 "degraded": [d.to_dict() for d in self.degraded]}
 
 
-@dataclass(frozen=True, slots=True)
-class SourceHealth:
-    """One source's answer to a ping."""
-
-    source: str
-    type: str
-    ok: bool
-    latency_ms: float
-    breaker: str
-    error: str = ""
-
-
 @dataclass(slots=True)
 class _Task:
     dao: FeatureDao
@@ -79,6 +68,8 @@ class FeatureService:
         self.daos = dict(daos)
         self.settings = settings or ServiceConfig()
         self.runtime = runtime
+        # Fallback-only views: not merged into fetch, but read_view reads them directly.
+        self._extra: dict[str, FeatureDao] = dict(runtime.daos) if runtime is not None else {}
         self._metrics = metrics or Metrics()
         self._on_close = on_close
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers,
@@ -99,7 +90,7 @@ class FeatureService:
                    metrics=metrics)
 
     # -- planning and merging are shared by fetch and afetch -----------------------------
-    def _plan(self, user_id: Key | None, item_ids: Sequence[Key],
+    def _tasks(self, user_id: Key | None, item_ids: Sequence[Key],
               deadline_ms: float | None) -> tuple[list[_Task], float]:
         budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
         tasks = []
@@ -151,7 +142,8 @@ class FeatureService:
         if worker is None or worker.cancelled():
             self._fail(queue)
             return
-        worker.add_done_callback(lambda w: self._fail(queue) if w.cancelled() else None)
+        # Whatever ended the lane (cancelled by close, refused by a closed gate), nobody waits in vain.
+        worker.add_done_callback(lambda _: self._fail(queue))
 
     @staticmethod
     def _fail(queue: list[tuple[_Task, Future[BatchResult]]]) -> None:
@@ -208,9 +200,9 @@ class FeatureService:
         shape = self._shapes.get(view.name)
         if shape is None:
             fields = tuple(view.features)
-            names = tuple(view.prefix + f for f in fields)
-            defaults = tuple((view.prefix + f, d) for f, d in view.defaults.items() if d is not None)
-            default_row = {view.prefix + f: view.defaults.get(f) for f in fields}
+            names = tuple(map(view.output_name, fields))
+            defaults = tuple((view.output_name(f), d) for f, d in view.defaults.items() if d is not None)
+            default_row = dict(zip(names, view.default_row().values(), strict=True))
             shape = self._shapes[view.name] = (fields, names, defaults, default_row)
         return shape
 
@@ -257,7 +249,7 @@ class FeatureService:
         """Fetch the user's and the items' features; degraded views give defaults, never raise."""
         started = time.perf_counter()
         self._check_open()
-        tasks, budget = self._plan(user_id, item_ids, deadline_ms)
+        tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
         futures = self._start(tasks, started + budget)
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, futures, strict=True):
@@ -275,7 +267,7 @@ class FeatureService:
         """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
         started = time.perf_counter()
         self._check_open()
-        tasks, budget = self._plan(user_id, item_ids, deadline_ms)
+        tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
         waits = [asyncio.wrap_future(f) for f in self._start(tasks, started + budget)]
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, waits, strict=True):
@@ -292,53 +284,26 @@ class FeatureService:
     def read_view(self, view: str, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                   timeout_s: float | None = None) -> BatchResult:
         """Read one view directly (no merging, no defaults for missing keys)."""
-        dao = self.daos.get(view)
-        if dao is None and self.runtime is not None:
-            dao = self.runtime.daos.get(view)  # a fallback-only view, read directly
-        if dao is None:
-            raise KeyError(f"unknown view {view!r}; known: {', '.join(self.views())}")
-        return dao.read(keys, features, timeout_s=timeout_s)
+        self._check_open()
+        return self._view(view, self._extra).read(keys, features, timeout_s=timeout_s)
 
     def views(self) -> list[str]:
         """Every view name: served ones, then fallback-only ones."""
-        extra = [] if self.runtime is None else [v for v in self.runtime.daos if v not in self.daos]
-        return [*self.daos, *extra]
+        return [*self.daos, *(v for v in self._extra if v not in self.daos)]
 
     def invalidate(self, view: str, keys: Sequence[Key]) -> None:
         """Drop keys of a view from every cache tier, in this process and (through L2 pub/sub) all others."""
-        dao = self.daos.get(view)
+        self._view(view).invalidate(keys)
+
+    def _view(self, name: str, extra: Mapping[str, FeatureDao] | None = None) -> FeatureDao:
+        dao = self.daos.get(name) or (extra or {}).get(name)
         if dao is None:
-            raise KeyError(f"unknown view {view!r}")
-        dao.invalidate(keys)
+            raise UnknownView(f"unknown view {name!r}; known: {', '.join(self.views())}")
+        return dao
 
     def health(self, timeout_s: float = 2.0) -> list[SourceHealth]:
         """Ping every source concurrently: whether it answers, how fast, and its breaker's state."""
-        if self.runtime is None:
-            return []
-        runtime = self.runtime
-
-        def check(name: str) -> SourceHealth:
-            started = time.perf_counter()
-            breaker = runtime.breakers[name].state.value
-            try:
-                runtime.sources[name].ping()
-            except Exception as exc:
-                mapped = runtime.sources[name].translate(exc)
-                return SourceHealth(name, runtime.config.sources[name].type, False,
-                                    (time.perf_counter() - started) * 1000, breaker,
-                                    f"{type(mapped).__name__}: {mapped}")
-            return SourceHealth(name, runtime.config.sources[name].type, True,
-                                (time.perf_counter() - started) * 1000, breaker)
-
-        futures = {n: self._pool.submit(check, n) for n in runtime.sources}
-        out = []
-        for name, fut in futures.items():
-            try:
-                out.append(fut.result(timeout=timeout_s))
-            except FutureTimeout:
-                out.append(SourceHealth(name, runtime.config.sources[name].type, False, timeout_s * 1000,
-                                        runtime.breakers[name].state.value, "no answer in time"))
-        return out
+        return [] if self.runtime is None else self.runtime.health(timeout_s)
 
     def _check_open(self) -> None:
         if self._gate.closed:

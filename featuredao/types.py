@@ -6,7 +6,12 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
+
+# Born here, now in errors (the leaf); still importable from here.
+from featuredao.errors import CoercionError as CoercionError
+from featuredao.errors import Degraded as Degraded
+from featuredao.errors import Reason as Reason
 
 Key: TypeAlias = str | int
 """An entity key (user id, item id) after normalisation to the view's key type."""
@@ -37,9 +42,13 @@ class FeatureType(StrEnum):
         """The element type of a list type (the type itself for scalars)."""
         return FeatureType(self.value[5:-1]) if self.is_list else self
 
+    @property
+    def python(self) -> type[Any]:
+        """The exact Python type of a value (``list`` for the list types)."""
+        return list if self.is_list else _PYTHON[self.value]
 
-class CoercionError(ValueError):
-    """A stored value that cannot be turned into its declared type."""
+
+_PYTHON: dict[str, type[Any]] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _to_int(v: Any) -> int:
@@ -134,6 +143,33 @@ def coercer(ftype: FeatureType) -> Callable[[Any], FeatureValue]:
     return _SCALAR[ftype]
 
 
+class Coercion(NamedTuple):
+    """How one feature reaches its declared type (a tuple: plans are unpacked in per-row loops)."""
+
+    name: str
+    exact: type[Any] | None
+    """The scalar type a value needs no conversion in (None for lists: their elements need checking)."""
+    convert: Callable[[Any], FeatureValue]
+    """The coercer (raises CoercionError, TypeError, ValueError...)."""
+    element: type[Any] | None
+    """The exact element type of a list feature (None for scalars)."""
+    default: FeatureValue
+    """What a null or unconvertible value becomes where defaults apply."""
+
+
+COERCION_ERRORS = (CoercionError, TypeError, ValueError, UnicodeDecodeError, OverflowError)
+"""What a coercer may raise for a value it cannot convert."""
+
+
+def coercion_plan(features: Mapping[str, FeatureType],
+                  defaults: Mapping[str, FeatureValue] | None = None) -> tuple[Coercion, ...]:
+    """The one plan every part uses to bring stored values to the declared types, in feature order."""
+    defaults = defaults or {}
+    return tuple(Coercion(name, None if t.is_list else t.python, coercer(t),
+                      t.element.python if t.is_list else None, defaults.get(name))
+                 for name, t in features.items())
+
+
 def coerce(value: Any, ftype: FeatureType) -> FeatureValue:
     """Convert one stored value to ``ftype``; ``None`` stays ``None``."""
     if value is None:
@@ -160,42 +196,6 @@ def fits(value: Any, ftype: FeatureType) -> bool:
         check = scalar[ftype.element]
         return isinstance(value, list) and all(check(x) for x in value)
     return scalar[ftype](value)
-
-
-class Reason(StrEnum):
-    """Why part of a result is degraded."""
-
-    TIMEOUT = "timeout"
-    UNAVAILABLE = "unavailable"
-    QUERY_ERROR = "query_error"
-    CIRCUIT_OPEN = "circuit_open"
-    OVERLOADED = "overloaded"
-    CLOSED = "closed"
-    COERCION = "coercion"
-    ROW_ERROR = "row_error"
-    FALLBACK = "fallback"
-    STALE = "stale"
-    ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class Degraded:
-    """One part of a result that was not served as stored: which view, why, and for which keys."""
-
-    view: str
-    reason: Reason
-    detail: str = ""
-    keys: tuple[Key, ...] = ()
-    feature: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        out: dict[str, Any] = {"view": self.view, "reason": self.reason.value, "detail": self.detail}
-        if self.keys:
-            out["keys"] = list(self.keys)
-        if self.feature is not None:
-            out["feature"] = self.feature
-        return out
 
 
 @dataclass(slots=True)

@@ -201,7 +201,7 @@ def run_command(config: Path | None, views: str | None, batches: list[int], conc
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m featuredao.bench``: the group on its own, with featuredao's exit codes."""
-    from featuredao.cli import run
+    from featuredao.exits import run
 
     run(bench, argv, "featuredao bench")
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from featuredao.bench.runner import GIL_NOTE, PATHS, THROUGHPUT_NOTE, BenchResult, Record
+from featuredao.bench.runner import GIL_NOTE, PATHS, THROUGHPUT_NOTE, BenchResult, Measurement
 
 SCHEMA_VERSION = 1
 
@@ -28,7 +28,7 @@ MACHINE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def record_dict(rec: Record) -> dict[str, Any]:
+def record_dict(rec: Measurement) -> dict[str, Any]:
     """One ``records`` entry of the JSON document."""
     out: dict[str, Any] = {
         "view": rec.view, "source": rec.source, "source_type": rec.source_type, "entity": rec.entity,
@@ -119,7 +119,7 @@ def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def _ordered(records: Sequence[Record]) -> list[Record]:
+def _ordered(records: Sequence[Measurement]) -> list[Measurement]:
     return sorted(records, key=lambda r: (r.batch, r.concurrency, r.cache, r.view, PATHS.index(r.path)))
 
 

@@ -40,9 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from featuredao import factory, synthetic
+from featuredao import factory, registry, synthetic
 from featuredao.bench.stats import LatencyStats, Summary
-from featuredao.cache import CachedDao
 from featuredao.config import CacheConfig, L1Config, View
 from featuredao.dao import BaseDao, FeatureDao
 from featuredao.errors import FeatureDaoError
@@ -58,12 +57,6 @@ MISS_BASE = 1_000_000_000
 GIL_NOTE = ("concurrency uses threads like a real service; under CPython's GIL, throughput grows with "
             "threads only while they wait on I/O or on C code that releases the GIL")
 THROUGHPUT_NOTE = "throughput per path = concurrency x requests / busy time (Little's law)"
-# Driver module -> distribution name, for the versions recorded with the results.
-DRIVERS = {
-    "pymysql": "PyMySQL", "psycopg": "psycopg", "redis": "redis", "happybase": "happybase",
-    "thriftpy2": "thriftpy2", "clickhouse_driver": "clickhouse-driver", "tablestore": "tablestore",
-    "msgpack": "msgpack",
-}
 
 
 class BenchError(Exception):
@@ -99,7 +92,7 @@ class BenchParams:
 
 
 @dataclass
-class Record:
+class Measurement:
     """One (view, batch, concurrency, cache mode, path)."""
 
     view: str
@@ -130,7 +123,7 @@ class BenchResult:
     config_path: str
     config_hash: str
     started_at: str
-    records: list[Record] = field(default_factory=list)
+    records: list[Measurement] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     elapsed_s: float = 0.0
@@ -190,7 +183,14 @@ def machine_info(load_avg: list[float] | None = None,
     versions: dict[str, str] = {"featuredao": featuredao.__version__}
     if "sqlite3" in sys.modules:
         versions["sqlite3"] = str(sys.modules["sqlite3"].sqlite_version)
-    for module, dist in DRIVERS.items():
+    # Each adapter declares its driver modules (by distribution name); record those loaded.
+    drivers: dict[str, str] = {}
+    for name in registry.available():
+        try:
+            drivers.update(registry.get_adapter(name).driver_modules)
+        except FeatureDaoError:  # an adapter whose driver is not installed
+            continue
+    for module, dist in drivers.items():
         if module in sys.modules:
             found = _version(module, dist)
             if found is not None:
@@ -266,14 +266,10 @@ def make_service(runtime: factory.Runtime, view: str, cache: str) -> FeatureServ
     config, or an L1-only one), which ``warm`` fills with one pass over the seeded range before measuring.
     The ``dao`` and ``raw`` paths stay uncached, so the cache's effect shows as the service/dao ratio.
     """
-    served = runtime.served.get(view, runtime.daos[view])
-    inner = served.inner if isinstance(served, CachedDao) else served
-    dao: FeatureDao = inner
+    tiers: CacheConfig | bool = False
     if cache != "off":
-        cfg = runtime.config.views[view].cache or CacheConfig(l1=L1Config())
-        l2 = runtime.sources[cfg.l2.source].key_value() if cfg.l2 is not None else None
-        dao = CachedDao(inner, cfg, l2)
-    return FeatureService({view: dao}, runtime.config.service)
+        tiers = runtime.config.views[view].cache or CacheConfig(l1=L1Config())
+    return FeatureService({view: factory.compose(runtime, view, cache=tiers)}, runtime.config.service)
 
 
 def _budget_s(runtime: factory.Runtime, view: View) -> float:
@@ -462,13 +458,13 @@ def _run_cells(runtime: factory.Runtime, params: BenchParams, result: BenchResul
         if note is not None:
             result.notes.append(note)
             warn(note)
-    plan = cells(params)
+    order = cells(params)
     per_cell = params.duration_s if params.duration_s is not None else float(params.requests or 0)
     unit = "s" if params.duration_s is not None else "requests"
     missing_baseline: set[str] = set()
     errors_noted: set[tuple[str, str]] = set()
-    with Progress(per_cell * len(plan), unit, progress) as bar:
-        for batch, concurrency, cache, name in plan:
+    with Progress(per_cell * len(order), unit, progress) as bar:
+        for batch, concurrency, cache, name in order:
             view = runtime.daos[name].view
             bar.cell(f"{name} batch={batch} conc={concurrency} cache={cache}")
             service = make_service(runtime, name, cache)
@@ -499,7 +495,7 @@ def _run_cells(runtime: factory.Runtime, params: BenchParams, result: BenchResul
                 stats = merged.get(path)
                 if stats is None or (stats.count == 0 and stats.errors == 0):
                     continue
-                result.records.append(Record(name, source.name, source.type, view.entity, batch,
+                result.records.append(Measurement(name, source.name, source.type, view.entity, batch,
                                              concurrency, cache, path, how[path],
                                              stats.summary(concurrency), wall))
             for path, message in first_errors.items():
@@ -512,7 +508,7 @@ def _run_cells(runtime: factory.Runtime, params: BenchParams, result: BenchResul
                 raise KeyboardInterrupt
 
 
-def _ratios(records: Sequence[Record]) -> None:
+def _ratios(records: Sequence[Measurement]) -> None:
     raw = {r.cell(): r for r in records if r.path == "raw"}
     for rec in records:
         base = raw.get(rec.cell())

@@ -5,6 +5,7 @@ Jobs are declared in the config's ``sync`` list (validated by :mod:`featuredao.s
 transforms and custom conflict strategies are registered in code, never evaluated from text.
 """
 
-from featuredao.sync.registry import register_conflict, register_transform
+from featuredao.sync import config as _config  # noqa: F401 - registers the ``sync`` section's validator
+from featuredao.sync.functions import register_conflict, register_transform
 
 __all__ = ["register_conflict", "register_transform"]

@@ -14,18 +14,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from featuredao.config import Identifier, StrictModel, json_path
+from featuredao.config import Identifier, StrictModel, View, register_section
 from featuredao.errors import ConfigIssue
-from featuredao.sync import registry
+from featuredao.registry import Adapter
+from featuredao.sync import functions
 from featuredao.types import FeatureType
-
-if TYPE_CHECKING:
-    from featuredao.config import View
-    from featuredao.dao import Source
+from featuredao.validation import json_path, pydantic_issues
 
 Mode = Literal["full", "incremental", "cdc"]
 FilterOp = Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "is_null", "not_null"]
@@ -159,13 +157,11 @@ class SyncJob:
 
 
 def _issues(exc: ValidationError, loc: tuple[int | str, ...]) -> list[ConfigIssue]:
-    from featuredao.config import _pydantic_issues
-
-    return _pydantic_issues(exc, loc, {})
+    return pydantic_issues(exc, loc)
 
 
 def check_jobs(raw: Sequence[Mapping[str, Any]], views: Mapping[str, View],
-               adapters: Mapping[str, type[Source]]) -> tuple[list[Any], list[ConfigIssue]]:
+               adapters: Mapping[str, Adapter]) -> tuple[list[Any], list[ConfigIssue]]:
     """Validate every job; return the parsed jobs and the problems found (with JSON paths)."""
     jobs: list[Any] = []
     issues: list[ConfigIssue] = []
@@ -195,7 +191,7 @@ def check_jobs(raw: Sequence[Mapping[str, Any]], views: Mapping[str, View],
 
 
 def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, View],
-               adapters: Mapping[str, type[Source]], issues: list[ConfigIssue]) -> SyncJob | None:
+               adapters: Mapping[str, Adapter], issues: list[ConfigIssue]) -> SyncJob | None:
     def issue(where: tuple[int | str, ...], message: str, value: Any = None) -> None:
         issues.append(ConfigIssue(json_path((*loc, *where)), message, None if value is None else repr(value)))
 
@@ -247,8 +243,8 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
             steps.append(step)
 
     strategy = model.conflict.strategy
-    if strategy not in registry.BUILTIN_CONFLICTS and registry.conflict(strategy) is None:
-        known = [*registry.BUILTIN_CONFLICTS, *registry.conflict_names()]
+    if strategy not in functions.BUILTIN_CONFLICTS and functions.conflict(strategy) is None:
+        known = [*functions.BUILTIN_CONFLICTS, *functions.conflict_names()]
         issue(("conflict", "strategy"), f"unknown strategy; known: {', '.join(known)} "
                                         "(register others with featuredao.sync.register_conflict)", strategy)
     version = model.conflict.version
@@ -283,7 +279,7 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
                    model.rate_limit_rows_s, model.retry_backoff_s, int(loc[1]), model)
 
 
-def _caps(adapters: Mapping[str, type[Source]], view: View) -> Any:
+def _caps(adapters: Mapping[str, Adapter], view: View) -> Any:
     adapter = adapters.get(view.source)
     return None if adapter is None else adapter.capabilities
 
@@ -335,8 +331,8 @@ def _check_step(body: Mapping[str, Any], loc: tuple[int | str, ...], fields: set
             issues.append(ConfigIssue(json_path((*loc, kind, "value")), f"{args.op} needs a list",
                                       repr(args.value)))
     elif kind == "compute":
-        if registry.transform(args.fn) is None:
-            known = registry.transform_names()
+        if functions.transform(args.fn) is None:
+            known = functions.transform_names()
             issues.append(ConfigIssue(json_path((*loc, kind, "fn")),
                                       "unknown function (register it with featuredao.sync."
                                       f"register_transform); known: {', '.join(known) or 'none'}",
@@ -344,3 +340,6 @@ def _check_step(body: Mapping[str, Any], loc: tuple[int | str, ...], fields: set
         if fields is not None:
             fields.add(args.field)
     return Step(kind, args)
+
+
+register_section("sync", check_jobs)

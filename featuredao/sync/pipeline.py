@@ -9,20 +9,15 @@ import datetime as dt
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from featuredao.sync import registry
+from featuredao.sync import functions
 from featuredao.sync.config import FilterSpec, Step
-from featuredao.types import CoercionError, FeatureType, Key, coerce, coercer
-
-_EXACT: dict[FeatureType, type[Any]] = {
-    FeatureType.INT: int, FeatureType.FLOAT: float, FeatureType.STR: str, FeatureType.BOOL: bool,
-}
-_COERCE_ERRORS = (CoercionError, TypeError, ValueError, UnicodeDecodeError, OverflowError)
+from featuredao.types import COERCION_ERRORS, Coercion, CoercionError, Key, coerce
 
 
 class StageError(Exception):
@@ -44,28 +39,13 @@ class Record:
     ts: float | None = None
 
 
-Plan = list[tuple[str, type[Any] | None, Callable[[Any], Any], type[Any] | None]]
-"""Per feature: name, exact scalar type (None for lists), converter, exact element type of a list."""
-
-
-def plan(features: Mapping[str, FeatureType]) -> Plan:
-    """How to bring a row to a view's declared types."""
-    out: Plan = []
-    for name, ftype in features.items():
-        if ftype.is_list:
-            out.append((name, None, coercer(ftype), _EXACT[ftype.element]))
-        else:
-            out.append((name, _EXACT[ftype], coercer(ftype), None))
-    return out
-
-
-def typed(row: Mapping[str, Any], steps: Plan) -> dict[str, Any]:
+def typed(row: Mapping[str, Any], steps: Sequence[Coercion]) -> dict[str, Any]:
     """The row with every feature of the plan in its declared type; nulls stay null (no defaults).
 
     Raises StageError naming the feature that cannot be converted.
     """
     out: dict[str, Any] = {}
-    for name, exact, convert, element in steps:
+    for name, exact, convert, element, _ in steps:
         value = row.get(name)
         if value is None:
             out[name] = None
@@ -75,7 +55,7 @@ def typed(row: Mapping[str, Any], steps: Plan) -> dict[str, Any]:
         else:
             try:
                 out[name] = convert(value)
-            except _COERCE_ERRORS as exc:
+            except COERCION_ERRORS as exc:
                 raise StageError("coerce", f"feature {name!r}: {exc}") from None
     return out
 
@@ -88,13 +68,13 @@ def _loads(value: Any) -> Any:
 
 
 def typed_many(rows: Sequence[Mapping[str, Any]],
-               steps: Plan) -> tuple[list[dict[str, Any] | None], dict[int, str]]:
+               steps: Sequence[Coercion]) -> tuple[list[dict[str, Any] | None], dict[int, str]]:
     """``typed`` for a whole chunk, column by column: a column whose values already have their declared
     type is checked with C loops only. Returns the rows (None where a value cannot be converted) and the
     reason per failed row index."""
     errors: dict[int, str] = {}
     columns: list[list[Any]] = []
-    for name, exact, convert, element in steps:
+    for name, exact, convert, element, _ in steps:
         col = [r.get(name) for r in rows]
         kinds = set(map(type, col))
         kinds.discard(_NONE)
@@ -120,7 +100,7 @@ def typed_many(rows: Sequence[Mapping[str, Any]],
                 continue
             try:
                 out.append(convert(value))
-            except _COERCE_ERRORS as exc:
+            except COERCION_ERRORS as exc:
                 errors.setdefault(i, f"feature {name!r}: {exc}")
                 out.append(None)
         columns.append(out)
@@ -138,7 +118,7 @@ class Transformer:
 
     def __init__(self, steps: Iterable[Step]) -> None:
         self.steps = list(steps)
-        self._fns = {s.args.fn: registry.transform(s.args.fn) for s in self.steps if s.kind == "compute"}
+        self._fns = {s.args.fn: functions.transform(s.args.fn) for s in self.steps if s.kind == "compute"}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """The transformed row, or None when a step drops it; StageError when it cannot be transformed."""
@@ -165,7 +145,7 @@ class Transformer:
                 if not _keep(row, args):
                     return None
             elif kind == "compute":
-                fn = self._fns.get(args.fn) or registry.transform(args.fn)
+                fn = self._fns.get(args.fn) or functions.transform(args.fn)
                 if fn is None:
                     raise StageError("transform", f"compute {args.field!r}: function {args.fn!r} is not "
                                                   "registered")

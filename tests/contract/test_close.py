@@ -76,4 +76,4 @@ def test_close_under_load(store: ContractBackend, mode: str, tmp_path: Path) -> 
         pytest.fail("every adapter of the harness has a write path")  # a flag no adapter clears today
     embedded = backend.unreachable is not None and "path" in backend.unreachable
     cfg = _config(backend, views=50 if embedded else 8)
-    _stress(tmp_path, cfg, mode, cycles=12 if embedded else 4)
+    _stress(tmp_path, cfg, mode, cycles=30 if embedded else 8)

@@ -12,7 +12,7 @@ from featuredao.bench.runner import (
     MISS_BASE,
     BenchParams,
     BenchResult,
-    Record,
+    Measurement,
     _Phase,
     _run_phase,
     key_indices,
@@ -184,7 +184,7 @@ def _result() -> BenchResult:
                "adapters": ["sqlite"], "versions": {"featuredao": "0.1.0"}, "load_avg": [0.5, 0.4, 0.3]}
     result = BenchResult(params, machine, "c.json", "ab" * 32, "2024-01-01T00:00:00+00:00")
     for path, ratio in (("service", 1.5), ("dao", 1.2), ("raw", 1.0)):
-        result.records.append(Record("items", "local", "sqlite", "item", 10, 1, "off", path, "call",
+        result.records.append(Measurement("items", "local", "sqlite", "item", 10, 1, "off", path, "call",
                                      stats.summary(1), 0.01, ratio, ratio))
     return result
 

@@ -10,21 +10,25 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from featuredao.testing.servers.process import ServerProcess
+
+class _Server(Protocol):
+    """What the registry needs of a live server: a way to stop it."""
+
+    def stop(self) -> None: ...
+
 
 _live_lock = threading.Lock()
-_live: dict[int, ServerProcess] = {}
+_live: dict[int, _Server] = {}
 
 
-def _register(server: ServerProcess) -> None:
+def _register(server: _Server) -> None:
     with _live_lock:
         _live[id(server)] = server
 
 
-def _unregister(server: ServerProcess) -> None:
+def _unregister(server: _Server) -> None:
     with _live_lock:
         _live.pop(id(server), None)
 

@@ -1,0 +1,33 @@
+"""What an adapter can do: flags callers branch on, never the adapter's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an adapter can do; callers branch on these, never on the adapter's name."""
+
+    write: bool = True
+    """Has a write path (upsert)."""
+    projection: bool = True
+    """Reads only the requested features from the store."""
+    server_timeout: bool = False
+    """Cancels work on the server when the time left runs out."""
+    concurrent_chunks: bool = True
+    """Chunks of one read may run concurrently (the pool has several connections)."""
+    create: bool = True
+    """Can create the table or keyspace a view needs (``prepare``)."""
+    key_value: bool = False
+    """Offers a shared key-value store (``Source.key_value()``) that can hold the L2 cache."""
+    scan: bool = False
+    """Reads a view's rows in key order (``BaseDao.scan``): the source of a full sync."""
+    changes: bool = False
+    """Reads rows changed after a watermark (``BaseDao.changes``): the source of an incremental sync."""
+    delete: bool = False
+    """Deletes keys (``BaseDao.delete``)."""
+    change_feed: bool = False
+    """Records inserts, updates and deletes in a change feed (``BaseDao.feed``): the source of CDC."""
+    state: bool = False
+    """Holds durable synchronization state with atomic commits (``Source.state_store()``)."""

@@ -1,0 +1,112 @@
+"""The import structure: arrows point one way, and the core never imports an adapter or the test harness.
+
+Read from the source with ``ast`` (every import counts, those under ``TYPE_CHECKING`` and inside
+functions too: a reader follows them all).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"featuredao": ROOT / "featuredao", "featuredao.adapters": ROOT / "adapters"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of ours that ``name`` imports (a package import counts as its ``__init__``)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base]) if base else ".".join(anchor)
+            # ``from pkg import mod`` imports the module; ``from pkg import name`` imports the package.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                       for alias in node.names]
+        for target in targets:
+            # The longest module of ours the import names (``from featuredao import x`` may be a module).
+            while target and target not in known:
+                target = target.rsplit(".", 1)[0] if "." in target else ""
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_the_core_imports_no_adapter_and_not_the_test_harness() -> None:
+    for name, deps in _graph().items():
+        if name.startswith(("featuredao.adapters", "featuredao.testing", "featuredao.bench")):
+            continue
+        bad = sorted(d for d in deps if d.startswith(("featuredao.adapters", "featuredao.testing")))
+        assert bad == [], f"{name} imports {bad}"
+
+
+def test_adapters_depend_on_the_core_interface_only() -> None:
+    allowed = ("featuredao.config", "featuredao.dao", "featuredao.errors", "featuredao.types",
+               "featuredao.adapters", "featuredao.lifecycle", "featuredao.validation")
+    for name, deps in _graph().items():
+        if name.startswith("featuredao.adapters"):
+            bad = sorted(d for d in deps if not d.startswith(allowed))
+            assert bad == [], f"{name} imports {bad}"
