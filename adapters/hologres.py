@@ -29,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import math
+import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -266,15 +269,40 @@ class HologresSource(SqlSource):
     def _interrupt(self) -> None:
         with self._busy_lock:
             busy = list(self._busy)
+        # A cancel request is a connection of its own to the server; a frozen server never answers it,
+        # so each is sent from a daemon thread and nobody waits for it (close() bounds its own wait).
         for conn in busy:
-            with contextlib.suppress(psycopg.Error):  # the statement may have ended meanwhile
-                conn.cancel_safe(timeout=1.0)  # a cancel request on a connection of its own
+            threading.Thread(target=_cancel, args=(conn,), daemon=True, name="featuredao-cancel").start()
+            # And the socket is shut from our side, so a thread blocked reading it wakes up at once.
+            with contextlib.suppress(OSError, psycopg.Error):
+                _shut(conn.pgconn.socket)
 
     def _release(self) -> None:
         with self._open_lock:
             if self._opened:
-                self._pool.close(timeout=1.0)
+                # Workers stuck on a dead server are left to die with it: said once, here, not logged.
+                pool_log = logging.getLogger("psycopg.pool")
+                level = pool_log.level
+                pool_log.setLevel(logging.ERROR)
+                try:
+                    self._pool.close(timeout=0.1)
+                finally:
+                    pool_log.setLevel(level)
                 self._opened = False
+
+
+def _shut(fd: int) -> None:
+    """Shut a connected socket down for both directions without closing its descriptor (the driver does)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.close()
+
+
+def _cancel(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):  # the statement may have ended meanwhile
+        conn.cancel_safe(timeout=2.0)
 
 
 def _first_line(exc: BaseException) -> str:

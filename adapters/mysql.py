@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -133,6 +134,14 @@ class ConnectionPool:
             self._idle.append(conn)
         else:
             _close_quietly(conn)
+
+    def shut_sockets(self) -> None:
+        """Shut the borrowed connections' sockets down (both directions): blocked readers wake up."""
+        with self._lock:
+            socks = [conn._sock for conn in self._busy]  # type: ignore[attr-defined]
+        for sock in socks:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def busy_threads(self) -> list[int]:
         """Server thread ids of the connections now borrowed (to cancel their statements)."""
@@ -308,15 +317,28 @@ class MySQLSource(SqlSource):
         threads = self._pool.busy_threads()
         if not threads:
             return
+        # A frozen server would hold the KILL's own connection: sent from a daemon thread, not awaited;
+        # the borrowed sockets are shut from our side so their readers wake up at once.
+        threading.Thread(target=self._kill_queries, args=(threads,), daemon=True,
+                         name="featuredao-kill-query").start()
+        self._pool.shut_sockets()
+
+    def _kill_queries(self, threads: list[int]) -> None:
         # A statement is cancelled from the owning side by a second session: KILL QUERY <thread id>.
         o = self.options
-        conn = pymysql.connect(host=o.host, port=o.port, user=o.user, password=o.password.get_secret_value(),
-                               connect_timeout=1, read_timeout=1, write_timeout=1, autocommit=True)
+        try:
+            conn = pymysql.connect(host=o.host, port=o.port, user=o.user,
+                                   password=o.password.get_secret_value(), connect_timeout=1, read_timeout=1,
+                                   write_timeout=1, autocommit=True)
+        except (pymysql.err.MySQLError, OSError):  # the server is gone or frozen: closing goes on regardless
+            return
         try:
             with conn.cursor() as cur:
                 for thread_id in threads:
                     with contextlib.suppress(pymysql.err.MySQLError):  # the statement ended meanwhile
                         cur.execute(f"KILL QUERY {int(thread_id)}")
+        except (pymysql.err.MySQLError, OSError):
+            return
         finally:
             _close_quietly(conn)
 

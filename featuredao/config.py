@@ -103,6 +103,8 @@ class ViewConfig(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict)
     fallback: list[str] = Field(default_factory=list)
     fallback_on_missing: bool = False
+    hedge_ms: int | None = Field(default=None, gt=0)
+    """With a fallback: start the chain after this long without an answer from the primary."""
     cache: CacheConfig | None = None
 
 
@@ -155,6 +157,7 @@ class View:
     fallback: tuple[str, ...] = ()
     fallback_on_missing: bool = False
     cache: CacheConfig | None = None
+    hedge_ms: int | None = None
 
     def output_name(self, feature: str) -> str:
         """The name a feature has in a service result."""
@@ -320,7 +323,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         if ok:
             views[vc.name] = View(vc.name, vc.entity, vc.source, vc.table, vc.key, vc.key_type,
                                   dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc,
-                                  tuple(vc.fallback), vc.fallback_on_missing, vc.cache)
+                                  tuple(vc.fallback), vc.fallback_on_missing, vc.cache, vc.hedge_ms)
             positions[vc.name] = i
     issues.extend(_check_chains(raw, views, positions, adapters))
     jobs: list[Any] = []

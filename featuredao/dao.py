@@ -125,7 +125,7 @@ class Source(ABC):
     default_batch_size: ClassVar[int] = 1000
     driver_modules: ClassVar[Mapping[str, str]] = {}
     """The driver modules this adapter imports, by distribution name (recorded with benchmark results)."""
-    close_timeout_s: ClassVar[float] = 5.0
+    close_timeout_s: ClassVar[float] = 0.5
     """How long ``close`` waits for interrupted work to end before it frees what is left idle."""
 
     def __init__(self, name: str, options: Any) -> None:

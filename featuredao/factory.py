@@ -126,7 +126,8 @@ def compose(runtime: Runtime, name: str, metrics: Metrics | None = None, *,
     def guarded(view_name: str, fallbacks: list[FeatureDao]) -> ResilientDao:
         source = cfg.views[view_name].source
         return ResilientDao(runtime.daos[view_name], runtime.breakers[source], cfg.sources[source].retries,
-                            fallbacks, view.fallback_on_missing, metrics)
+                            fallbacks, view.fallback_on_missing, metrics,
+                            hedge_ms=view.hedge_ms if fallbacks else None)
 
     dao: FeatureDao = guarded(name, [guarded(f, []) for f in view.fallback])
     tiers = view.cache if cache is True else cache or None

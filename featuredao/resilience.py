@@ -7,11 +7,21 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from enum import StrEnum
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
 from featuredao.dao import FeatureDao
-from featuredao.errors import BackendTimeout, BackendUnavailable, CircuitOpen, Overloaded, reason_of
+from featuredao.errors import (
+    BackendQueryError,
+    BackendTimeout,
+    BackendUnavailable,
+    CircuitOpen,
+    Overloaded,
+    UsageError,
+    reason_of,
+)
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
@@ -74,6 +84,12 @@ class CircuitBreaker:
                 log.warning("circuit of source %s closed again", self.name)
                 self._set(BreakerState.CLOSED)
 
+    def release(self) -> None:
+        """A call it let through told nothing about the store (it waited for our own pool): a half-open
+        breaker may send the next probe."""
+        with self._lock:
+            self._probing = False
+
     def failure(self) -> None:
         """Record a call the store failed (unavailable or late)."""
         with self._lock:
@@ -92,34 +108,132 @@ class CircuitBreaker:
         self._metrics.breaker_state(self.name, state.value)
 
 
+class _Claim:
+    """Who records a primary's outcome on the breaker: the read when it ends, or the caller who gave up."""
+
+    __slots__ = ("_lock", "_taken")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def take(self) -> bool:
+        """True for the first caller only."""
+        with self._lock:
+            first, self._taken = not self._taken, True
+            return first
+
+
+# Primaries of views with a fallback run here, so a store that stops answering (a frozen server
+# holds the driver's socket read) costs the request only the primary's share of its deadline.
+_primaries = ThreadPoolExecutor(max_workers=64, thread_name_prefix="featuredao-primary")
+
+
 class ResilientDao(FeatureDao):
-    """Breaker, retries and a fallback chain around one view's DAO; only failed keys go to the fallback."""
+    """Breaker, retries and a fallback chain around one view's DAO; only failed keys go to the fallback.
+
+    With a fallback chain, the view's ``timeout_ms`` is the primary's share of the caller's time: keys
+    the primary has not answered by then (failed or late) go down the chain with the time left. With
+    ``hedge_ms``, the chain starts that early while the primary may still answer; per key the first
+    answer wins. A late primary counts as a failure of its source.
+    """
 
     def __init__(self, primary: FeatureDao, breaker: CircuitBreaker, retries: RetryConfig | None = None,
                  fallbacks: Sequence[FeatureDao] = (), fallback_on_missing: bool = False,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, hedge_ms: float | None = None) -> None:
         self.primary = primary
         self.view = primary.view
         self.breaker = breaker
         self.retries = retries or RetryConfig()
         self.fallbacks = list(fallbacks)
         self.fallback_on_missing = fallback_on_missing
+        self.hedge_s = None if hedge_ms is None else hedge_ms / 1000
         self._metrics = metrics or Metrics.disabled()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``; keys no link of the chain could serve stay in ``failed``."""
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        result = self._guarded(self.primary, self.breaker, keys, features, deadline)
+        started = time.perf_counter()
+        deadline = None if timeout_s is None else started + timeout_s
+        if not self.fallbacks:
+            return self._guarded(self.primary, self.breaker, keys, features, deadline)
+        share = started + self.view.timeout_ms / 1000
+        primary_deadline = share if deadline is None else min(share, deadline)
+        claim = _Claim()
+        try:
+            running = _primaries.submit(self._guarded, self.primary, self.breaker, keys, features,
+                                        primary_deadline, claim)
+        except RuntimeError:  # the interpreter is shutting down
+            return self._guarded(self.primary, self.breaker, keys, features, primary_deadline)
+        # A little grace lets a primary that honours its deadline report why it stopped.
+        give_up = primary_deadline + 0.002
+        first_look = give_up if self.hedge_s is None else min(give_up, started + self.hedge_s)
+        result = self._await(running, first_look)
+        hedged: BatchResult | None = None
+        if result is None and first_look < give_up:
+            # Hedge: the chain serves every key now; the primary may still answer before its share ends.
+            hedged = self._down_the_chain(self._all_failed(keys, None), list(dict.fromkeys(keys)),
+                                          features, deadline)
+            if not hedged.failed:
+                self._abandon(running, claim, breaker_failure=False)
+                return hedged
+            result = self._await(running, give_up)
+        if result is None:
+            self._abandon(running, claim, breaker_failure=True)
+            late = BackendTimeout(f"no answer within its share ({self.view.timeout_ms} ms)",
+                                  source=self.breaker.name, view=self.primary.view.name)
+            result = self._all_failed(keys, late)
+        if hedged is not None:
+            return self._first_answers(hedged, result)
         pending = list(dict.fromkeys(result.failed))
         if self.fallback_on_missing:
             pending += [k for k, r in zip(result.keys, result.rows, strict=True)
                         if r is None and k not in result.failed]
             pending = list(dict.fromkeys(pending))
-        if not pending or not self.fallbacks:
+        if not pending:
             return result
         if result.error is not None:
             result.degraded.append(self._degraded(self.primary, result.error, pending))
+        return self._down_the_chain(result, pending, features, deadline)
+
+    @staticmethod
+    def _await(running: Future[BatchResult], until: float) -> BatchResult | None:
+        try:
+            return running.result(timeout=max(0.0, until - time.perf_counter()))
+        except FutureTimeout:
+            return None
+
+    def _abandon(self, running: Future[BatchResult], claim: _Claim, breaker_failure: bool) -> None:
+        """Stop waiting for the primary; it ends on its own (its driver's timeouts) and is ignored."""
+        if claim.take():  # taken either way: the read then records nothing
+            if breaker_failure:
+                self.breaker.failure()
+            else:
+                self.breaker.release()  # it may have been a half-open breaker's probe
+        running.cancel()
+
+    @staticmethod
+    def _all_failed(keys: Sequence[Key], error: BaseException | None) -> BatchResult:
+        return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=error)
+
+    @staticmethod
+    def _first_answers(hedged: BatchResult, primary: BatchResult) -> BatchResult:
+        """The chain's rows where it answered, the primary's for the keys it left failed."""
+        rows = dict(zip(primary.keys, primary.rows, strict=True))
+        served = set(primary.keys) - set(primary.failed)
+        still = [k for k in hedged.failed if k not in served]
+        for i, key in enumerate(hedged.keys):
+            if key in served and hedged.rows[i] is None and key in hedged.failed:
+                hedged.rows[i] = rows.get(key)
+        hedged.degraded.extend(primary.degraded)
+        hedged.failed = still
+        if not still:
+            hedged.error = None
+        return hedged
+
+    def _down_the_chain(self, result: BatchResult, pending: list[Key], features: Sequence[str] | None,
+                        deadline: float | None) -> BatchResult:
+        """Send ``pending`` keys to each fallback in turn, with the time the caller has left."""
         position: dict[Key, list[int]] = {}
         for i, k in enumerate(result.keys):
             position.setdefault(k, []).append(i)
@@ -154,11 +268,35 @@ class ResilientDao(FeatureDao):
         return result
 
     def _guarded(self, dao: FeatureDao, breaker: CircuitBreaker, keys: Sequence[Key],
-                 features: Sequence[str] | None, deadline: float | None) -> BatchResult:
+                 features: Sequence[str] | None, deadline: float | None,
+                 claim: _Claim | None = None) -> BatchResult:
         """One link of the chain: breaker, then bounded jittered retries of what failed."""
         if not breaker.allow():
             err = CircuitOpen("circuit open: failing fast", source=breaker.name, view=dao.view.name)
             return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=err)
+        try:
+            result = self._retried(dao, keys, features, deadline)
+        except BaseException as exc:
+            # Every call the breaker let through is recorded, or a half-open breaker waits for its probe
+            # forever. A store that answered with an error is up; anything else counts against it.
+            if claim is None or claim.take():
+                if isinstance(exc, BackendQueryError | UsageError):
+                    breaker.success()
+                else:
+                    breaker.failure()
+            raise
+        if claim is not None and not claim.take():
+            return result  # the caller gave up on this read and counted it already
+        if not result.failed:
+            breaker.success()
+        elif isinstance(result.error, Overloaded):  # waiting for our own pool is not the store's fault
+            breaker.release()
+        else:
+            breaker.failure()
+        return result
+
+    def _retried(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
+                 deadline: float | None) -> BatchResult:
         attempt = 0
         result = self._attempt(dao, keys, features, deadline)
         # A timeout used the time up; an overloaded pool is not helped by asking again.
@@ -172,10 +310,6 @@ class ResilientDao(FeatureDao):
             time.sleep(pause)
             again = self._attempt(dao, result.failed, features, deadline)
             result = self._merge_retry(result, again)
-        if not result.failed:
-            breaker.success()
-        elif not isinstance(result.error, Overloaded):  # waiting for our own pool is not the store's fault
-            breaker.failure()
         return result
 
     def _attempt(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,

@@ -95,12 +95,16 @@ class FeatureService:
         budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
         tasks = []
         if user_id is not None:
-            tasks += [_Task(d, [user_id], min(budget, d.view.timeout_ms / 1000.0))
-                      for d in self._by_entity["user"]]
+            tasks += [_Task(d, [user_id], self._share(d.view, budget)) for d in self._by_entity["user"]]
         if item_ids:
-            tasks += [_Task(d, list(item_ids), min(budget, d.view.timeout_ms / 1000.0))
-                      for d in self._by_entity["item"]]
+            tasks += [_Task(d, list(item_ids), self._share(d.view, budget)) for d in self._by_entity["item"]]
         return tasks, budget
+
+    @staticmethod
+    def _share(view: View, budget: float) -> float:
+        """How long a view may take: its ``timeout_ms``; with a fallback chain, the whole request's
+        time (the chain gives the primary its ``timeout_ms`` share and the fallbacks the rest)."""
+        return budget if view.fallback else min(budget, view.timeout_ms / 1000.0)
 
     def _start(self, tasks: list[_Task], deadline: float) -> list[Future[BatchResult]]:
         """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
@@ -309,7 +313,7 @@ class FeatureService:
         if self._gate.closed:
             raise Closed("the service is closed")
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 0.5) -> None:
         """Refuse new requests, stop the sources' work in flight, then the workers; idempotent.
 
         Requests in flight get their answers (degraded ``closed`` where a read was cut); a request

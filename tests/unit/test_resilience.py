@@ -111,3 +111,60 @@ def test_retries_stay_within_the_time_left() -> None:
     dao = ResilientDao(primary, breaker(), RetryConfig(max=5, backoff_ms=200))
     dao.read_partial(["a"], timeout_s=0.05)
     assert len(primary.calls) == 1
+
+
+# -- lateness: the view's timeout_ms is the primary's share; the fallback gets the rest ----------------
+
+def _late_chain(primary_delay: float, hedge_ms: float | None = None, timeout_ms: int = 40,
+                fallback_delay: float = 0.0) -> tuple[ResilientDao, CircuitBreaker, FakeDao]:
+    primary = FakeDao(make_view("p", timeout_ms=timeout_ms), ROWS, delay=primary_delay)
+    fallback = FakeDao(make_view("f"), FALLBACK_ROWS, delay=fallback_delay)
+    b = breaker(threshold=5)
+    chain = ResilientDao(primary, b, fallbacks=[ResilientDao(fallback, breaker())], hedge_ms=hedge_ms)
+    return chain, b, primary
+
+
+def test_a_late_primary_hands_its_keys_to_the_fallback_within_the_request_budget() -> None:
+    chain, b, primary = _late_chain(primary_delay=5.0)  # ignores its deadline, like a frozen server
+    started = time.monotonic()
+    result = chain.read_partial(["a", "b"], timeout_s=0.5)
+    took = time.monotonic() - started
+    primary.release.set()
+    assert result.rows == [FALLBACK_ROWS["a"], FALLBACK_ROWS["b"]] and result.failed == []
+    assert 0.04 <= took < 0.4  # waited the primary's 40 ms share, not the 5 s it would take
+    assert b._failures == 1  # a late primary counts against its source
+    assert {d.reason for d in result.degraded} >= {Reason.TIMEOUT, Reason.FALLBACK}
+
+
+def test_without_a_fallback_the_primary_keeps_the_callers_whole_time() -> None:
+    primary = FakeDao(make_view("p", timeout_ms=10), ROWS, delay=0.05)
+    result = ResilientDao(primary, breaker()).read_partial(["a"], timeout_s=1.0)
+    assert result.rows == [ROWS["a"]]
+
+
+def test_hedge_starts_the_fallback_early_and_the_first_answer_wins() -> None:
+    chain, b, primary = _late_chain(primary_delay=5.0, hedge_ms=10, timeout_ms=300)
+    started = time.monotonic()
+    result = chain.read_partial(["a", "c"], timeout_s=1.0)
+    took = time.monotonic() - started
+    primary.release.set()
+    assert result.rows == [FALLBACK_ROWS["a"], FALLBACK_ROWS["c"]]
+    assert took < 0.25  # the fallback answered after the 10 ms hedge, long before the 300 ms share
+    assert b._failures == 0 and b.allow()  # not late: the primary still had its share
+
+
+def test_hedged_primary_fills_what_the_fallback_could_not_serve() -> None:
+    primary = FakeDao(make_view("p", timeout_ms=300), ROWS, delay=0.05)
+    fallback = FakeDao(make_view("f"), {}, error=BackendUnavailable("down"))
+    chain = ResilientDao(primary, breaker(), fallbacks=[ResilientDao(fallback, breaker())], hedge_ms=5)
+    result = chain.read_partial(["a", "b"], timeout_s=1.0)
+    assert result.rows == [ROWS["a"], ROWS["b"]] and result.failed == []
+
+
+def test_a_probe_that_waited_for_our_own_pool_lets_the_next_probe_through() -> None:
+    b = breaker(threshold=1, reset=0.05)
+    b.failure()
+    time.sleep(0.06)
+    assert b.allow()      # the probe
+    b.release()           # ended Overloaded: it told nothing about the store
+    assert b.allow()      # so the next call may probe

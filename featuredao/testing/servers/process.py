@@ -342,6 +342,11 @@ class ServerProcess(StartStop):
             raise ServerError(f"{self.name} server is not running")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        # Some servers' children leave the group (PostgreSQL's backends call setsid()): signal every
+        # descendant too, so a frozen server is frozen whole.
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     @staticmethod
     def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
@@ -387,3 +392,24 @@ class ServerProcess(StartStop):
             proc.wait()
         self._proc = None
         self._frozen = False
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (read from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out

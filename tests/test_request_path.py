@@ -1,0 +1,154 @@
+"""The request path when the primary store stalls, dies and comes back, on real servers.
+
+A primary view on PostgreSQL (the hologres adapter, ``timeout_ms`` 40: its share of the request) with a
+fallback view on Redis, ``service.deadline_ms`` 150, one long-lived service and a steady stream of
+``fetch`` calls while every PostgreSQL process is frozen (SIGSTOP of the postmaster and each backend),
+thawed, killed and restarted. Every request answers without raising, none comes back without values
+(the fallback's while the primary is sick), the primary serves again after it recovers, and the
+connections stay within the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from featuredao import Closed, FeatureService, build
+from featuredao.testing.servers import PostgresServer, RedisServer
+
+pytestmark = [pytest.mark.hologres, pytest.mark.redis]
+
+FEATURES = {"a": "int", "b": "str"}
+ITEMS = [f"i{n}" for n in range(40)]
+DEADLINE_MS = 150
+POOL = 4
+BOUND_S = 1.0  # generous on a loaded 2-core machine: the point is "not seconds", not a speed figure
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[PostgresServer, RedisServer]]:
+    pg, rd = PostgresServer().start(), RedisServer().start()
+    try:
+        yield pg, rd
+    finally:
+        if pg.frozen:
+            pg.thaw()
+        pg.stop()
+        rd.stop()
+
+
+def config(pg: PostgresServer, rd: RedisServer) -> dict[str, Any]:
+    view = {"entity": "item", "key": "id", "features": FEATURES}
+    return {
+        "sources": {
+            "pg": {"type": "hologres", "host": pg.host, "port": pg.port, "user": pg.user,
+                   "password": pg.password, "database": pg.dbname, "sslmode": "disable",
+                   "pool_size": POOL, "connect_timeout_ms": 500, "application_name": "fd_request_path",
+                   "circuit_breaker": {"failure_threshold": 3, "reset_timeout_s": 0.3}},
+            "rd": {"type": "redis", "host": rd.host, "port": rd.port, "socket_timeout_ms": 200},
+        },
+        "views": [
+            {**view, "name": "items", "source": "pg", "table": "items", "timeout_ms": 40,
+             "fallback": ["items_redis"]},
+            {**view, "name": "items_redis", "source": "rd", "table": "items", "timeout_ms": 100,
+             "options": {"layout": "hash"}},
+        ],
+        "service": {"deadline_ms": DEADLINE_MS},
+    }
+
+
+def seed(cfg: dict[str, Any]) -> None:
+    runtime = build(cfg)
+    try:
+        for name, label in (("items", "primary"), ("items_redis", "fallback")):
+            runtime.daos[name].prepare()
+            runtime.daos[name].upsert((k, {"a": i, "b": label}) for i, k in enumerate(ITEMS))
+    finally:
+        runtime.close()
+
+
+def stream(service: FeatureService, seconds: float, log: list[tuple[str, float, set[Any]]],
+           phase: str) -> None:
+    """Fetch back to back for ``seconds``; every answer must carry values and come within the bound."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        result = service.fetch(None, ITEMS)  # raising fails the test
+        took = time.monotonic() - started
+        labels = {row["b"] for row in result.items}
+        log.append((phase, took, labels))
+        assert took < DEADLINE_MS / 1000 + BOUND_S, (phase, took)
+        assert None not in labels, (phase, result.degraded)
+        time.sleep(0.005)
+
+
+def connections(pg: PostgresServer) -> int:
+    with psycopg.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.dbname,
+                         sslmode="disable") as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           ["fd_request_path"]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_stalled_killed_and_restarted_primary_never_costs_a_value(
+        servers: tuple[PostgresServer, RedisServer]) -> None:
+    pg, rd = servers
+    cfg = config(pg, rd)
+    seed(cfg)
+    log: list[tuple[str, float, set[Any]]] = []
+    with FeatureService.from_config(cfg) as service:
+        stream(service, 1.0, log, "healthy")
+        pg.freeze()
+        stream(service, 2.0, log, "frozen")
+        pg.thaw()
+        stream(service, 2.0, log, "thawed")
+        pg.kill()
+        stream(service, 1.5, log, "killed")
+        pg.restart()
+        stream(service, 3.0, log, "restarted")
+        assert connections(pg) <= POOL
+    by_phase = {p: [labels for q, _, labels in log if q == p] for p in dict.fromkeys(q for q, _, _ in log)}
+    assert all(len(v) >= 5 for v in by_phase.values()), {p: len(v) for p, v in by_phase.items()}
+    assert all(labels == {"primary"} for labels in by_phase["healthy"])
+    assert any("fallback" in labels for labels in by_phase["frozen"])
+    assert {"primary"} in by_phase["thawed"][-5:], "the primary serves again once thawed"
+    assert any("fallback" in labels for labels in by_phase["killed"])
+    assert by_phase["restarted"][-1] == {"primary"}, "the primary serves again after a restart"
+
+
+def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[PostgresServer, RedisServer],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    pg, rd = servers
+    cfg = config(pg, rd)
+    seed(cfg)
+    service = FeatureService.from_config(cfg)
+    service.fetch(None, ITEMS)
+    pg.freeze()
+    answers: list[Any] = []
+
+    def caller() -> None:
+        for _ in range(20):
+            try:
+                answers.append(service.fetch(None, ITEMS))
+            except Exception as exc:  # only Closed is allowed, and only after close()
+                answers.append(exc)
+                return
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # reads are now stuck on the frozen server
+    started = time.monotonic()
+    service.close()
+    took = time.monotonic() - started
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads), "a caller hangs after close()"
+    assert took < 2.0, took  # bounded: not the seconds a frozen server would hold it
+    assert not [r for r in caplog.records if "couldn't stop" in r.getMessage()]
+    assert all(isinstance(a, Closed) for a in answers if isinstance(a, BaseException)), answers
