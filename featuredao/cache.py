@@ -139,7 +139,8 @@ class CachedDao(FeatureDao):
                         failed.append(k)
                 else:
                     found[k] = outcome.rows.get(k)
-            served_stale = [k for k in pending if k in outcome.failed and k not in failed]
+            lost = set(failed)  # a set: with every key failed, a list made this loop quadratic
+            served_stale = [k for k in pending if k in outcome.failed and k not in lost]
             if served_stale:
                 degraded.append(Degraded(self.view.name, Reason.STALE,
                                          f"{len(served_stale)} stale row(s) served: {outcome.error}"))

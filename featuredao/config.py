@@ -45,6 +45,11 @@ class ServiceConfig(StrictModel):
     deadline_ms: int = Field(default=100, gt=0)
     max_workers: int = Field(default=16, gt=0, le=256)
     strict: bool = False
+    max_in_flight: int | None = Field(default=None, gt=0, le=4096)
+    """Requests served at once; more wait for a slot (at most ``admission_wait`` of their deadline) and
+    are then shed: defaults (or what L1 holds) at once, degraded ``overloaded``. Default: 4 per core."""
+    admission_wait: float = Field(default=0.75, gt=0, le=1)
+    """The share of a request's deadline it may wait for a slot before it is shed."""
 
 
 class CircuitBreakerConfig(StrictModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -16,7 +18,7 @@ from typing import Any, Self
 from featuredao import factory
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
-from featuredao.errors import Closed, FetchError, UnknownView, reason_of
+from featuredao.errors import Closed, FetchError, Overloaded, UnknownView, reason_of
 from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
@@ -75,6 +77,9 @@ class FeatureService:
         self._pool = ThreadPoolExecutor(max_workers=self.settings.max_workers,
                                         thread_name_prefix="featuredao-view")
         self._gate = Gate("service")
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.max_in_flight = self.settings.max_in_flight or 4 * max(1, usable)
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._shapes: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...],
                                       dict[str, FeatureValue]]] = {}
         self._by_entity: dict[str, list[FeatureDao]] = {"user": [], "item": []}
@@ -138,6 +143,17 @@ class FeatureService:
                 self._submit(queue, deadline)
         return futures
 
+    def _shed(self, tasks: list[_Task]) -> list[BatchResult | BaseException | None]:
+        """Too many requests in flight: what L1 holds at once, defaults for the rest, no store read."""
+        out: list[BatchResult | BaseException | None] = []
+        shed = Overloaded(f"shed: {self.max_in_flight} requests already in flight")
+        for task in tasks:
+            hit = task.dao.peek(task.keys)
+            if hit is None:
+                self._metrics.error(task.view.name, Reason.OVERLOADED.value)
+            out.append(hit if hit is not None else shed)
+        return out
+
     def _submit(self, queue: list[tuple[_Task, Future[BatchResult]]], deadline: float) -> None:
         try:
             worker = self._pool.submit(self._run_lane, queue, deadline)
@@ -188,8 +204,9 @@ class FeatureService:
             detail = f"no answer within {task.timeout_s * 1000:.0f} ms"
             return Degraded(task.view.name, Reason.TIMEOUT, detail)
         reason = reason_of(exc)
-        if reason is Reason.CLOSED:
-            log.debug("view %s: the service was closed during the request", task.view.name)
+        if reason in (Reason.CLOSED, Reason.OVERLOADED):
+            # Counted in metrics; a log line per shed view would add load exactly when there is too much.
+            log.debug("view %s degraded (%s): %s", task.view.name, reason.value, exc)
         elif reason is Reason.QUERY_ERROR:
             log.error("view %s: the store rejected the query: %s", task.view.name, exc)
         elif reason is Reason.ERROR:
@@ -254,16 +271,21 @@ class FeatureService:
         started = time.perf_counter()
         self._check_open()
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
-        futures = self._start(tasks, started + budget)
-        outcomes: list[BatchResult | BaseException | None] = []
-        for task, fut in zip(tasks, futures, strict=True):
-            try:
-                outcomes.append(fut.result(timeout=max(0.0, self._wait_s(task, started, budget))))
-            except FutureTimeout:
-                fut.cancel()  # a lane skips a task nobody waits for any more
-                outcomes.append(None)
-            except (Exception, CancelledError) as exc:
-                outcomes.append(exc)
+        if not self._slots.acquire(timeout=budget * self.settings.admission_wait):
+            return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
+        try:
+            futures = self._start(tasks, started + budget)
+            outcomes: list[BatchResult | BaseException | None] = []
+            for task, fut in zip(tasks, futures, strict=True):
+                try:
+                    outcomes.append(fut.result(timeout=max(0.0, self._wait_s(task, started, budget))))
+                except FutureTimeout:
+                    fut.cancel()  # a lane skips a task nobody waits for any more
+                    outcomes.append(None)
+                except (Exception, CancelledError) as exc:
+                    outcomes.append(exc)
+        finally:
+            self._slots.release()
         return self._merge(user_id, item_ids, tasks, outcomes, started, strict)
 
     async def afetch(self, user_id: Key | None, item_ids: Sequence[Key] = (), *,
@@ -272,6 +294,18 @@ class FeatureService:
         started = time.perf_counter()
         self._check_open()
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
+        admit_by = started + budget * self.settings.admission_wait
+        while not self._slots.acquire(blocking=False):
+            if time.perf_counter() >= admit_by:
+                return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
+            await asyncio.sleep(0.001)  # the loop keeps running while this request waits for a slot
+        try:
+            return await self._afetch_admitted(user_id, item_ids, tasks, started, budget, strict)
+        finally:
+            self._slots.release()
+
+    async def _afetch_admitted(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
+                               started: float, budget: float, strict: bool | None) -> FetchResult:
         waits = [asyncio.wrap_future(f) for f in self._start(tasks, started + budget)]
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, waits, strict=True):

@@ -152,3 +152,42 @@ def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[Post
     assert took < 2.0, took  # bounded: not the seconds a frozen server would hold it
     assert not [r for r in caplog.records if "couldn't stop" in r.getMessage()]
     assert all(isinstance(a, Closed) for a in answers if isinstance(a, BaseException)), answers
+
+
+def test_overload_sheds_instead_of_queueing_past_the_deadline(
+        servers: tuple[PostgresServer, RedisServer]) -> None:
+    _, rd = servers
+    cfg: dict[str, Any] = {
+        "sources": {"rd": {"type": "redis", "host": rd.host, "port": rd.port, "pool_size": 4}},
+        "views": [{"name": "items", "entity": "item", "source": "rd", "table": "items", "key": "id",
+                   "features": FEATURES, "timeout_ms": 100, "options": {"layout": "hash"}}],
+        "service": {"deadline_ms": DEADLINE_MS, "max_in_flight": 4},
+    }
+    runtime = build(cfg)
+    runtime.daos["items"].upsert((k, {"a": i, "b": "x"}) for i, k in enumerate(ITEMS))
+    runtime.close()
+    took: list[float] = []
+    failures: list[BaseException] = []
+    reasons: set[str] = set()
+    with FeatureService.from_config(cfg) as service:
+        def caller() -> None:
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                started = time.monotonic()
+                try:
+                    result = service.fetch(None, ITEMS)
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+                took.append(time.monotonic() - started)
+                reasons.update(d.reason.value for d in result.degraded)
+
+        threads = [threading.Thread(target=caller) for _ in range(48)]  # 24 per core
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert len(took) > 100
+    assert max(took) < DEADLINE_MS / 1000 + BOUND_S, max(took)
+    assert "overloaded" in reasons  # the load was real: some requests were shed

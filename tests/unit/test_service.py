@@ -128,3 +128,21 @@ def test_afetch_does_not_block_the_event_loop() -> None:
     assert isinstance(result, FetchResult)
     assert ticks >= 5  # the loop kept running while the store was busy
     assert result.user == {"a": 2, "b": "y"}
+
+
+def test_a_request_beyond_max_in_flight_is_shed_with_defaults_not_queued() -> None:
+    slow = FakeDao(make_view("slow", "item", timeout_ms=1000), {"i1": {"a": 5, "b": "z"}}, delay=0.4)
+    svc = FeatureService({"slow": slow}, ServiceConfig(deadline_ms=100, max_in_flight=1, admission_wait=0.5))
+    first = threading.Thread(target=svc.fetch, args=(None, ["i1"]))
+    first.start()
+    time.sleep(0.02)  # the first request holds the only slot
+    started = time.monotonic()
+    result = svc.fetch(None, ["i1"])
+    took = time.monotonic() - started
+    slow.release.set()
+    first.join()
+    svc.close()
+    assert result.items == [{"a": -1, "b": None}]
+    assert [(d.view, d.reason) for d in result.degraded] == [("slow", Reason.OVERLOADED)]
+    assert 0.04 <= took < 0.5  # waited its admission share (50 ms), not the 400 ms the store takes
+    assert len(slow.calls) == 1  # the shed request never reached the store

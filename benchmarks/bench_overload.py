@@ -1,0 +1,166 @@
+"""The request path under load: threads 1, 4, 16, 64 calling ``fetch`` back to back on one service.
+
+The request (the request-path issue's): a user view and an item view on one throwaway Redis
+(string/msgpack, 20 float features each, L1 on the item view), 1 user + 200 items per ``fetch``, 17% of
+the items missing, ``service.deadline_ms`` 100. Each thread count runs for ``--seconds``; per count it
+prints p50/p99/p99.9/max latency, answers/s, answers with full values/s, the share of answers with a
+view shed as ``overloaded`` and the share with any degraded part. With ``--chart`` it draws a PNG.
+
+    .venv/bin/python benchmarks/bench_overload.py [--seconds 5] [--threads 1,4,16,64] [--chart FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from featuredao import FeatureService, Reason, build
+from featuredao.testing.servers import RedisServer
+
+FEATURES = {f"f{i}": "float" for i in range(20)}
+ITEMS = 20_000
+MISSING = 0.17
+BATCH = 200
+DEADLINE_MS = 100
+
+
+def config(host: str, port: int, service: dict[str, Any] | None = None) -> dict[str, Any]:
+    options = {"layout": "string", "encoding": "msgpack"}
+    source = {"type": "redis", "host": host, "port": port, "pool_size": 8}
+    return {
+        "sources": {"store": source},
+        "views": [
+            {"name": "user", "entity": "user", "source": "store", "table": "u", "key": "id",
+             "features": FEATURES, "prefix": "u_", "options": options},
+            {"name": "item", "entity": "item", "source": "store", "table": "i", "key": "id",
+             "key_type": "int", "features": FEATURES, "prefix": "i_", "options": options,
+             "cache": {"l1": {"ttl_s": 3600, "max_entries": 1_000_000}}},
+        ],
+        "service": {"deadline_ms": DEADLINE_MS, **(service or {})},
+    }
+
+
+def seed(cfg: dict[str, Any]) -> None:
+    runtime = build(cfg)
+    try:
+        rng = random.Random(1)
+        runtime.daos["user"].upsert((f"u{i}", {f: rng.random() for f in FEATURES}) for i in range(1000))
+        kept = [i for i in range(ITEMS) if rng.random() >= MISSING]
+        for start in range(0, len(kept), 5000):
+            chunk = kept[start:start + 5000]
+            runtime.daos["item"].upsert((i, {f: rng.random() for f in FEATURES}) for i in chunk)
+    finally:
+        runtime.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run(service: FeatureService, threads: int, seconds: float) -> dict[str, float]:
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    shed = [0] * threads
+    degraded = [0] * threads
+    errors = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        while time.perf_counter() < stop:
+            user = f"u{rng.randrange(1000)}"
+            items = rng.sample(range(ITEMS), BATCH)
+            started = time.perf_counter()
+            try:
+                result = service.fetch(user, items)
+            except Exception:
+                errors[n] += 1
+                continue
+            latencies[n].append((time.perf_counter() - started) * 1000)
+            if result.degraded:
+                degraded[n] += 1
+                if any(d.reason is Reason.OVERLOADED for d in result.degraded):
+                    shed[n] += 1
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    began = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - began
+    flat = [x for lat in latencies for x in lat]
+    answers = len(flat)
+    full = answers - sum(degraded)
+    return {"threads": threads, "p50": pct(flat, 0.5), "p99": pct(flat, 0.99), "p999": pct(flat, 0.999),
+            "max": max(flat, default=float("nan")), "answers_s": answers / wall, "full_s": full / wall,
+            "shed": sum(shed) / max(answers, 1), "degraded": sum(degraded) / max(answers, 1),
+            "errors": sum(errors)}
+
+
+def chart(rows: list[dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = [r["threads"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("p50", "p99", "max"):
+        left.plot(threads, [r[key] for r in rows], marker="o", label=key)
+    left.axhline(DEADLINE_MS, color="grey", linestyle="--", label="deadline")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("threads")
+    left.set_ylabel("ms")
+    left.legend()
+    right.plot(threads, [r["answers_s"] for r in rows], marker="o", label="answers/s")
+    right.plot(threads, [r["full_s"] for r in rows], marker="o", label="full answers/s")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("threads")
+    right.legend()
+    fig.suptitle(f"fetch: 1 user + {BATCH} items, Redis msgpack, deadline {DEADLINE_MS} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", default="1,4,16,64")
+    parser.add_argument("--chart", default=None)
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="service.max_in_flight (default: the library's)")
+    parser.add_argument("--admission-wait", type=float, default=None,
+                        help="service.admission_wait (default: the library's)")
+    args = parser.parse_args()
+    server = RedisServer().start()
+    try:
+        knobs = {"max_in_flight": args.max_in_flight, "admission_wait": args.admission_wait}
+        cfg = config(server.host, server.port, {k: v for k, v in knobs.items() if v is not None})
+        seed(cfg)
+        with FeatureService.from_config(cfg) as service:
+            service.fetch("u1", list(range(ITEMS)))  # the L1 of the item view holds every item
+            rows = [run(service, int(t), args.seconds) for t in args.threads.split(",")]
+    finally:
+        server.stop()
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, deadline {DEADLINE_MS} ms, "
+          f"max_in_flight {args.max_in_flight or 'default'}, "
+          f"admission_wait {args.admission_wait or 'default'}, "
+          f"{args.seconds:.0f} s per thread count")
+    print("| threads | p50 ms | p99 ms | p99.9 ms | max ms | answers/s | full answers/s | shed | degraded "
+          "| errors |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['threads']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['p999']:.1f} | {r['max']:.1f} | "
+              f"{r['answers_s']:.0f} | {r['full_s']:.0f} | {r['shed']:.0%} | {r['degraded']:.0%} | "
+              f"{r['errors']:.0f} |")
+    if args.chart:
+        chart(rows, args.chart)
+
+
+if __name__ == "__main__":
+    main()
