@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from featuredao import FeatureService, build, synthetic
+from featuredao.cache import flush_background
 from featuredao.demo import ITEM_FEATURES
 from featuredao.testing.servers import RedisServer
 
@@ -85,6 +86,7 @@ def main() -> None:
         filler = service("c_mixed")
         warm_start = l1_count + BATCH
         filler.fetch(None, list(range(warm_start, warm_start + l2_count * n)))
+        flush_background()  # L2 is written off the request path: wait for it before measuring
         filler.close()
         # Misses are keys nobody read: they exist in the store but in no cache.
         miss_start = warm_start + l2_count * n

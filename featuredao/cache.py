@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,49 @@ log = logging.getLogger("featuredao")
 
 CHANNEL = "featuredao:invalidate"
 # Background refreshes (stale-while-revalidate) of every cached view share these few threads.
-_refresher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="featuredao-refresh")
+class _Background:
+    """Work off the request path on one daemon thread, behind a bounded queue: full means dropped."""
+
+    def __init__(self, name: str, size: int = 1024) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(size)
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue ``job``; False (and nothing queued) when the queue is full."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the work queued before this call is done (tests, orderly shutdowns)."""
+        done = threading.Event()
+        return self.submit(done.set) and done.wait(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job()
+            except Exception:  # one failed job must not stop the others
+                log.exception("background cache work failed")
+
+
+# L2 write-backs and stale-while-revalidate refreshes: never on the request path, never unbounded.
+_writeback = _Background("featuredao-l2-writeback")
+_refreshes = _Background("featuredao-refresh", 256)
+
+
+def flush_background(timeout_s: float = 5.0) -> bool:
+    """Wait for the L2 write-backs and refreshes queued so far; False if they did not end in time."""
+    return _writeback.flush(timeout_s) and _refreshes.flush(timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +138,7 @@ class CachedDao(FeatureDao):
         self._l1_ttl = config.l1.ttl_s if config.l1 is not None else 0.0
         self._l2_ttl = config.l2.ttl_s if config.l2 is not None else 0.0
         self._origin = uuid.uuid4().hex
+        self._refreshing: set[Key] = set()
         self._unsubscribe: Callable[[], None] | None = None
         if self._l2 is not None:
             self._pack, self._unpack = _packer()
@@ -155,15 +199,18 @@ class CachedDao(FeatureDao):
         if self._l1 is None:
             return None
         norm = self._normalise(keys)
-        unique = list(dict.fromkeys(norm))
         now = time.time()
-        with self._lock:
-            entries = list(map(self._l1.get, unique))
         found: dict[Key, Row | None] = {}
-        for k, entry in zip(unique, entries, strict=True):
-            if entry is None or entry.fresh_until <= now:
-                return None
-            found[k] = entry.row
+        l1 = self._l1
+        with self._lock:
+            # Key by key, out at the first miss: a batch that is not whole in L1 costs a few lookups,
+            # not one per key (read_partial then looks them up once, for real).
+            for k in norm:
+                if k not in found:
+                    entry = l1.get(k)
+                    if entry is None or entry.fresh_until <= now:
+                        return None
+                    found[k] = entry.row
         self._metrics.cache(self.view.name, "l1", "hit", len(found))
         return BatchResult(norm, [found[k] for k in norm])
 
@@ -305,15 +352,22 @@ class CachedDao(FeatureDao):
                 ttl = self.config.negative_ttl_s if row is None else self._l2_ttl
                 ttl = ttl * (1 + random.uniform(-jitter, jitter)) + self._stale_window
                 items.append((self._prefix + str(k), self._pack([now, row]), ttl))
-            try:
-                self._l2.set_many(items)
-            except Exception as exc:
-                log.warning("view %s: L2 cache write failed: %s", self.view.name, exc)
-                self._metrics.cache(self.view.name, "l2", "error", len(items))
+            if not _writeback.submit(lambda: self._write_l2(items)):
+                self._metrics.cache(self.view.name, "l2", "dropped", len(items))
+
+    def _write_l2(self, items: list[tuple[str, bytes, float]]) -> None:
+        assert self._l2 is not None
+        try:
+            self._l2.set_many(items)
+        except Exception as exc:
+            log.warning("view %s: L2 cache write failed: %s", self.view.name, exc)
+            self._metrics.cache(self.view.name, "l2", "error", len(items))
 
     def _refresh_later(self, keys: list[Key]) -> None:
         with self._lock:
-            keys = [k for k in keys if k not in self._inflight]
+            # Queued or running: a key is refreshed once however many reads find it stale meanwhile.
+            keys = [k for k in keys if k not in self._inflight and k not in self._refreshing]
+            self._refreshing.update(keys)
         if keys:
             timeout = self.view.timeout_ms / 1000 * 10
 
@@ -322,8 +376,14 @@ class CachedDao(FeatureDao):
                     self._load(keys, time.perf_counter() + timeout)
                 except Exception as exc:
                     log.warning("view %s: background refresh failed: %s", self.view.name, exc)
+                finally:
+                    with self._lock:
+                        self._refreshing.difference_update(keys)
 
-            _refresher.submit(refresh)
+            if not _refreshes.submit(refresh):
+                with self._lock:
+                    self._refreshing.difference_update(keys)
+                self._metrics.cache(self.view.name, "l1", "refresh_dropped", len(keys))
 
     # -- invalidation --------------------------------------------------------------------
     def invalidate(self, keys: Iterable[Key]) -> None:
