@@ -4,6 +4,7 @@ from featuredao.config import Config, View
 from featuredao.config import load as load_config
 from featuredao.dao import BaseDao, Capabilities, FeatureDao, Source
 from featuredao.errors import (
+    ArgumentTypeError,
     BackendAuthError,
     BackendError,
     BackendQueryError,
@@ -15,6 +16,7 @@ from featuredao.errors import (
     ConfigError,
     FeatureDaoError,
     FetchError,
+    InvalidKeyError,
     Overloaded,
     UnknownAdapter,
     UnknownView,
@@ -28,6 +30,7 @@ from featuredao.types import BatchResult, Degraded, FeatureType, FeatureValue, K
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "BackendAuthError",
     "BackendError",
     "BackendQueryError",
@@ -49,6 +52,7 @@ __all__ = [
     "FeatureValue",
     "FetchError",
     "FetchResult",
+    "InvalidKeyError",
     "Key",
     "Overloaded",
     "Reason",

@@ -24,8 +24,9 @@ from typing import Any
 from cachetools import LRUCache
 
 from featuredao.config import CacheConfig
-from featuredao.dao import FeatureDao, KeyValueStore, normaliser
+from featuredao.dao import FeatureDao, KeyValueStore, invalid_keys
 from featuredao.errors import BackendTimeout
+from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
 
@@ -150,12 +151,14 @@ class CachedDao(FeatureDao):
         """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""
         started = time.perf_counter()
         deadline = None if timeout_s is None else started + timeout_s
-        norm = self._normalise(keys)
-        unique = list(dict.fromkeys(norm))
+        norm, invalid = normalise(keys, self._norm, self._key_type)
+        unique = readable(norm)  # an invalid key is neither cached nor read: it is answered missing
         now = time.time()
         found: dict[Key, Row | None] = {}
         stale: dict[Key, Entry] = {}
         degraded: list[Degraded] = []
+        if invalid:
+            degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
 
         pending = self._from_l1(unique, now, found, stale)
         if pending and self._l2 is not None:
@@ -198,7 +201,9 @@ class CachedDao(FeatureDao):
         """Every key fresh in L1: the whole result at once, without blocking; otherwise None."""
         if self._l1 is None:
             return None
-        norm = self._normalise(keys)
+        norm, invalid = normalise(keys, self._norm, self._key_type)
+        if invalid:
+            return None  # read_partial reports them
         now = time.time()
         found: dict[Key, Row | None] = {}
         l1 = self._l1
@@ -213,12 +218,6 @@ class CachedDao(FeatureDao):
                     found[k] = entry.row
         self._metrics.cache(self.view.name, "l1", "hit", len(found))
         return BatchResult(norm, [found[k] for k in norm])
-
-    def _normalise(self, keys: Sequence[Key]) -> list[Key]:
-        # Keys usually arrive with the right type already: one C-level check instead of a call per key.
-        if set(map(type, keys)) == {self._key_type}:
-            return list(keys)
-        return [self._norm(k) for k in keys]
 
     @staticmethod
     def _project(row: Row | None, features: Sequence[str] | None) -> Row | None:
@@ -388,7 +387,7 @@ class CachedDao(FeatureDao):
     # -- invalidation --------------------------------------------------------------------
     def invalidate(self, keys: Iterable[Key]) -> None:
         """Drop keys from L1 and L2 and tell every other process to drop them from its L1."""
-        norm = [self._norm(k) for k in keys]
+        norm = [self._norm(k) for k in keys]  # a key that cannot be one is the caller's error here
         self._drop_l1(norm)
         if self._l2 is not None:
             self._l2.delete_many([self._prefix + str(k) for k in norm])

@@ -12,6 +12,7 @@ import click
 
 from featuredao import config as config_mod
 from featuredao.bench import bench
+from featuredao.errors import FeatureDaoError
 from featuredao.exits import run
 from featuredao.sync.cli import sync
 
@@ -22,6 +23,24 @@ def _keys(text: str) -> list[str]:
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def _check_keys(service: Any, keys: list[str], *, view: str | None = None, entity: str | None = None) -> None:
+    """A key that cannot be a key of a view it goes to is a usage error (exit 2), named with the view."""
+    from featuredao.keys import normaliser
+
+    for name in service.views():
+        v = service.view(name)
+        if (view is not None and name != view) or (entity is not None and (v.entity != entity
+                                                                          or name not in service.daos)):
+            continue
+        norm = normaliser(v.key_type)
+        for key in keys:
+            try:
+                norm(key)
+            except FeatureDaoError:
+                raise click.UsageError(f"key {key!r} cannot be a key of view {name!r} "
+                                       f"(key_type {v.key_type})") from None
 
 
 @click.group()
@@ -61,11 +80,14 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
         if view is not None:
             if view not in service.views():
                 raise click.UsageError(f"unknown view {view!r}; known: {', '.join(service.views())}")
+            _check_keys(service, _keys(keys), view=view)
             batch = service.read_view(view, _keys(keys))
             out: dict[str, Any] = {str(k): r for k, r in batch.as_dict().items()}
             if batch.degraded:
                 click.echo(_dump({"degraded": [d.to_dict() for d in batch.degraded]}), err=True)
         else:
+            _check_keys(service, _keys(items), entity="item")
+            _check_keys(service, [] if user_id is None else [user_id], entity="user")
             out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms).to_dict()
     if as_json:
         click.echo(_dump(out))

@@ -48,6 +48,8 @@ class ServiceConfig(StrictModel):
     max_in_flight: int | None = Field(default=None, gt=0, le=4096)
     """Requests served at once; more wait for a slot (at most ``admission_wait`` of their deadline) and
     are then shed: defaults (or what L1 holds) at once, degraded ``overloaded``. Default: 4 per core."""
+    max_keys_per_request: int = Field(default=10_000, gt=0)
+    """Most item ids one ``fetch`` takes (more is a ``UsageError``)."""
     admission_wait: float = Field(default=0.75, gt=0, le=1)
     """The share of a request's deadline it may wait for a slot before it is shed."""
 

@@ -34,6 +34,8 @@ from featuredao.errors import (
     Unsupported,
     UsageError,
 )
+from featuredao.keys import normalise, readable
+from featuredao.keys import normaliser as normaliser  # where sync finds it
 from featuredao.lifecycle import Gate
 from featuredao.ports import Change as Change
 from featuredao.ports import KeyValueStore as KeyValueStore
@@ -260,24 +262,10 @@ class Source(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-def normaliser(key_type: str) -> Callable[[Any], Key]:
-    """Return the function that brings a caller's key to the view's key type."""
-    if key_type == "int":
-        def to_int(k: Any) -> Key:
-            if isinstance(k, bool) or not isinstance(k, int | str):
-                raise TypeError(f"key {k!r} is not an int")
-            return int(k)
-        return to_int
-
-    def to_str(k: Any) -> Key:
-        if isinstance(k, str):
-            return k
-        if isinstance(k, int) and not isinstance(k, bool):
-            return str(k)
-        if isinstance(k, bytes):
-            return k.decode()
-        raise TypeError(f"key {k!r} is not a str")
-    return to_str
+def invalid_keys(view: str, key_type: str, shown: list[str]) -> Degraded:
+    """The degraded entry for keys a view cannot accept (at most 20 of them shown)."""
+    return Degraded(view, Reason.INVALID_KEY, f"{len(shown)} key(s) cannot be {key_type} keys of this view: "
+                    "not read", tuple(shown[:20]))
 
 
 class BaseDao(SyncHooks, FeatureDao):
@@ -287,6 +275,7 @@ class BaseDao(SyncHooks, FeatureDao):
         self.source = source
         self.view = view
         self._norm = normaliser(view.key_type)
+        self._key_type: type[Any] = int if view.key_type == "int" else str
         self._all_fields = list(view.features)
         self._plans: dict[tuple[str, ...], tuple[Coercion, ...]] = {}
 
@@ -335,12 +324,15 @@ class BaseDao(SyncHooks, FeatureDao):
                      timeout_s: float | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
-        norm = [self._norm(k) for k in keys]
+        norm, invalid = normalise(keys, self._norm, self._key_type)
         fields = self._fields(features)
         result = BatchResult(norm, [None] * len(norm))
-        if not norm:
+        if invalid:
+            result.degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
+        # A key the view cannot accept is never sent to the store: it is answered missing.
+        unique = readable(norm)
+        if not unique:
             return result  # no round trip for an empty batch
-        unique = list(dict.fromkeys(norm))
         size = max(1, self.source.batch_size)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
         deadline = None if timeout_s is None else started + timeout_s

@@ -6,7 +6,9 @@ handle failures. Every exception featuredao raises on purpose is a ``FeatureDaoE
 
     FeatureDaoError
     ├── UsageError (ValueError)      the caller asked for something the view cannot do
-    │   └── CoercionError            a value that cannot be turned into its declared type
+    │   ├── CoercionError            a value that cannot be turned into its declared type
+    │   └── InvalidKeyError          strict mode: keys that cannot be keys of their view
+    ├── ArgumentTypeError (TypeError)  an argument of the wrong kind
     ├── UnknownView (KeyError)       no view of that name
     ├── UnknownAdapter (LookupError) no adapter of that type installed
     ├── Unsupported (NotImplementedError)  the adapter lacks the capability
@@ -45,6 +47,19 @@ class CoercionError(UsageError):
     """A value that cannot be turned into its declared type."""
 
 
+class ArgumentTypeError(FeatureDaoError, TypeError):
+    """An argument of the wrong kind (item ids given as one string, say)."""
+
+
+class InvalidKeyError(UsageError):
+    """Strict mode: keys that cannot be keys of their view (``keys`` by view, as shown)."""
+
+    def __init__(self, keys: dict[str, list[str]]) -> None:
+        self.keys = keys
+        parts = "; ".join(f"view {view!r}: {', '.join(shown)}" for view, shown in keys.items())
+        super().__init__(f"invalid keys: {parts}")
+
+
 class UnknownView(FeatureDaoError, KeyError):
     """No view of that name is configured."""
 
@@ -70,6 +85,7 @@ class Reason(StrEnum):
     OVERLOADED = "overloaded"
     CLOSED = "closed"
     COERCION = "coercion"
+    INVALID_KEY = "invalid_key"
     ROW_ERROR = "row_error"
     FALLBACK = "fallback"
     STALE = "stale"

@@ -10,9 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from enum import StrEnum
+from typing import Any
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
-from featuredao.dao import FeatureDao
+from featuredao.dao import FeatureDao, invalid_keys
 from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
@@ -22,6 +23,7 @@ from featuredao.errors import (
     UsageError,
     reason_of,
 )
+from featuredao.keys import normalise, normaliser
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
@@ -148,6 +150,8 @@ class ResilientDao(FeatureDao):
         self.fallbacks = list(fallbacks)
         self.fallback_on_missing = fallback_on_missing
         self.hedge_s = None if hedge_ms is None else hedge_ms / 1000
+        self._norm = normaliser(self.view.key_type)
+        self._key_type: type[Any] = int if self.view.key_type == "int" else str
         self._metrics = metrics or Metrics.disabled()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
@@ -155,6 +159,15 @@ class ResilientDao(FeatureDao):
         """Like ``read``; keys no link of the chain could serve stay in ``failed``."""
         started = time.perf_counter()
         deadline = None if timeout_s is None else started + timeout_s
+        # Keys in the view's type once, here: the chain passes InvalidKey placeholders along unread.
+        keys, invalid = normalise(keys, self._norm, self._key_type)
+        result = self._read_chain(keys, features, started, deadline)
+        if invalid:
+            result.degraded.insert(0, invalid_keys(self.view.name, self.view.key_type, invalid))
+        return result
+
+    def _read_chain(self, keys: list[Key], features: Sequence[str] | None, started: float,
+                    deadline: float | None) -> BatchResult:
         if not self.fallbacks:
             return self._guarded(self.primary, self.breaker, keys, features, deadline)
         share = started + self.view.timeout_ms / 1000

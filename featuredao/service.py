@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -18,7 +19,16 @@ from typing import Any, Self
 from featuredao import factory
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
-from featuredao.errors import Closed, FetchError, Overloaded, UnknownView, reason_of
+from featuredao.errors import (
+    ArgumentTypeError,
+    Closed,
+    FetchError,
+    InvalidKeyError,
+    Overloaded,
+    UnknownView,
+    UsageError,
+    reason_of,
+)
 from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
@@ -39,13 +49,13 @@ class FetchResult:
     elapsed_s: float = 0.0
 
     def items_by_id(self) -> dict[Key, dict[str, FeatureValue]]:
-        """Item rows by id (duplicate ids collapse)."""
-        return dict(zip(self.item_ids, self.items, strict=True))
+        """Item rows by id (duplicate ids collapse; an id that cannot be a dict key is left out)."""
+        return {k: v for k, v in zip(self.item_ids, self.items, strict=True) if isinstance(k, Hashable)}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape the CLI prints."""
-        return {"user": self.user, "items": {str(k): v for k, v in self.items_by_id().items()},
-                "degraded": [d.to_dict() for d in self.degraded]}
+        items = {str(k): v for k, v in zip(self.item_ids, self.items, strict=True)}
+        return {"user": self.user, "items": items, "degraded": [d.to_dict() for d in self.degraded]}
 
 
 @dataclass(slots=True)
@@ -260,16 +270,38 @@ class FeatureService:
                 target.update(values)
         result = FetchResult(user_id if user_id is not None else "", user, list(item_ids), items,
                              degraded, time.perf_counter() - started)
+        invalid = {d.view: [str(k) for k in d.keys] for d in degraded if d.reason is Reason.INVALID_KEY}
+        if invalid:
+            # One line per request: a caller's bad input is not worth a line per view, nor a traceback.
+            log.warning("keys that cannot be keys of their view were answered missing: %s", invalid)
         if degraded and (self.settings.strict if strict is None else strict):
+            if invalid:
+                raise InvalidKeyError(invalid)
             raise FetchError(degraded)
         return result
 
+    def _arguments(self, item_ids: Iterable[Key], deadline_ms: float | None) -> list[Key]:
+        """The item ids as a list, checked with the deadline before any work starts."""
+        if isinstance(item_ids, str | bytes | bytearray):
+            raise ArgumentTypeError("item_ids must be a sequence of ids, not one str or bytes "
+                                    f"(got {item_ids[:40]!r})")
+        items = list(item_ids)
+        limit = self.settings.max_keys_per_request
+        if len(items) > limit:
+            raise UsageError(f"{len(items)} item ids is more than service.max_keys_per_request ({limit})")
+        if deadline_ms is not None and (isinstance(deadline_ms, bool)
+                                        or not isinstance(deadline_ms, int | float)
+                                        or not math.isfinite(deadline_ms) or deadline_ms <= 0):
+            raise UsageError(f"deadline_ms must be a positive number of milliseconds (got {deadline_ms!r})")
+        return items
+
     # -- entry points --------------------------------------------------------------------
-    def fetch(self, user_id: Key | None, item_ids: Sequence[Key] = (), *,
+    def fetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
               deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
         """Fetch the user's and the items' features; degraded views give defaults, never raise."""
         started = time.perf_counter()
         self._check_open()
+        item_ids = self._arguments(item_ids, deadline_ms)
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
         if not self._slots.acquire(timeout=budget * self.settings.admission_wait):
             return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
@@ -288,11 +320,12 @@ class FeatureService:
             self._slots.release()
         return self._merge(user_id, item_ids, tasks, outcomes, started, strict)
 
-    async def afetch(self, user_id: Key | None, item_ids: Sequence[Key] = (), *,
+    async def afetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
                      deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
         """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
         started = time.perf_counter()
         self._check_open()
+        item_ids = self._arguments(item_ids, deadline_ms)
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
         admit_by = started + budget * self.settings.admission_wait
         while not self._slots.acquire(blocking=False):
@@ -324,6 +357,10 @@ class FeatureService:
         """Read one view directly (no merging, no defaults for missing keys)."""
         self._check_open()
         return self._view(view, self._extra).read(keys, features, timeout_s=timeout_s)
+
+    def view(self, name: str) -> View:
+        """The configuration of a view (served or fallback-only)."""
+        return self._view(name, self._extra).view
 
     def views(self) -> list[str]:
         """Every view name: served ones, then fallback-only ones."""

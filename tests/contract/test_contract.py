@@ -146,6 +146,23 @@ def test_integer_keys(int_dao: BaseDao) -> None:
     assert result.keys == [30, 10, 99, 20]
 
 
+def test_invalid_keys_never_reach_the_store_and_cost_only_themselves(
+        dao: BaseDao, int_dao: BaseDao, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(dao, ["a", "b"])
+    seed(int_dao, [1, 2])
+    sent = calls(dao, monkeypatch)
+    sent_int = calls(int_dao, monkeypatch)
+    text = dao.read(["a", None, 1.5, True, ["x"], b"b", "z" * 5000, "b"])
+    assert [r["f_int"] if r else None for r in text] == [0, None, None, None, None, 1, None, 1]
+    numbers = int_dao.read([1, None, 1.5, True, 10 ** 30, b"2", "abc", float("nan"), 2, "2"])
+    assert [r["f_int"] if r else None for r in numbers] == [0] + [None] * 7 + [1, 1]
+    # Only valid keys travel, whatever their position in the batch.
+    assert sorted(k for batch, _ in sent for k in batch) == ["a", "b"]
+    assert sorted(k for batch, _ in sent_int for k in batch) == [1, 2]
+    assert [d.reason.value for d in text.degraded] == ["invalid_key"]
+    assert len(numbers.degraded[0].keys) == 7
+
+
 def test_ping(dao: BaseDao) -> None:
     dao.ping()
 

@@ -106,3 +106,11 @@ def test_health_reports_each_source_and_exits_1_when_one_is_down(tmp_path: Path)
     path.write_text(json.dumps(cfg))
     out = run("health", str(path))
     assert out.returncode == 0 and "up" in out.stdout and "closed" in out.stdout
+
+
+def test_a_key_that_cannot_be_a_key_of_a_view_is_a_usage_error(demo_dir: Path) -> None:
+    out = run("fetch", str(demo_dir / "featuredao.json"), "--user", "1", "--items", "1,abc,2", "--json")
+    assert out.returncode == 2, out
+    assert "'abc'" in out.stderr and "key_type int" in out.stderr and "Traceback" not in out.stderr
+    out = run("fetch", str(demo_dir / "featuredao.json"), "--view", "item_features", "--keys", "7,x7")
+    assert out.returncode == 2 and "'x7'" in out.stderr and "Traceback" not in out.stderr
