@@ -12,6 +12,7 @@ view shed as ``overloaded`` and the share with any degraded part. With ``--chart
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import threading
@@ -102,6 +103,51 @@ def run(service: FeatureService, threads: int, seconds: float) -> dict[str, floa
             "errors": sum(errors)}
 
 
+def run_async(service: FeatureService, tasks: int, seconds: float) -> dict[str, float]:
+    """``tasks`` coroutines calling ``afetch`` back to back on one event loop, and a 10 ms ticker."""
+    latencies: list[float] = []
+    lags: list[float] = []
+    counts = {"shed": 0, "degraded": 0, "errors": 0}
+
+    async def worker(n: int, stop: float) -> None:
+        rng = random.Random(n)
+        while time.perf_counter() < stop:
+            user = f"u{rng.randrange(1000)}"
+            items = rng.sample(range(ITEMS), BATCH)
+            started = time.perf_counter()
+            try:
+                result = await service.afetch(user, items)
+            except Exception:
+                counts["errors"] += 1
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+            if result.degraded:
+                counts["degraded"] += 1
+                if any(d.reason is Reason.OVERLOADED for d in result.degraded):
+                    counts["shed"] += 1
+
+    async def ticker(stop: float) -> None:
+        while time.perf_counter() < stop:
+            planned = time.perf_counter() + 0.010
+            await asyncio.sleep(0.010)
+            lags.append(max(0.0, time.perf_counter() - planned) * 1000)
+
+    async def main() -> float:
+        stop = time.perf_counter() + seconds
+        began = time.perf_counter()
+        await asyncio.gather(ticker(stop), *(worker(n, stop) for n in range(tasks)))
+        return time.perf_counter() - began
+
+    wall = asyncio.run(main())
+    answers = len(latencies)
+    full = answers - counts["degraded"]
+    return {"threads": tasks, "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
+            "p999": pct(latencies, 0.999), "max": max(latencies, default=float("nan")),
+            "answers_s": answers / wall, "full_s": full / wall, "shed": counts["shed"] / max(answers, 1),
+            "degraded": counts["degraded"] / max(answers, 1), "errors": counts["errors"],
+            "lag_p99": pct(lags, 0.99), "lag_max": max(lags, default=float("nan"))}
+
+
 def chart(rows: list[dict[str, float]], path: str) -> None:
     import matplotlib
 
@@ -132,6 +178,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", default="1,4,16,64")
     parser.add_argument("--chart", default=None)
+    parser.add_argument("--tasks", default="1,16,64", help="asyncio tasks (empty: skip the asyncio rows)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="service.max_in_flight (default: the library's)")
     parser.add_argument("--admission-wait", type=float, default=None,
@@ -143,8 +190,10 @@ def main() -> None:
         cfg = config(server.host, server.port, {k: v for k, v in knobs.items() if v is not None})
         seed(cfg)
         with FeatureService.from_config(cfg) as service:
-            service.fetch("u1", list(range(ITEMS)))  # the L1 of the item view holds every item
-            rows = [run(service, int(t), args.seconds) for t in args.threads.split(",")]
+            for start in range(0, ITEMS, 5000):  # the L1 of the item view holds every item
+                service.fetch("u1", list(range(start, start + 5000)))
+            rows = [run(service, int(t), args.seconds) for t in args.threads.split(",") if t]
+            async_rows = [run_async(service, int(t), args.seconds) for t in args.tasks.split(",") if t]
     finally:
         server.stop()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, deadline {DEADLINE_MS} ms, "
@@ -158,6 +207,15 @@ def main() -> None:
         print(f"| {r['threads']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['p999']:.1f} | {r['max']:.1f} | "
               f"{r['answers_s']:.0f} | {r['full_s']:.0f} | {r['shed']:.0%} | {r['degraded']:.0%} | "
               f"{r['errors']:.0f} |")
+    if async_rows:
+        print()
+        print("| asyncio tasks | p50 ms | p99 ms | p99.9 ms | max ms | answers/s | full answers/s | shed "
+              "| degraded | errors | ticker lag p99 ms | lag max ms |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in async_rows:
+            print(f"| {r['threads']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['p999']:.1f} | "
+                  f"{r['max']:.1f} | {r['answers_s']:.0f} | {r['full_s']:.0f} | {r['shed']:.0%} | "
+                  f"{r['degraded']:.0%} | {r['errors']:.0f} | {r['lag_p99']:.1f} | {r['lag_max']:.1f} |")
     if args.chart:
         chart(rows, args.chart)
 

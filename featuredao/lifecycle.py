@@ -1,4 +1,7 @@
-"""A gate that admits work until it is closed, counts what is in flight, and lets close wait for it.
+"""Gates and slots: how much work is admitted, and when it may no longer be.
+
+A :class:`Gate` admits work until it is closed, counts what is in flight, and lets close wait for it;
+:class:`Slots` bound how many requests run at once, shared by threads and coroutines.
 
 Closing in the wrong order crashes drivers (SQLite frees a connection a statement still runs on), so
 every owner of store resources closes the same way: refuse new work, interrupt what runs, wait for it
@@ -7,8 +10,11 @@ within a bound, and only then free anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -72,3 +78,86 @@ class Gate:
         """Units of work admitted and not yet ended."""
         with self._cond:
             return self._in_flight
+
+
+class _Waiter:
+    __slots__ = ("event", "future", "granted", "loop")
+
+    def __init__(self, event: threading.Event | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 future: asyncio.Future[None] | None = None) -> None:
+        self.event = event
+        self.loop = loop
+        self.future = future
+        self.granted = False
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
+        elif self.loop is not None and self.future is not None:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Slots:
+    """A counting semaphore that threads and coroutines share, first come first served.
+
+    A thread waits on an event, a coroutine on a future of its own loop (the loop keeps running); a
+    released slot goes straight to the oldest waiter, so no one polls and no one jumps the queue.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
+
+    def _take(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Take a slot, waiting at most ``timeout_s``; False if none came free in time."""
+        with self._lock:
+            if self._take():
+                return True
+            waiter = _Waiter(event=threading.Event())
+            self._waiters.append(waiter)
+        assert waiter.event is not None
+        waiter.event.wait(max(0.0, timeout_s))
+        return self._settle(waiter)
+
+    async def acquire_async(self, timeout_s: float) -> bool:
+        """``acquire`` for a coroutine: the event loop runs on while it waits."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._take():
+                return True
+            waiter = _Waiter(loop=loop, future=loop.create_future())
+            self._waiters.append(waiter)
+        assert waiter.future is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, timeout_s))
+        return self._settle(waiter)
+
+    def _settle(self, waiter: _Waiter) -> bool:
+        with self._lock:
+            if waiter.granted:
+                return True
+            self._waiters.remove(waiter)  # timed out before a slot reached it
+            return False
+
+    def release(self) -> None:
+        """Give a slot back: to the oldest waiter if there is one."""
+        with self._lock:
+            if self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.granted = True
+                waiter.wake()
+                return
+            self._free += 1

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ from featuredao.errors import (
     reason_of,
 )
 from featuredao.factory import SourceHealth
-from featuredao.lifecycle import Gate
+from featuredao.lifecycle import Gate, Slots
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
 
@@ -89,7 +88,7 @@ class FeatureService:
         self._gate = Gate("service")
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.max_in_flight = self.settings.max_in_flight or 4 * max(1, usable)
-        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self._slots = Slots(self.max_in_flight)
         self._shapes: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...],
                                       dict[str, FeatureValue]]] = {}
         self._by_entity: dict[str, list[FeatureDao]] = {"user": [], "item": []}
@@ -203,10 +202,16 @@ class FeatureService:
         self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), result.found)
         return result
 
-    def _wait_s(self, task: _Task, started: float, budget: float) -> float:
-        """How much longer to wait for a task; a small grace lets the adapter's own deadline fire first."""
-        bound = min(task.timeout_s, budget) if task.first else budget
-        return bound * 1.1 + 0.002 - (time.perf_counter() - started)
+    @staticmethod
+    def _wait_s(task: _Task, started: float, budget: float, admitted: float) -> float:
+        """How much longer to wait for a task; a small grace lets the adapter's own deadline fire first.
+
+        A task that starts at once may take its own timeout from when the request was admitted (time
+        spent waiting for a slot is not its fault), never past the request's deadline.
+        """
+        deadline = started + budget * 1.1 + 0.002
+        own = admitted + task.timeout_s * 1.1 + 0.002 if task.first else deadline
+        return min(own, deadline) - time.perf_counter()
 
     @staticmethod
     def _failure(task: _Task, exc: BaseException | None) -> Degraded:
@@ -303,14 +308,16 @@ class FeatureService:
         self._check_open()
         item_ids = self._arguments(item_ids, deadline_ms)
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
-        if not self._slots.acquire(timeout=budget * self.settings.admission_wait):
+        if not self._slots.acquire(budget * self.settings.admission_wait):
             return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
         try:
+            admitted = time.perf_counter()
             futures = self._start(tasks, started + budget)
             outcomes: list[BatchResult | BaseException | None] = []
             for task, fut in zip(tasks, futures, strict=True):
+                wait = self._wait_s(task, started, budget, admitted)
                 try:
-                    outcomes.append(fut.result(timeout=max(0.0, self._wait_s(task, started, budget))))
+                    outcomes.append(fut.result(timeout=max(0.0, wait)))
                 except FutureTimeout:
                     fut.cancel()  # a lane skips a task nobody waits for any more
                     outcomes.append(None)
@@ -327,11 +334,8 @@ class FeatureService:
         self._check_open()
         item_ids = self._arguments(item_ids, deadline_ms)
         tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
-        admit_by = started + budget * self.settings.admission_wait
-        while not self._slots.acquire(blocking=False):
-            if time.perf_counter() >= admit_by:
-                return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
-            await asyncio.sleep(0.001)  # the loop keeps running while this request waits for a slot
+        if not await self._slots.acquire_async(budget * self.settings.admission_wait):
+            return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
         try:
             return await self._afetch_admitted(user_id, item_ids, tasks, started, budget, strict)
         finally:
@@ -339,10 +343,11 @@ class FeatureService:
 
     async def _afetch_admitted(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
                                started: float, budget: float, strict: bool | None) -> FetchResult:
+        admitted = time.perf_counter()
         waits = [asyncio.wrap_future(f) for f in self._start(tasks, started + budget)]
         outcomes: list[BatchResult | BaseException | None] = []
         for task, fut in zip(tasks, waits, strict=True):
-            wait = self._wait_s(task, started, budget)
+            wait = self._wait_s(task, started, budget, admitted)
             try:
                 outcomes.append(await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, wait)))
             except TimeoutError:

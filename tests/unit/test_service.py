@@ -146,3 +146,38 @@ def test_a_request_beyond_max_in_flight_is_shed_with_defaults_not_queued() -> No
     assert [(d.view, d.reason) for d in result.degraded] == [("slow", Reason.OVERLOADED)]
     assert 0.04 <= took < 0.5  # waited its admission share (50 ms), not the 400 ms the store takes
     assert len(slow.calls) == 1  # the shed request never reached the store
+
+
+def test_slots_are_shared_by_threads_and_coroutines_first_come_first_served() -> None:
+    from featuredao.lifecycle import Slots
+
+    slots = Slots(1)
+    assert slots.acquire(0.0)
+    assert not slots.acquire(0.02)  # none free: times out
+    order: list[str] = []
+
+    def thread_waiter() -> None:
+        assert slots.acquire(2.0)
+        order.append("thread")
+        slots.release()
+
+    async def coroutine_waiter() -> None:
+        await asyncio.sleep(0.05)  # queues after the thread
+        assert await slots.acquire_async(2.0)
+        order.append("coroutine")
+        slots.release()
+
+    waiter = threading.Thread(target=thread_waiter)
+    waiter.start()
+    time.sleep(0.02)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(coroutine_waiter())
+        await asyncio.sleep(0.1)
+        slots.release()  # the first slot goes to the oldest waiter: the thread
+        await task
+
+    asyncio.run(main())
+    waiter.join()
+    assert order == ["thread", "coroutine"]
+    assert slots.acquire(0.0)  # the slot came back
