@@ -242,14 +242,36 @@ class FeatureService:
             shape = self._shapes[view.name] = (fields, names, defaults, default_row)
         return shape
 
+    def _output_rows(self, view: View, rows: Sequence[Row | None]) -> list[dict[str, FeatureValue]]:
+        """A view's rows under their output names, defaults in place of nulls and missing rows.
+
+        One dict per row, built in C (zip over precomputed names); defaults are looked at only for rows
+        that hold a null.
+        """
+        fields, names, defaults, default_row = self._shape(view)
+        out: list[dict[str, FeatureValue]] = []
+        append = out.append
+        renamed = names != fields
+        for row in rows:
+            if row is None:
+                append(default_row.copy())
+                continue
+            values = dict(zip(names, map(row.get, fields), strict=True)) \
+                if renamed or len(row) != len(fields) else dict(row)
+            if defaults and None in values.values():
+                for name, default in defaults:
+                    if values[name] is None:
+                        values[name] = default
+            append(values)
+        return out
+
     def _merge(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
                outcomes: list[BatchResult | BaseException | None], started: float,
                strict: bool | None) -> FetchResult:
         user: dict[str, FeatureValue] = {}
-        items: list[dict[str, FeatureValue]] = [{} for _ in item_ids]
+        items: list[dict[str, FeatureValue]] | None = None  # built by the first item view
         degraded: list[Degraded] = []
         for task, outcome in zip(tasks, outcomes, strict=True):
-            view = task.view
             rows: Sequence[Row | None]
             if isinstance(outcome, BatchResult):
                 rows = outcome.rows
@@ -257,22 +279,16 @@ class FeatureService:
             else:
                 rows = [None] * len(task.keys)
                 degraded.append(self._failure(task, outcome))
-            targets = [user] if view.entity == "user" else items
-            fields, names, defaults, default_row = self._shape(view)
-            renamed = names != fields
-            for target, row in zip(targets, rows, strict=True):
-                if row is None:
-                    target.update(default_row)
-                    continue
-                # Whole-row C operations: this loop is per row, not per value.
-                if renamed or len(row) != len(fields):
-                    values = dict(zip(names, map(row.get, fields), strict=True))
-                else:
-                    values = dict(row)
-                for name, default in defaults:
-                    if values[name] is None:
-                        values[name] = default
-                target.update(values)
+            built = self._output_rows(task.view, rows)
+            if task.view.entity == "user":
+                user.update(built[0])
+            elif items is None:
+                items = built  # the first view of the items: its rows are the output rows
+            else:
+                for target, values in zip(items, built, strict=True):
+                    target.update(values)
+        if items is None:
+            items = [{} for _ in item_ids]
         result = FetchResult(user_id if user_id is not None else "", user, list(item_ids), items,
                              degraded, time.perf_counter() - started)
         invalid = {d.view: [str(k) for k in d.keys] for d in degraded if d.reason is Reason.INVALID_KEY}

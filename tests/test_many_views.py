@@ -20,11 +20,11 @@ VIEWS = 50
 FEATURES = {"a": "int", "b": "float", "c": "str"}
 
 
-def _config(path: Path, pool_size: int, deadline_ms: int) -> dict[str, Any]:
+def _config(path: Path, pool_size: int, deadline_ms: int, timeout_ms: int = 50) -> dict[str, Any]:
     return {
         "sources": {"store": {"type": "sqlite", "path": str(path), "pool_size": pool_size}},
         "views": [{"name": f"v{i}", "entity": "item", "source": "store", "table": f"t{i}", "key": "id",
-                   "key_type": "int", "features": FEATURES, "prefix": f"v{i}_", "timeout_ms": 50}
+                   "key_type": "int", "features": FEATURES, "prefix": f"v{i}_", "timeout_ms": timeout_ms}
                   for i in range(VIEWS)],
         "service": {"deadline_ms": deadline_ms},
     }
@@ -45,7 +45,8 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_pool(db: Path) -> Iterator[FeatureService]:
-    with FeatureService.from_config(_config(db, pool_size=2, deadline_ms=2000)) as service:
+    # Generous timeouts: the point is waiting for connections, not speed on a loaded 2-core machine.
+    with FeatureService.from_config(_config(db, pool_size=2, deadline_ms=5000, timeout_ms=1000)) as service:
         yield service
 
 
@@ -53,12 +54,35 @@ def test_fifty_views_on_a_small_pool_never_degrade_and_never_open_the_breaker(
         small_pool: FeatureService) -> None:
     runtime = small_pool.runtime
     assert runtime is not None
+    source: Any = runtime.sources["store"]
+    waits = _count_pool_waits(source)
     items = list(range(100))
     for _ in range(40):
         result = small_pool.fetch(None, items)
         assert result.degraded == []
         assert result.items[3]["v49_a"] == 3 and result.items[4]["v0_a"] is None
     assert runtime.breakers["store"].state is BreakerState.CLOSED
+    # The views queue on our side (lanes of pool_size): no read ever had to wait for a connection.
+    assert waits == []
+
+
+def _count_pool_waits(source: Any) -> list[float]:
+    """Record every time a read found the source's pool empty and had to wait for a connection."""
+    waits: list[float] = []
+    slots = source._slots
+
+    class Counting:
+        def acquire(self, timeout: float | None = None) -> bool:
+            if slots.acquire(blocking=False):
+                return True
+            waits.append(timeout or 0.0)
+            return bool(slots.acquire(timeout=timeout))
+
+        def release(self) -> None:
+            slots.release()
+
+    source._slots = Counting()
+    return waits
 
 
 def test_a_pool_held_by_a_slow_statement_degrades_as_overloaded_and_keeps_the_breaker_closed(
