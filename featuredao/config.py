@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from featuredao import registry
+from featuredao import registry, stages
 from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter
 from featuredao.registry import Adapter
 from featuredao.types import FeatureType, FeatureValue, fits
 from featuredao.validation import json_path, pydantic_issues, resolve_env, shown
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+_REF = r"^[A-Za-z_][A-Za-z0-9_]{0,62}\.[A-Za-z_][A-Za-z0-9_]{0,62}$"
 QUALIFIED = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
 
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
@@ -94,11 +95,27 @@ class CacheConfig(StrictModel):
     stale_if_error_s: float = Field(default=0.0, ge=0)
 
 
+class FreshnessConfig(StrictModel):
+    """Rows whose ``field`` (epoch seconds) is older than ``max_age_s`` are treated as missing."""
+
+    field: Identifier
+    max_age_s: float = Field(gt=0)
+
+
+class ContextFeature(StrictModel):
+    """One request-context feature: its type and the value it takes when the request leaves it out."""
+
+    type: FeatureType
+    default: Any = None
+
+
 class ViewConfig(StrictModel):
     """One feature view: a table or keyspace in one source, keyed by one entity."""
 
     name: Identifier
-    entity: Literal["user", "item"]
+    entity: Identifier
+    """``user``, ``item``, or any request-level entity given in ``fetch(keys=...)``; with ``key_from``,
+    the entity whose rows this view's features join."""
     source: str
     table: QualifiedName
     key: Identifier
@@ -113,6 +130,12 @@ class ViewConfig(StrictModel):
     hedge_ms: int | None = Field(default=None, gt=0)
     """With a fallback: start the chain after this long without an answer from the primary."""
     cache: CacheConfig | None = None
+    key_from: Annotated[str, StringConstraints(pattern=_REF)] | \
+        list[Annotated[str, StringConstraints(pattern=_REF)]] | None = None
+    """Per row of ``entity``, this view's key is that output feature (or request key) of an earlier stage;
+    a list makes a composite key joined by ``key_separator``."""
+    key_separator: str = Field(default="_", max_length=8)
+    freshness: FreshnessConfig | None = None
 
 
 class RawConfig(StrictModel):
@@ -124,6 +147,8 @@ class RawConfig(StrictModel):
     service: ServiceConfig = ServiceConfig()
     # Synchronization jobs: validated by the section's own validator (featuredao.sync registers it).
     sync: list[dict[str, Any]] = Field(default_factory=list)
+    context: dict[Identifier, ContextFeature] = Field(default_factory=dict)
+    """Request-context features ``fetch(context=...)`` takes: name -> type and default."""
 
 
 # Keys every source accepts, handled by the core rather than by the adapter's options model.
@@ -165,6 +190,9 @@ class View:
     fallback_on_missing: bool = False
     cache: CacheConfig | None = None
     hedge_ms: int | None = None
+    key_from: tuple[str, ...] = ()
+    key_separator: str = "_"
+    freshness: FreshnessConfig | None = None
 
     def output_name(self, feature: str) -> str:
         """The name a feature has in a service result."""
@@ -185,6 +213,8 @@ class Config:
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     sync: list[Any] = field(default_factory=list)
     """Validated synchronization jobs (featuredao.sync.config.SyncJob), once featuredao.sync is imported."""
+    context: dict[str, ContextFeature] = field(default_factory=dict)
+    """Request-context features, by name."""
 
     @property
     def fallback_only(self) -> set[str]:
@@ -330,9 +360,13 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         if ok:
             views[vc.name] = View(vc.name, vc.entity, vc.source, vc.table, vc.key, vc.key_type,
                                   dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc,
-                                  tuple(vc.fallback), vc.fallback_on_missing, vc.cache, vc.hedge_ms)
+                                  tuple(vc.fallback), vc.fallback_on_missing, vc.cache, vc.hedge_ms,
+                                  _refs(vc.key_from), vc.key_separator, vc.freshness)
             positions[vc.name] = i
     issues.extend(_check_chains(raw, views, positions, adapters))
+    entities = sorted({"user", "item", *(v.entity for v in views.values())})
+    issues.extend(stages.check(views, positions, entities))
+    issues.extend(_check_semantics(raw, views, positions, secrets))
     jobs: list[Any] = []
     check_sync = _sections.get("sync")
     if check_sync is not None:
@@ -340,7 +374,40 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         issues.extend(sync_issues)
     if issues:
         raise ConfigError(issues)
-    return Config(sources, views, raw.service, doc, jobs)
+    request_context = {name: ContextFeature(type=c.type, default=_as_type(c.default, c.type))
+                       for name, c in raw.context.items()}
+    return Config(sources, views, raw.service, doc, jobs, request_context)
+
+
+def _refs(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _as_type(value: Any, ftype: FeatureType) -> Any:
+    return float(value) if ftype is FeatureType.FLOAT and isinstance(value, int) else value
+
+
+def _check_semantics(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],
+                     secrets: Mapping[str, str]) -> list[ConfigIssue]:
+    """Freshness fields hold epoch seconds of the view; context defaults fit their types."""
+    issues = []
+    for view in views.values():
+        if view.freshness is not None:
+            path = json_path(("views", positions[view.name], "freshness", "field"))
+            ftype = view.features.get(view.freshness.field)
+            if ftype is None:
+                issues.append(ConfigIssue(path, "not a feature of this view", repr(view.freshness.field)))
+            elif ftype not in (FeatureType.INT, FeatureType.FLOAT):
+                issues.append(ConfigIssue(path, f"must be an int or float feature (epoch seconds), not "
+                                                f"{ftype.value}", repr(view.freshness.field)))
+    for name, feature in raw.context.items():
+        if not fits(feature.default, feature.type):
+            path = json_path(("context", name, "default"))
+            issues.append(ConfigIssue(path, f"default does not fit type {feature.type.value}",
+                                      shown(path, feature.default, secrets) or "..."))
+    return issues
 
 
 def _check_chains(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],

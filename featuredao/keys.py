@@ -106,3 +106,8 @@ def readable(keys: Iterable[Key]) -> list[Key]:
     """Distinct keys to send to a store, in first-seen order: every ``InvalidKey`` left out."""
     items: Iterable[object] = dict.fromkeys(keys)
     return [k for k in items if type(k) is not InvalidKey]  # type: ignore[misc]
+
+
+def valid(key: object) -> bool:
+    """False for an ``InvalidKey`` placeholder."""
+    return type(key) is not InvalidKey

@@ -15,7 +15,7 @@ from os import PathLike
 from types import TracebackType
 from typing import Any, Self
 
-from featuredao import factory
+from featuredao import factory, stages
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
 from featuredao.errors import (
@@ -31,7 +31,8 @@ from featuredao.errors import (
 from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate, Slots
 from featuredao.metrics import Metrics
-from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
+from featuredao.request import Part, Request, Shape, shape
+from featuredao.types import BatchResult, CoercionError, Degraded, FeatureValue, Key, Reason, coerce
 
 log = logging.getLogger("featuredao")
 
@@ -46,6 +47,12 @@ class FetchResult:
     items: list[dict[str, FeatureValue]]
     degraded: list[Degraded] = field(default_factory=list)
     elapsed_s: float = 0.0
+    entities: dict[str, dict[str, FeatureValue]] = field(default_factory=dict)
+    """Rows of the other request-level entities (``fetch(keys=...)``), by entity."""
+    context: dict[str, FeatureValue] = field(default_factory=dict)
+    """The request's context features, validated, defaults filled in."""
+    missing: dict[str, list[Key]] = field(default_factory=dict)
+    """Per view, the keys it read and did not find (or found too old): an unknown user shows here."""
 
     def items_by_id(self) -> dict[Key, dict[str, FeatureValue]]:
         """Item rows by id (duplicate ids collapse; an id that cannot be a dict key is left out)."""
@@ -54,20 +61,14 @@ class FetchResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape the CLI prints."""
         items = {str(k): v for k, v in zip(self.item_ids, self.items, strict=True)}
-        return {"user": self.user, "items": items, "degraded": [d.to_dict() for d in self.degraded]}
-
-
-@dataclass(slots=True)
-class _Task:
-    dao: FeatureDao
-    keys: list[Key]
-    timeout_s: float
-    first: bool = True
-    """Starts at once (first of its lane): the service may give up on it after its own timeout."""
-
-    @property
-    def view(self) -> View:
-        return self.dao.view
+        out: dict[str, Any] = {"user": self.user, "items": items}
+        if self.entities:
+            out["entities"] = self.entities
+        if self.context:
+            out["context"] = self.context
+        out["missing"] = {view: [str(k) for k in keys] for view, keys in self.missing.items()}
+        out["degraded"] = [d.to_dict() for d in self.degraded]
+        return out
 
 
 class FeatureService:
@@ -89,11 +90,13 @@ class FeatureService:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.max_in_flight = self.settings.max_in_flight or 4 * max(1, usable)
         self._slots = Slots(self.max_in_flight)
-        self._shapes: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...],
-                                      dict[str, FeatureValue]]] = {}
-        self._by_entity: dict[str, list[FeatureDao]] = {"user": [], "item": []}
-        for dao in self.daos.values():
-            self._by_entity.setdefault(dao.view.entity, []).append(dao)
+        self._shapes: dict[str, Shape] = {}
+        served = {name: dao.view for name, dao in self.daos.items()}
+        # Views keyed by other views' features run after them: stages in dependency order.
+        self._stages = [[self.daos[name] for name in stage] for stage in stages.plan(served)]
+        self._own_keys = stages.request_keys(served)
+        self._entities = {view.entity for view in served.values()} - {"user", "item"}
+        self.context_features = dict(runtime.config.context) if runtime is not None else {}
 
     @classmethod
     def from_config(cls, cfg: Config | str | PathLike[str] | Mapping[str, Any]) -> FeatureService:
@@ -104,23 +107,13 @@ class FeatureService:
                    metrics=metrics)
 
     # -- planning and merging are shared by fetch and afetch -----------------------------
-    def _tasks(self, user_id: Key | None, item_ids: Sequence[Key],
-              deadline_ms: float | None) -> tuple[list[_Task], float]:
-        budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
-        tasks = []
-        if user_id is not None:
-            tasks += [_Task(d, [user_id], self._share(d.view, budget)) for d in self._by_entity["user"]]
-        if item_ids:
-            tasks += [_Task(d, list(item_ids), self._share(d.view, budget)) for d in self._by_entity["item"]]
-        return tasks, budget
-
     @staticmethod
     def _share(view: View, budget: float) -> float:
         """How long a view may take: its ``timeout_ms``; with a fallback chain, the whole request's
         time (the chain gives the primary its ``timeout_ms`` share and the fallbacks the rest)."""
         return budget if view.fallback else min(budget, view.timeout_ms / 1000.0)
 
-    def _start(self, tasks: list[_Task], deadline: float) -> list[Future[BatchResult]]:
+    def _start(self, tasks: list[Part], deadline: float) -> list[Future[BatchResult]]:
         """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
 
         Views of one source share its pool: at most ``pool_size`` of them run at once, the others
@@ -128,7 +121,7 @@ class FeatureService:
         deadline) instead of timing out in the pool and counting as a failure of the store.
         """
         futures: list[Future[BatchResult]] = [Future() for _ in tasks]
-        lanes: dict[object, list[list[tuple[_Task, Future[BatchResult]]]]] = {}
+        lanes: dict[object, list[list[tuple[Part, Future[BatchResult]]]]] = {}
         for task, fut in zip(tasks, futures, strict=True):
             started = time.perf_counter()
             hit = task.dao.peek(task.keys)
@@ -152,7 +145,7 @@ class FeatureService:
                 self._submit(queue, deadline)
         return futures
 
-    def _shed(self, tasks: list[_Task]) -> list[BatchResult | BaseException | None]:
+    def _shed(self, tasks: list[Part]) -> list[BatchResult | BaseException | None]:
         """Too many requests in flight: what L1 holds at once, defaults for the rest, no store read."""
         out: list[BatchResult | BaseException | None] = []
         shed = Overloaded(f"shed: {self.max_in_flight} requests already in flight")
@@ -163,7 +156,7 @@ class FeatureService:
             out.append(hit if hit is not None else shed)
         return out
 
-    def _submit(self, queue: list[tuple[_Task, Future[BatchResult]]], deadline: float) -> None:
+    def _submit(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: float) -> None:
         try:
             worker = self._pool.submit(self._run_lane, queue, deadline)
         except RuntimeError:  # shut down by close() meanwhile
@@ -175,12 +168,12 @@ class FeatureService:
         worker.add_done_callback(lambda _: self._fail(queue))
 
     @staticmethod
-    def _fail(queue: list[tuple[_Task, Future[BatchResult]]]) -> None:
+    def _fail(queue: list[tuple[Part, Future[BatchResult]]]) -> None:
         for _, fut in queue:
             if not fut.done():
                 fut.set_exception(Closed("the service was closed"))
 
-    def _run_lane(self, queue: list[tuple[_Task, Future[BatchResult]]], deadline: float) -> None:
+    def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: float) -> None:
         with self._gate.admit():
             for task, fut in queue:
                 left = deadline - time.perf_counter()
@@ -192,7 +185,7 @@ class FeatureService:
                 except BaseException as exc:  # handed to the waiting request
                     fut.set_exception(exc)
 
-    def _read(self, task: _Task) -> BatchResult:
+    def _read(self, task: Part) -> BatchResult:
         started = time.perf_counter()
         try:
             result = task.dao.read(task.keys, timeout_s=max(task.timeout_s, 0.0))
@@ -203,7 +196,7 @@ class FeatureService:
         return result
 
     @staticmethod
-    def _wait_s(task: _Task, started: float, budget: float, admitted: float) -> float:
+    def _wait_s(task: Part, started: float, budget: float, admitted: float) -> float:
         """How much longer to wait for a task; a small grace lets the adapter's own deadline fire first.
 
         A task that starts at once may take its own timeout from when the request was admitted (time
@@ -213,84 +206,32 @@ class FeatureService:
         own = admitted + task.timeout_s * 1.1 + 0.002 if task.first else deadline
         return min(own, deadline) - time.perf_counter()
 
-    @staticmethod
-    def _failure(task: _Task, exc: BaseException | None) -> Degraded:
-        if exc is None:
-            detail = f"no answer within {task.timeout_s * 1000:.0f} ms"
-            return Degraded(task.view.name, Reason.TIMEOUT, detail)
-        reason = reason_of(exc)
-        if reason in (Reason.CLOSED, Reason.OVERLOADED):
-            # Counted in metrics; a log line per shed view would add load exactly when there is too much.
-            log.debug("view %s degraded (%s): %s", task.view.name, reason.value, exc)
-        elif reason is Reason.QUERY_ERROR:
-            log.error("view %s: the store rejected the query: %s", task.view.name, exc)
-        elif reason is Reason.ERROR:
-            log.error("view %s: unexpected error", task.view.name, exc_info=exc)
-        else:
-            log.warning("view %s degraded (%s): %s", task.view.name, reason.value, exc)
-        return Degraded(task.view.name, reason, str(exc))
+    def _shape(self, view: View) -> Shape:
+        found = self._shapes.get(view.name)
+        if found is None:
+            found = self._shapes[view.name] = shape(view)
+        return found
 
-    def _shape(self, view: View) -> tuple[tuple[str, ...], tuple[str, ...],
-                                          tuple[tuple[str, FeatureValue], ...], dict[str, FeatureValue]]:
-        """A view's fields, their output names, the defaults to fill in and the all-default row."""
-        shape = self._shapes.get(view.name)
-        if shape is None:
-            fields = tuple(view.features)
-            names = tuple(map(view.output_name, fields))
-            defaults = tuple((view.output_name(f), d) for f, d in view.defaults.items() if d is not None)
-            default_row = dict(zip(names, view.default_row().values(), strict=True))
-            shape = self._shapes[view.name] = (fields, names, defaults, default_row)
-        return shape
+    def _parts(self, request: Request, stage: list[FeatureDao], budget: float) -> list[Part]:
+        parts = []
+        for dao in stage:
+            part = request.part(dao, self._share(dao.view, budget), self._own_keys)
+            if part is not None:
+                parts.append(part)
+        return parts
 
-    def _output_rows(self, view: View, rows: Sequence[Row | None]) -> list[dict[str, FeatureValue]]:
-        """A view's rows under their output names, defaults in place of nulls and missing rows.
+    def _absorb(self, request: Request, parts: list[Part],
+                outcomes: list[BatchResult | BaseException | None]) -> None:
+        now = time.time()
+        for part, outcome in zip(parts, outcomes, strict=True):
+            request.absorb(part, outcome, self._shape(part.view), now)
 
-        One dict per row, built in C (zip over precomputed names); defaults are looked at only for rows
-        that hold a null.
-        """
-        fields, names, defaults, default_row = self._shape(view)
-        out: list[dict[str, FeatureValue]] = []
-        append = out.append
-        renamed = names != fields
-        for row in rows:
-            if row is None:
-                append(default_row.copy())
-                continue
-            values = dict(zip(names, map(row.get, fields), strict=True)) \
-                if renamed or len(row) != len(fields) else dict(row)
-            if defaults and None in values.values():
-                for name, default in defaults:
-                    if values[name] is None:
-                        values[name] = default
-            append(values)
-        return out
-
-    def _merge(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
-               outcomes: list[BatchResult | BaseException | None], started: float,
-               strict: bool | None) -> FetchResult:
-        user: dict[str, FeatureValue] = {}
-        items: list[dict[str, FeatureValue]] | None = None  # built by the first item view
-        degraded: list[Degraded] = []
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            rows: Sequence[Row | None]
-            if isinstance(outcome, BatchResult):
-                rows = outcome.rows
-                degraded.extend(outcome.degraded)
-            else:
-                rows = [None] * len(task.keys)
-                degraded.append(self._failure(task, outcome))
-            built = self._output_rows(task.view, rows)
-            if task.view.entity == "user":
-                user.update(built[0])
-            elif items is None:
-                items = built  # the first view of the items: its rows are the output rows
-            else:
-                for target, values in zip(items, built, strict=True):
-                    target.update(values)
-        if items is None:
-            items = [{} for _ in item_ids]
-        result = FetchResult(user_id if user_id is not None else "", user, list(item_ids), items,
-                             degraded, time.perf_counter() - started)
+    def _result(self, request: Request, context: dict[str, FeatureValue], started: float,
+                strict: bool | None) -> FetchResult:
+        degraded = request.degraded
+        result = FetchResult(request.user_id if request.user_id is not None else "", request.user,
+                             request.item_ids, request.items, degraded, time.perf_counter() - started,
+                             request.entities, context, request.missing)
         invalid = {d.view: [str(k) for k in d.keys] for d in degraded if d.reason is Reason.INVALID_KEY}
         if invalid:
             # One line per request: a caller's bad input is not worth a line per view, nor a traceback.
@@ -300,6 +241,35 @@ class FeatureService:
                 raise InvalidKeyError(invalid)
             raise FetchError(degraded)
         return result
+
+    def _context(self, given: Mapping[str, Any] | None,
+                 degraded: list[Degraded]) -> dict[str, FeatureValue]:
+        """The request's context: declared features, coerced; unknown names are the caller's error."""
+        given = given or {}
+        unknown = sorted(set(given) - set(self.context_features))
+        if unknown:
+            known = ", ".join(self.context_features) or "none declared"
+            raise UsageError(f"unknown context features {unknown}; known: {known}")
+        out: dict[str, FeatureValue] = {}
+        for name, feature in self.context_features.items():
+            value = given.get(name)
+            if value is None:
+                out[name] = feature.default
+                continue
+            try:
+                out[name] = coerce(value, feature.type)
+            except CoercionError as exc:
+                out[name] = feature.default
+                degraded.append(Degraded("context", Reason.COERCION, f"{name}: {exc}", (), name))
+        return out
+
+    def _request_keys(self, keys: Mapping[str, Key] | None) -> dict[str, Key]:
+        keys = dict(keys or {})
+        unknown = sorted(set(keys) - self._entities)
+        if unknown:
+            known = ", ".join(sorted(self._entities)) or "none"
+            raise UsageError(f"keys for unknown entities {unknown}; entities with views: {known}")
+        return keys
 
     def _arguments(self, item_ids: Iterable[Key], deadline_ms: float | None) -> list[Key]:
         """The item ids as a list, checked with the deadline before any work starts."""
@@ -318,60 +288,78 @@ class FeatureService:
 
     # -- entry points --------------------------------------------------------------------
     def fetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
+              context: Mapping[str, Any] | None = None, keys: Mapping[str, Key] | None = None,
               deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
-        """Fetch the user's and the items' features; degraded views give defaults, never raise."""
+        """Fetch the user's, the items' and the other entities' features; degraded views give defaults,
+        never raise (but for the caller's own errors: see ``UsageError``)."""
         started = time.perf_counter()
-        self._check_open()
-        item_ids = self._arguments(item_ids, deadline_ms)
-        tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
+        request, ctx, budget = self._begin(user_id, item_ids, context, keys, deadline_ms)
         if not self._slots.acquire(budget * self.settings.admission_wait):
-            return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
+            for stage in self._stages:
+                parts = self._parts(request, stage, budget)
+                self._absorb(request, parts, self._shed(parts))
+            return self._result(request, ctx, started, strict)
         try:
-            admitted = time.perf_counter()
-            futures = self._start(tasks, started + budget)
-            outcomes: list[BatchResult | BaseException | None] = []
-            for task, fut in zip(tasks, futures, strict=True):
-                wait = self._wait_s(task, started, budget, admitted)
-                try:
-                    outcomes.append(fut.result(timeout=max(0.0, wait)))
-                except FutureTimeout:
-                    fut.cancel()  # a lane skips a task nobody waits for any more
-                    outcomes.append(None)
-                except (Exception, CancelledError) as exc:
-                    outcomes.append(exc)
+            for stage in self._stages:
+                parts = self._parts(request, stage, budget)
+                begun = time.perf_counter()
+                futures = self._start(parts, started + budget)
+                outcomes: list[BatchResult | BaseException | None] = []
+                for part, fut in zip(parts, futures, strict=True):
+                    wait = self._wait_s(part, started, budget, begun)
+                    try:
+                        outcomes.append(fut.result(timeout=max(0.0, wait)))
+                    except FutureTimeout:
+                        fut.cancel()  # a lane skips a part nobody waits for any more
+                        outcomes.append(None)
+                    except (Exception, CancelledError) as exc:
+                        outcomes.append(exc)
+                self._absorb(request, parts, outcomes)
         finally:
             self._slots.release()
-        return self._merge(user_id, item_ids, tasks, outcomes, started, strict)
+        return self._result(request, ctx, started, strict)
 
     async def afetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
+                     context: Mapping[str, Any] | None = None, keys: Mapping[str, Key] | None = None,
                      deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
         """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
         started = time.perf_counter()
-        self._check_open()
-        item_ids = self._arguments(item_ids, deadline_ms)
-        tasks, budget = self._tasks(user_id, item_ids, deadline_ms)
+        request, ctx, budget = self._begin(user_id, item_ids, context, keys, deadline_ms)
         if not await self._slots.acquire_async(budget * self.settings.admission_wait):
-            return self._merge(user_id, item_ids, tasks, self._shed(tasks), started, strict)
+            for stage in self._stages:
+                parts = self._parts(request, stage, budget)
+                self._absorb(request, parts, self._shed(parts))
+            return self._result(request, ctx, started, strict)
         try:
-            return await self._afetch_admitted(user_id, item_ids, tasks, started, budget, strict)
+            for stage in self._stages:
+                parts = self._parts(request, stage, budget)
+                begun = time.perf_counter()
+                waits = [asyncio.wrap_future(f) for f in self._start(parts, started + budget)]
+                outcomes: list[BatchResult | BaseException | None] = []
+                for part, fut in zip(parts, waits, strict=True):
+                    wait = self._wait_s(part, started, budget, begun)
+                    try:
+                        outcomes.append(await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, wait)))
+                    except TimeoutError:
+                        fut.cancel()
+                        outcomes.append(None)
+                    except Exception as exc:
+                        outcomes.append(exc)
+                self._absorb(request, parts, outcomes)
         finally:
             self._slots.release()
+        return self._result(request, ctx, started, strict)
 
-    async def _afetch_admitted(self, user_id: Key | None, item_ids: Sequence[Key], tasks: list[_Task],
-                               started: float, budget: float, strict: bool | None) -> FetchResult:
-        admitted = time.perf_counter()
-        waits = [asyncio.wrap_future(f) for f in self._start(tasks, started + budget)]
-        outcomes: list[BatchResult | BaseException | None] = []
-        for task, fut in zip(tasks, waits, strict=True):
-            wait = self._wait_s(task, started, budget, admitted)
-            try:
-                outcomes.append(await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.0, wait)))
-            except TimeoutError:
-                fut.cancel()
-                outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(exc)
-        return self._merge(user_id, item_ids, tasks, outcomes, started, strict)
+    def _begin(self, user_id: Key | None, item_ids: Iterable[Key], context: Mapping[str, Any] | None,
+               keys: Mapping[str, Key] | None,
+               deadline_ms: float | None) -> tuple[Request, dict[str, FeatureValue], float]:
+        """Check the arguments (the caller's errors raise here, before any work) and set the request up."""
+        self._check_open()
+        items = self._arguments(item_ids, deadline_ms)
+        budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
+        request = Request(user_id, items, self._request_keys(keys))
+        ctx = self._context(context, request.degraded)
+        return request, ctx, budget
 
     def read_view(self, view: str, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                   timeout_s: float | None = None) -> BatchResult:

@@ -61,8 +61,9 @@ def test_fetch_json_prints_one_object(demo_dir: Path) -> None:
     out = run("fetch", str(demo_dir / "featuredao.json"), "--user", "u3", "--items", "5,999999,7", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert set(doc) == {"user", "items", "degraded"}
+    assert set(doc) == {"user", "items", "missing", "degraded"}
     assert list(doc["items"]) == ["5", "999999", "7"]
+    assert doc["missing"] == {"item_features": ["999999"]}  # found and missing told apart
     assert doc["items"]["999999"]["item_price"] == 0.0  # missing item: defaults
     assert isinstance(doc["items"]["5"]["item_embedding"], list) and len(doc["user"]) == 20
 

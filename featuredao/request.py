@@ -1,0 +1,218 @@
+"""One request of ``FeatureService``: the keys each view reads, and the rows the answers build.
+
+A request runs in stages (``featuredao.stages``); each stage's parts are read concurrently, then their
+rows are merged into the request's rows: the user's, one per item, one per other request-level entity.
+A view keyed by features (``key_from``) reads each distinct key of its stage once and its rows join the
+rows they were keyed by. Planning and merging live here so that ``fetch`` and ``afetch`` share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from featuredao.config import View
+from featuredao.dao import FeatureDao
+from featuredao.errors import reason_of
+from featuredao.keys import valid
+from featuredao.stages import reference
+from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
+
+log = logging.getLogger("featuredao")
+
+Shape = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, FeatureValue], ...], dict[str, FeatureValue]]
+
+
+@dataclass(slots=True)
+class Part:
+    """One view's read within one request."""
+
+    dao: FeatureDao
+    keys: list[Key]
+    timeout_s: float
+    rows: list[int | None] | None = None
+    """With ``key_from``: per row of the view's entity, the index of its key in ``keys`` (None: no key)."""
+    first: bool = True
+    """Starts at once (first of its lane): the service may give up on it after its own timeout."""
+
+    @property
+    def view(self) -> View:
+        return self.dao.view
+
+
+@dataclass
+class Request:
+    """The rows of one request as its views answer, and what was missing or degraded."""
+
+    user_id: Key | None
+    item_ids: list[Key]
+    keys: dict[str, Key]
+    """Request-level entities other than user and item: entity -> key."""
+    user: dict[str, FeatureValue] = field(default_factory=dict)
+    items: list[dict[str, FeatureValue]] = field(default_factory=list)
+    entities: dict[str, dict[str, FeatureValue]] = field(default_factory=dict)
+    missing: dict[str, list[Key]] = field(default_factory=dict)
+    degraded: list[Degraded] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.items = [{} for _ in self.item_ids]
+
+    def rows_of(self, entity: str) -> list[dict[str, FeatureValue]]:
+        """The request's rows of an entity (one for user and the other request-level entities)."""
+        if entity == "item":
+            return self.items
+        if entity == "user":
+            return [self.user]
+        return [self.entities.setdefault(entity, {})]
+
+    def own_key(self, entity: str, row: int) -> Key | None:
+        """The request's key of an entity (for items, the id of row ``row``)."""
+        if entity == "item":
+            return self.item_ids[row]
+        if entity == "user":
+            return self.user_id
+        return self.keys.get(entity)
+
+    def part(self, dao: FeatureDao, timeout_s: float, own_keys: Mapping[str, set[str]]) -> Part | None:
+        """What ``dao`` reads in this request (None: nothing, e.g. no user given)."""
+        view = dao.view
+        if not view.key_from:
+            if view.entity == "item":
+                return Part(dao, list(self.item_ids), timeout_s) if self.item_ids else None
+            key = self.own_key(view.entity, 0)
+            return None if key is None else Part(dao, [key], timeout_s)
+        targets = self.rows_of(view.entity)
+        if view.entity == "item" and not targets:
+            return None
+        distinct: dict[Key, int] = {}
+        index: list[int | None] = []
+        for row_no, row in enumerate(targets):
+            key = self._key_of(view, row_no, row, own_keys)
+            index.append(None if key is None else distinct.setdefault(key, len(distinct)))
+        return Part(dao, list(distinct), timeout_s, index)
+
+    def _key_of(self, view: View, row_no: int, row: Mapping[str, FeatureValue],
+                own_keys: Mapping[str, set[str]]) -> Key | None:
+        parts: list[Any] = []
+        for ref in view.key_from:
+            entity, name = reference(ref)
+            if name in own_keys.get(entity, ()):
+                value: Any = self.own_key(entity, row_no if entity == view.entity else 0)
+            elif entity == view.entity:
+                value = row.get(name)
+            else:
+                value = self.rows_of(entity)[0].get(name)
+            if value is None or isinstance(value, list | dict):
+                return None  # a missing or null key value gives the view's defaults
+            parts.append(value)
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[no-any-return]
+        return view.key_separator.join(_text(p) for p in parts)
+
+    def absorb(self, part: Part, outcome: BatchResult | BaseException | None, shape: Shape,
+               now: float | None = None) -> None:
+        """Merge one part's answer (or failure: None means late) into the request's rows."""
+        view = part.view
+        rows: Sequence[Row | None]
+        if isinstance(outcome, BatchResult):
+            rows = outcome.rows
+            self.degraded.extend(outcome.degraded)
+            failed = set(outcome.failed)
+            rows = self._fresh(view, rows, now)
+            # The answer's keys, not the part's: normalised, an InvalidKey where one could not be a key.
+            lost = [k for k, r in zip(outcome.keys, rows, strict=True)
+                    if r is None and valid(k) and k not in failed]
+            if lost:
+                self.missing.setdefault(view.name, []).extend(dict.fromkeys(lost))
+        else:
+            rows = [None] * len(part.keys)
+            self.degraded.append(failure(part, outcome))
+        built = output_rows(shape, rows)
+        targets = self.rows_of(view.entity)
+        if part.rows is None:
+            for target, values in zip(targets, built, strict=True):
+                target.update(values)
+            return
+        default = shape[3]
+        for target, slot in zip(targets, part.rows, strict=True):
+            target.update(default if slot is None else built[slot])
+
+    def _fresh(self, view: View, rows: Sequence[Row | None],
+               now: float | None) -> Sequence[Row | None]:
+        """Rows older than the view's ``freshness.max_age_s`` become missing, counted in one entry."""
+        if view.freshness is None:
+            return rows
+        oldest = (time.time() if now is None else now) - view.freshness.max_age_s
+        name = view.freshness.field
+        kept: list[Row | None] = []
+        stale = 0
+        for row in rows:
+            at = None if row is None else row.get(name)
+            if isinstance(at, int | float) and at < oldest:
+                stale += 1
+                kept.append(None)
+            else:
+                kept.append(row)
+        if stale:
+            self.degraded.append(Degraded(view.name, Reason.STALE, f"{stale} row(s) older than "
+                                          f"{view.freshness.max_age_s:g} s treated as missing"))
+        return kept
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def shape(view: View) -> Shape:
+    """A view's fields, their output names, the defaults to fill in and the all-default row."""
+    fields = tuple(view.features)
+    names = tuple(map(view.output_name, fields))
+    defaults = tuple((view.output_name(f), d) for f, d in view.defaults.items() if d is not None)
+    default_row = dict(zip(names, view.default_row().values(), strict=True))
+    return fields, names, defaults, default_row
+
+
+def output_rows(shape: Shape, rows: Sequence[Row | None]) -> list[dict[str, FeatureValue]]:
+    """Rows under their output names, defaults in place of nulls and missing rows.
+
+    One dict per row, built in C (zip over precomputed names); defaults are looked at only for rows that
+    hold a null.
+    """
+    fields, names, defaults, default_row = shape
+    out: list[dict[str, FeatureValue]] = []
+    append = out.append
+    renamed = names != fields
+    for row in rows:
+        if row is None:
+            append(default_row.copy())
+            continue
+        values = dict(zip(names, map(row.get, fields), strict=True)) \
+            if renamed or len(row) != len(fields) else dict(row)
+        if defaults and None in values.values():
+            for name, default in defaults:
+                if values[name] is None:
+                    values[name] = default
+        append(values)
+    return out
+
+
+def failure(part: Part, exc: BaseException | None) -> Degraded:
+    """The degraded entry of a part that failed (``None``: no answer in time), logged by its kind."""
+    if exc is None:
+        return Degraded(part.view.name, Reason.TIMEOUT, f"no answer within {part.timeout_s * 1000:.0f} ms")
+    reason = reason_of(exc)
+    if reason in (Reason.CLOSED, Reason.OVERLOADED):
+        # Counted in metrics; a log line per shed view would add load exactly when there is too much.
+        log.debug("view %s degraded (%s): %s", part.view.name, reason.value, exc)
+    elif reason is Reason.QUERY_ERROR:
+        log.error("view %s: the store rejected the query: %s", part.view.name, exc)
+    elif reason is Reason.ERROR:
+        log.error("view %s: unexpected error", part.view.name, exc_info=exc)
+    else:
+        log.warning("view %s degraded (%s): %s", part.view.name, reason.value, exc)
+    return Degraded(part.view.name, reason, str(exc))

@@ -1,0 +1,144 @@
+"""Recommender semantics on the in-memory adapter: any entity, features keyed by features, context,
+found/missing and freshness (no server)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from featuredao import ConfigError, FeatureService, Reason, UsageError, build, load_config
+from featuredao.stages import plan
+
+_stores = itertools.count()
+NOW = time.time()
+
+
+def config(shared: str) -> dict[str, Any]:
+    mem = {"type": "memory", "shared": shared}
+    return {
+        "sources": {"mem": mem},
+        "views": [
+            {"name": "users", "entity": "user", "source": "mem", "table": "users", "key": "user_id",
+             "features": {"city": "str", "age": "int"}, "prefix": "u_"},
+            {"name": "items", "entity": "item", "source": "mem", "table": "items", "key": "item_id",
+             "key_type": "int", "features": {"category_id": "int", "price": "float", "updated_at": "float"},
+             "freshness": {"field": "updated_at", "max_age_s": 3600}},
+            {"name": "categories", "entity": "item", "source": "mem", "table": "categories", "key": "id",
+             "key_type": "int", "key_from": "item.category_id", "features": {"name": "str", "ctr": "float"},
+             "prefix": "cat_", "defaults": {"ctr": 0.0}},
+            {"name": "user_category", "entity": "item", "source": "mem", "table": "uc", "key": "id",
+             "key_from": ["user.user_id", "item.category_id"], "features": {"clicks": "int"},
+             "prefix": "uc_", "defaults": {"clicks": 0}},
+            {"name": "city_stats", "entity": "user", "source": "mem", "table": "cities", "key": "city",
+             "key_from": "user.u_city", "features": {"pop": "int"}, "prefix": "city_"},
+            {"name": "shops", "entity": "shop", "source": "mem", "table": "shops", "key": "shop_id",
+             "features": {"rating": "float"}, "prefix": "shop_"},
+        ],
+        "context": {"hour": {"type": "int", "default": 0}, "device": {"type": "str", "default": "unknown"}},
+        "service": {"deadline_ms": 2000},
+    }
+
+
+@pytest.fixture
+def cfg() -> Iterator[dict[str, Any]]:
+    cfg = config(f"sem{next(_stores)}")
+    runtime = build(cfg)
+    daos = runtime.daos
+    for dao in daos.values():
+        dao.prepare()
+    daos["users"].upsert([("u1", {"city": "Oslo", "age": 30}), ("u2", {"city": "Lima", "age": 40})])
+    daos["items"].upsert([(1, {"category_id": 10, "price": 2.5, "updated_at": NOW}),
+                          (2, {"category_id": 20, "price": 4.0, "updated_at": NOW}),
+                          (3, {"category_id": 10, "price": 1.0, "updated_at": NOW - 7200}),  # too old
+                          (4, {"category_id": None, "price": 9.0, "updated_at": NOW})])
+    daos["categories"].upsert([(10, {"name": "books", "ctr": 0.1}), (20, {"name": "music", "ctr": 0.2})])
+    daos["user_category"].upsert([("u1_10", {"clicks": 5})])
+    daos["city_stats"].upsert([("Oslo", {"pop": 700})])
+    daos["shops"].upsert([("s9", {"rating": 4.5})])
+    runtime.close()
+    yield cfg
+
+
+def test_stages_follow_the_keys(cfg: dict[str, Any]) -> None:
+    views = load_config(cfg).views
+    stages = plan(views)
+    assert stages[0] == ["users", "items", "shops"]
+    assert set(stages[1]) == {"categories", "user_category", "city_stats"}
+
+
+def test_features_keyed_by_features_join_their_rows(cfg: dict[str, Any]) -> None:
+    with FeatureService.from_config(cfg) as service:
+        source: Any = service.runtime.sources["mem"]  # type: ignore[union-attr]
+        before = source.round_trips
+        result = service.fetch("u1", [1, 2, 1, 4, 99], keys={"shop": "s9"}, context={"hour": "9"})
+        trips = source.round_trips - before
+    items = result.items
+    assert items[0]["cat_name"] == "books" and items[0]["uc_clicks"] == 5
+    assert items[1]["cat_name"] == "music" and items[1]["uc_clicks"] == 0  # "u1_20" is not stored
+    assert items[2] == items[0]
+    assert items[3]["cat_name"] is None and items[3]["cat_ctr"] == 0.0  # null key: the view's defaults
+    assert items[4]["price"] is None and items[4]["cat_ctr"] == 0.0  # unknown item
+    assert result.user == {"u_city": "Oslo", "u_age": 30, "city_pop": 700}
+    assert result.entities == {"shop": {"shop_rating": 4.5}}
+    assert result.context == {"hour": 9, "device": "unknown"}
+    assert result.missing == {"items": [99], "user_category": ["u1_20"]}
+    # Each view read once, its distinct keys in one batch: 3 views in stage 1, 3 in stage 2.
+    assert trips == 6
+
+
+def test_an_unknown_user_is_told_from_a_stored_one(cfg: dict[str, Any]) -> None:
+    with FeatureService.from_config(cfg) as service:
+        unknown = service.fetch("nobody", [])
+        known = service.fetch("u2", [])
+    assert unknown.missing == {"users": ["nobody"]} and known.missing == {"city_stats": ["Lima"]}
+    assert unknown.degraded == [] and unknown.to_dict()["missing"] == {"users": ["nobody"]}
+
+
+def test_freshness_treats_old_rows_as_missing(cfg: dict[str, Any]) -> None:
+    with FeatureService.from_config(cfg) as service:
+        result = service.fetch(None, [3, 1])
+    assert result.items[0]["price"] is None and result.items[1]["price"] == 2.5
+    assert result.missing == {"items": [3]}
+    assert [(d.view, d.reason) for d in result.degraded] == [("items", Reason.STALE)]
+    assert result.items[0]["cat_name"] is None  # its category key came from the stale row: not read
+
+
+def test_context_is_validated_and_coerced(cfg: dict[str, Any]) -> None:
+    with FeatureService.from_config(cfg) as service:
+        with pytest.raises(UsageError, match="unknown context features"):
+            service.fetch(None, [1], context={"weather": "rain"})
+        result = service.fetch(None, [1], context={"hour": "late", "device": "ios"})
+        with pytest.raises(UsageError, match="unknown entities"):
+            service.fetch(None, [1], keys={"planet": "x"})
+    assert result.context == {"hour": 0, "device": "ios"}
+    assert [(d.view, d.reason, d.feature) for d in result.degraded] == [("context", Reason.COERCION, "hour")]
+
+
+@pytest.mark.parametrize(("change", "path", "message"), [
+    ({"key_from": "item.nope"}, "$.views[2].key_from", "produces 'nope'"),
+    ({"key_from": "planet.x"}, "$.views[2].key_from", "known entity"),
+    ({"key_from": "item.cat_name"}, "$.views[2].key_from", "its own feature"),
+    ({"freshness": {"field": "nope", "max_age_s": 1}}, "$.views[2].freshness.field", "not a feature"),
+])
+def test_config_errors_name_their_path(change: dict[str, Any], path: str, message: str) -> None:
+    cfg = config("errors")
+    cfg["views"][2].update(change)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert any(i.path == path and message in i.message for i in info.value.issues), info.value
+
+
+def test_key_from_cycles_are_config_errors() -> None:
+    cfg = config("cycle")
+    cfg["views"][2]["key_from"] = "item.uc_clicks"
+    cfg["views"][3]["key_from"] = "item.cat_ctr"
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(cfg)
+    cfg = config("ctx")
+    cfg["context"]["hour"]["default"] = "noon"
+    with pytest.raises(ConfigError, match=r"context\.hour\.default"):
+        load_config(cfg)
