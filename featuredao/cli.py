@@ -25,6 +25,16 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=str)
 
 
+def _pairs(given: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for pair in given:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.UsageError(f"{option} takes NAME=VALUE, got {pair!r}")
+        out[name.strip()] = value
+    return out
+
+
 def _check_keys(service: Any, keys: list[str], *, view: str | None = None, entity: str | None = None) -> None:
     """A key that cannot be a key of a view it goes to is a usage error (exit 2), named with the view."""
     from featuredao.keys import normaliser
@@ -67,12 +77,16 @@ def validate(config: str) -> None:
 @click.option("--keys", default="", help="Comma-separated keys (with --view).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--deadline-ms", type=float, help="Overall deadline (default from config).")
+@click.option("--context", "context", multiple=True, metavar="NAME=VALUE",
+              help="A request-context feature (repeatable), e.g. --context hour=9.")
+@click.option("--key", "entity_keys", multiple=True, metavar="ENTITY=KEY",
+              help="The key of another request-level entity (repeatable), e.g. --key shop=s9.")
 def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: str, as_json: bool,
-          deadline_ms: float | None) -> None:
+          deadline_ms: float | None, context: tuple[str, ...], entity_keys: tuple[str, ...]) -> None:
     """Fetch features: a user and items from every view, or keys from one view."""
     from featuredao.service import FeatureService
 
-    if view is None and user_id is None and not items:
+    if view is None and user_id is None and not items and not entity_keys:
         raise click.UsageError("give --user and/or --items, or --view with --keys")
     if view is not None and (user_id is not None or items):
         raise click.UsageError("--view reads one view: use --keys, not --user/--items")
@@ -88,7 +102,9 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
         else:
             _check_keys(service, _keys(items), entity="item")
             _check_keys(service, [] if user_id is None else [user_id], entity="user")
-            out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms).to_dict()
+            out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms,
+                                context=_pairs(context, "--context"),
+                                keys=_pairs(entity_keys, "--key")).to_dict()
     if as_json:
         click.echo(_dump(out))
     else:

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from featuredao.errors import ConfigError, FeatureDaoError
+from featuredao.errors import ArgumentTypeError, ConfigError, FeatureDaoError, UsageError
 
 
 def run(group: click.Group, argv: list[str] | None, prog_name: str) -> None:
@@ -24,6 +24,9 @@ def run(group: click.Group, argv: list[str] | None, prog_name: str) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (UsageError, ArgumentTypeError) as exc:  # the caller's input: a usage error, no traceback
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except FeatureDaoError as exc:

@@ -142,3 +142,22 @@ def test_key_from_cycles_are_config_errors() -> None:
     cfg["context"]["hour"]["default"] = "noon"
     with pytest.raises(ConfigError, match=r"context\.hour\.default"):
         load_config(cfg)
+
+
+def test_the_cli_takes_context_and_entity_keys(cfg: dict[str, Any], tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "semantics.json"
+    # A memory store lives in one process: the CLI process sees its own empty one, enough for the shape.
+    path.write_text(json.dumps(cfg))
+    exe = [sys.executable, "-m", "featuredao.cli"]
+    out = subprocess.run([*exe, "fetch", str(path), "--items", "1", "--context", "hour=9",
+                          "--key", "shop=s9", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["context"] == {"hour": 9, "device": "unknown"} and "shop" in doc["entities"]
+    bad = subprocess.run([*exe, "fetch", str(path), "--items", "1", "--context", "weather=rain"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown context features" in bad.stderr and "Traceback" not in bad.stderr
