@@ -11,29 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 
 from featuredao import registry, stages
+from featuredao.derive import DerivedConfig
 from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter
 from featuredao.registry import Adapter
 from featuredao.types import FeatureType, FeatureValue, fits
+
+# Defined in the validation leaf (derived features and sync validate with them too); the adapters'
+# options models import them from here.
+from featuredao.validation import IDENTIFIER as IDENTIFIER
+from featuredao.validation import QUALIFIED as QUALIFIED
+from featuredao.validation import Identifier as Identifier
+from featuredao.validation import QualifiedName as QualifiedName
+from featuredao.validation import StrictModel as StrictModel
 from featuredao.validation import json_path, pydantic_issues, resolve_env, shown
 
-IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 _REF = r"^[A-Za-z_][A-Za-z0-9_]{0,62}\.[A-Za-z_][A-Za-z0-9_]{0,62}$"
-QUALIFIED = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
-
-Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
-"""A column, field or key name: letters, digits and underscores, not starting with a digit."""
-QualifiedName = Annotated[str, StringConstraints(pattern=QUALIFIED)]
-"""A table name, optionally qualified by one schema/database name."""
-
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NoOptions(StrictModel):
@@ -149,6 +144,8 @@ class RawConfig(StrictModel):
     sync: list[dict[str, Any]] = Field(default_factory=list)
     context: dict[Identifier, ContextFeature] = Field(default_factory=dict)
     """Request-context features ``fetch(context=...)`` takes: name -> type and default."""
+    # Derived features are validated one by one, like views, so one broken spec hides no other problem.
+    derived: list[dict[str, Any]] = Field(default_factory=list)
 
 
 # Keys every source accepts, handled by the core rather than by the adapter's options model.
@@ -215,6 +212,8 @@ class Config:
     """Validated synchronization jobs (featuredao.sync.config.SyncJob), once featuredao.sync is imported."""
     context: dict[str, ContextFeature] = field(default_factory=dict)
     """Request-context features, by name."""
+    derived: list[DerivedConfig] = field(default_factory=list)
+    """Serve-time derived features, in the order they are computed."""
 
     @property
     def fallback_only(self) -> set[str]:
@@ -367,6 +366,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     entities = sorted({"user", "item", *(v.entity for v in views.values())})
     issues.extend(stages.check(views, positions, entities))
     issues.extend(_check_semantics(raw, views, positions, secrets))
+    derived = _check_derived(raw, views, secrets, issues)
     jobs: list[Any] = []
     check_sync = _sections.get("sync")
     if check_sync is not None:
@@ -376,7 +376,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         raise ConfigError(issues)
     request_context = {name: ContextFeature(type=c.type, default=_as_type(c.default, c.type))
                        for name, c in raw.context.items()}
-    return Config(sources, views, raw.service, doc, jobs, request_context)
+    return Config(sources, views, raw.service, doc, jobs, request_context, derived)
 
 
 def _refs(value: str | list[str] | None) -> tuple[str, ...]:
@@ -408,6 +408,56 @@ def _check_semantics(raw: RawConfig, views: Mapping[str, View], positions: Mappi
             issues.append(ConfigIssue(path, f"default does not fit type {feature.type.value}",
                                       shown(path, feature.default, secrets) or "..."))
     return issues
+
+
+def _check_derived(raw: RawConfig, views: Mapping[str, View], secrets: Mapping[str, str],
+                   issues: list[ConfigIssue]) -> list[DerivedConfig]:
+    """Each derived feature's inputs are features of its row, of a request-level entity or the context."""
+    made = {(v.entity, v.prefix + f) for v in views.values() for f in v.features}
+    keys = stages.request_keys(views)
+    entities = {"user", "item", *(v.entity for v in views.values())}
+    out = []
+    for i, body in enumerate(raw.derived):
+        try:
+            spec = DerivedConfig.model_validate(body)
+        except ValidationError as exc:
+            issues.extend(pydantic_issues(exc, ("derived", i), secrets))
+            continue
+        ok = True
+        if spec.entity not in entities:
+            issues.append(ConfigIssue(json_path(("derived", i, "entity")), "no view serves this entity",
+                                      repr(spec.entity)))
+            continue
+        names = spec.input_names
+        for j, name in enumerate(names):
+            where = ("derived", i, "input") if spec.input is not None else ("derived", i, "inputs", j)
+            problem = _input_problem(name, spec.entity, made, keys, raw.context)
+            if problem:
+                issues.append(ConfigIssue(json_path(where), problem, repr(name)))
+                ok = False
+        if (spec.entity, spec.name) in made:
+            issues.append(ConfigIssue(json_path(("derived", i, "name")),
+                                      f"entity {spec.entity!r} already has a feature of that name",
+                                      repr(spec.name)))
+            ok = False
+        made.add((spec.entity, spec.name))  # later derived features may use it
+        if ok:
+            out.append(spec)
+    return out
+
+
+def _input_problem(name: str, entity: str, made: set[tuple[str, str]], keys: Mapping[str, set[str]],
+                   context: Mapping[str, ContextFeature]) -> str | None:
+    """Why an input name cannot be resolved for rows of ``entity`` (None: it can)."""
+    owner, _, feature = name.rpartition(".")
+    owner = owner or entity
+    if owner == "context":
+        return None if feature in context else "not a declared context feature"
+    if owner == "item" and entity != "item":
+        return "item features are per item: only item rows can use them"
+    if (owner, feature) in made or feature in keys.get(owner, ()):
+        return None
+    return f"no view (or earlier derived feature) of entity {owner!r} produces {feature!r}"
 
 
 def _check_chains(raw: RawConfig, views: Mapping[str, View], positions: Mapping[str, int],

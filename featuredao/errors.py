@@ -86,6 +86,7 @@ class Reason(StrEnum):
     CLOSED = "closed"
     COERCION = "coercion"
     INVALID_KEY = "invalid_key"
+    DERIVE_ERROR = "derive_error"
     ROW_ERROR = "row_error"
     FALLBACK = "fallback"
     STALE = "stale"

@@ -16,6 +16,7 @@ from typing import Any
 
 from featuredao.config import View
 from featuredao.dao import FeatureDao
+from featuredao.derive import DerivedConfig, compute
 from featuredao.errors import reason_of
 from featuredao.keys import valid
 from featuredao.stages import reference
@@ -139,6 +140,41 @@ class Request:
         default = shape[3]
         for target, slot in zip(targets, part.rows, strict=True):
             target.update(default if slot is None else built[slot])
+
+    def derive(self, specs: Sequence[DerivedConfig], context: Mapping[str, FeatureValue],
+               own_keys: Mapping[str, set[str]]) -> None:
+        """Compute the derived features in order, one column per input, over each entity's rows."""
+        now = time.time()
+        for spec in specs:
+            rows = self.rows_of(spec.entity)
+            if not rows or (spec.entity == "user" and self.user_id is None) or (
+                    spec.entity not in ("user", "item") and spec.entity not in self.keys):
+                continue  # the request has no row of that entity
+            columns = [self._column(name, spec.entity, rows, context, own_keys) for name in spec.input_names]
+            values, failed = compute(spec, columns, now)
+            for row, value in zip(rows, values, strict=True):
+                row[spec.name] = value
+            # A null input (a missing row, a null feature) gives the default quietly: it is not a failure
+            # of the computation, and missing rows are reported where they are missing.
+            failed = [i for i in failed if all(column[i] is not None for column in columns)]
+            if failed:
+                self.degraded.append(Degraded(spec.name, Reason.DERIVE_ERROR,
+                                              f"{len(failed)} value(s) could not be derived: default used",
+                                              feature=spec.name))
+
+    def _column(self, name: str, entity: str, rows: list[dict[str, FeatureValue]],
+                context: Mapping[str, FeatureValue], own_keys: Mapping[str, set[str]]) -> list[Any]:
+        owner, _, feature = name.rpartition(".")
+        owner = owner or entity
+        if owner == "context":
+            return [context.get(feature)] * len(rows)
+        if feature in own_keys.get(owner, ()):
+            if owner == entity:
+                return [self.own_key(owner, i) for i in range(len(rows))]
+            return [self.own_key(owner, 0)] * len(rows)
+        if owner == entity:
+            return [row.get(feature) for row in rows]
+        return [self.rows_of(owner)[0].get(feature)] * len(rows)
 
     def _fresh(self, view: View, rows: Sequence[Row | None],
                now: float | None) -> Sequence[Row | None]:

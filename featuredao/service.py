@@ -97,6 +97,7 @@ class FeatureService:
         self._own_keys = stages.request_keys(served)
         self._entities = {view.entity for view in served.values()} - {"user", "item"}
         self.context_features = dict(runtime.config.context) if runtime is not None else {}
+        self.derived = list(runtime.config.derived) if runtime is not None else []
 
     @classmethod
     def from_config(cls, cfg: Config | str | PathLike[str] | Mapping[str, Any]) -> FeatureService:
@@ -228,6 +229,8 @@ class FeatureService:
 
     def _result(self, request: Request, context: dict[str, FeatureValue], started: float,
                 strict: bool | None) -> FetchResult:
+        if self.derived:
+            request.derive(self.derived, context, self._own_keys)
         degraded = request.degraded
         result = FetchResult(request.user_id if request.user_id is not None else "", request.user,
                              request.item_ids, request.items, degraded, time.perf_counter() - started,

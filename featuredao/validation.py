@@ -1,4 +1,5 @@
-"""Shared helpers of configuration validation: JSON paths, ``${ENV}`` references, secret-safe values.
+"""Shared helpers of configuration validation: base model, identifiers, JSON paths, ``${ENV}``
+references, secret-safe values.
 
 A leaf: the config module and every section validator (``sync``) use it, and it imports nothing of
 featuredao but its errors.
@@ -9,11 +10,26 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from featuredao.errors import ConfigIssue
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+QUALIFIED = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
+"""A column, field or key name: letters, digits and underscores, not starting with a digit."""
+QualifiedName = Annotated[str, StringConstraints(pattern=QUALIFIED)]
+"""A table name, optionally qualified by one schema/database name."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Values at paths whose last segment matches this are never echoed back.

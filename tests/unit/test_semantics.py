@@ -34,11 +34,21 @@ def config(shared: str) -> dict[str, Any]:
              "key_from": ["user.user_id", "item.category_id"], "features": {"clicks": "int"},
              "prefix": "uc_", "defaults": {"clicks": 0}},
             {"name": "city_stats", "entity": "user", "source": "mem", "table": "cities", "key": "city",
-             "key_from": "user.u_city", "features": {"pop": "int"}, "prefix": "city_"},
+             "key_from": "user.u_city", "features": {"pop": "int", "night_hours": "list[int]"},
+             "prefix": "city_"},
             {"name": "shops", "entity": "shop", "source": "mem", "table": "shops", "key": "shop_id",
              "features": {"rating": "float"}, "prefix": "shop_"},
         ],
         "context": {"hour": {"type": "int", "default": 0}, "device": {"type": "str", "default": "unknown"}},
+        "derived": [
+            {"name": "log_price", "entity": "item", "op": "log1p", "input": "price", "default": 0.0},
+            {"name": "city_x_cat", "entity": "item", "op": "cross", "inputs": ["user.u_city", "cat_name"],
+             "default": ""},
+            {"name": "price_bucket", "entity": "item", "op": "bucketize", "input": "log_price",
+             "boundaries": [1.0, 1.5]},
+            {"name": "night", "entity": "user", "op": "in", "inputs": ["context.hour", "city_night_hours"]},
+            {"name": "age_x_device", "entity": "user", "op": "cross", "inputs": ["u_age", "context.device"]},
+        ],
         "service": {"deadline_ms": 2000},
     }
 
@@ -54,10 +64,11 @@ def cfg() -> Iterator[dict[str, Any]]:
     daos["items"].upsert([(1, {"category_id": 10, "price": 2.5, "updated_at": NOW}),
                           (2, {"category_id": 20, "price": 4.0, "updated_at": NOW}),
                           (3, {"category_id": 10, "price": 1.0, "updated_at": NOW - 7200}),  # too old
-                          (4, {"category_id": None, "price": 9.0, "updated_at": NOW})])
+                          (4, {"category_id": None, "price": 9.0, "updated_at": NOW}),
+                          (5, {"category_id": 20, "price": -5.0, "updated_at": NOW})])
     daos["categories"].upsert([(10, {"name": "books", "ctr": 0.1}), (20, {"name": "music", "ctr": 0.2})])
     daos["user_category"].upsert([("u1_10", {"clicks": 5})])
-    daos["city_stats"].upsert([("Oslo", {"pop": 700})])
+    daos["city_stats"].upsert([("Oslo", {"pop": 700, "night_hours": [22, 23, 0, 1]})])
     daos["shops"].upsert([("s9", {"rating": 4.5})])
     runtime.close()
     yield cfg
@@ -82,7 +93,8 @@ def test_features_keyed_by_features_join_their_rows(cfg: dict[str, Any]) -> None
     assert items[2] == items[0]
     assert items[3]["cat_name"] is None and items[3]["cat_ctr"] == 0.0  # null key: the view's defaults
     assert items[4]["price"] is None and items[4]["cat_ctr"] == 0.0  # unknown item
-    assert result.user == {"u_city": "Oslo", "u_age": 30, "city_pop": 700}
+    assert result.user == {"u_city": "Oslo", "u_age": 30, "city_pop": 700, "city_night_hours": [22, 23, 0, 1],
+                           "night": False, "age_x_device": "30_unknown"}
     assert result.entities == {"shop": {"shop_rating": 4.5}}
     assert result.context == {"hour": 9, "device": "unknown"}
     assert result.missing == {"items": [99], "user_category": ["u1_20"]}
@@ -161,3 +173,33 @@ def test_the_cli_takes_context_and_entity_keys(cfg: dict[str, Any], tmp_path: An
     bad = subprocess.run([*exe, "fetch", str(path), "--items", "1", "--context", "weather=rain"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown context features" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_derived_features_are_computed_over_the_rows(cfg: dict[str, Any]) -> None:
+    import math
+
+    with FeatureService.from_config(cfg) as service:
+        result = service.fetch("u1", [1, 2, 99, 5], context={"hour": 23})
+    first, second, unknown, negative = result.items
+    assert first["log_price"] == math.log1p(2.5) and first["city_x_cat"] == "Oslo_books"
+    assert first["price_bucket"] == 1 and second["price_bucket"] == 2  # log1p(4.0) = 1.61
+    assert unknown["log_price"] == 0.0 and unknown["city_x_cat"] == ""  # null inputs: the default, quietly
+    assert negative["log_price"] == 0.0  # log1p(-5) cannot be computed: the default, and said so
+    assert result.user["night"] is True
+    assert [(d.view, d.reason) for d in result.degraded] == [("log_price", Reason.DERIVE_ERROR)]
+
+
+@pytest.mark.parametrize(("spec", "path", "message"), [
+    ({"name": "x", "entity": "item", "op": "log1p", "input": "nope"}, "$.derived[0].input", "produces"),
+    ({"name": "x", "entity": "user", "op": "log1p", "input": "item.price"}, "$.derived[0].input", "per item"),
+    ({"name": "x", "entity": "item", "op": "cross", "inputs": ["price", "context.weather"]},
+     "$.derived[0].inputs[1]", "context feature"),
+    ({"name": "price", "entity": "item", "op": "log1p", "input": "price"}, "$.derived[0].name", "already"),
+    ({"name": "x", "entity": "item", "op": "log1p"}, "$.derived[0]", ""),
+])
+def test_derived_config_errors_name_their_path(spec: dict[str, Any], path: str, message: str) -> None:
+    cfg = config("derr")
+    cfg["derived"] = [spec]
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert any(i.path.startswith(path) and message in i.message for i in info.value.issues), info.value
