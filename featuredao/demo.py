@@ -283,9 +283,29 @@ def demo_config(db: str = "features.db") -> dict[str, Any]:
             {"name": "item_features", "entity": "item", "source": "local", "table": "item_features",
              "key": "item_id", "key_type": "int", "features": dict(ITEM_FEATURES), "prefix": "item_",
              "defaults": {"price": 0.0, "ctr_7d": 0.0}, "timeout_ms": 200},
+            # Keyed by each item's category (a second stage): one read of the distinct categories.
+            {"name": "category_stats", "entity": "item", "source": "local", "table": "category_stats",
+             "key": "category", "key_from": "item.item_category", "features": dict(CATEGORY_FEATURES),
+             "prefix": "cat_", "defaults": {"ctr_30d": 0.0}, "timeout_ms": 200},
+        ],
+        "context": {"hour": {"type": "int", "default": 12}, "device": {"type": "str", "default": "web"}},
+        "derived": [
+            {"name": "log_price", "entity": "item", "op": "log1p", "input": "item_price", "default": 0.0},
+            {"name": "price_vs_category", "entity": "item", "op": "ratio",
+             "inputs": ["item_price", "cat_avg_price"], "default": 1.0},
         ],
         "service": {"deadline_ms": 500},
     }
+
+
+CATEGORY_FEATURES = {"avg_price": "float", "ctr_30d": "float", "items": "int"}
+
+
+def category_rows(seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """One row per category: its median price, a 30-day CTR and how many items it has."""
+    rng = random.Random(seed)
+    return [(name, {"avg_price": median, "ctr_30d": round(rng.uniform(0.01, 0.12), 4),
+                    "items": rng.randint(500, 20_000)}) for name, median in _CATEGORIES]
 
 
 def build_dataset(directory: Path, users: int, items: int, console: Console, seed: int = 42) -> Path:
@@ -314,6 +334,9 @@ def build_dataset(directory: Path, users: int, items: int, console: Console, see
                     chunk = generate(start, min(count, start + CHUNK), seed)
                     dao.write_checked(chunk)
                     progress.advance(task, len(chunk))
+            categories = runtime.daos["category_stats"]
+            categories.prepare()
+            categories.upsert(category_rows(seed))
     finally:
         runtime.close()
     return cfg_path
@@ -332,10 +355,11 @@ def run(directory: Path, users: int = 10_000, items: int = 100_000, fetch_items:
     with FeatureService.from_config(cfg_path) as service:
         user_id = "u42"
         item_ids = [(i * 7919) % items for i in range(fetch_items)]
-        cold = service.fetch(user_id, item_ids)
+        context = {"hour": 9, "device": "ios"}
+        cold = service.fetch(user_id, item_ids, context=context)
         times = []
         for _ in range(20):
-            result = service.fetch(user_id, item_ids)
+            result = service.fetch(user_id, item_ids, context=context)
             times.append(result.elapsed_s * 1000)
 
     table = Table(title=f"user {user_id}: {len(cold.user)} features")
@@ -344,7 +368,8 @@ def run(directory: Path, users: int = 10_000, items: int = 100_000, fetch_items:
     for name, value in cold.user.items():
         table.add_row(name, _short(value))
     console.print(table)
-    shown = ["item_category", "item_brand", "item_price", "item_ctr_7d", "item_in_stock", "item_rating"]
+    shown = ["item_category", "item_brand", "item_price", "item_ctr_7d", "item_rating", "cat_ctr_30d",
+             "log_price", "price_vs_category"]
     items_table = Table(title=f"{len(cold.items)} items x {len(cold.items[0]) if cold.items else 0} "
                               "features (first 10)")
     items_table.add_column("item_id")
@@ -354,6 +379,8 @@ def run(directory: Path, users: int = 10_000, items: int = 100_000, fetch_items:
         items_table.add_row(str(item_id), *(_short(row.get(c)) for c in shown))
     console.print(items_table)
     found = sum(1 for r in cold.items if r.get("item_category") is not None)
+    console.print(f"context: {json.dumps(cold.context)}; derived: log_price, price_vs_category; "
+                  f"category features keyed by item_category", soft_wrap=True, markup=False)
     console.print(f"items with features: {found}/{len(cold.items)}; degraded: "
                   f"{[d.to_dict() for d in cold.degraded] or 'none'}", soft_wrap=True, markup=False)
     console.print(f"fetch 1 user + {fetch_items} items: first call {cold.elapsed_s * 1000:.1f} ms; "
@@ -362,6 +389,8 @@ def run(directory: Path, users: int = 10_000, items: int = 100_000, fetch_items:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
     if isinstance(value, list) and len(value) > 6:
         return json.dumps(value[:6])[:-1] + f", ... ({len(value)} values)]"
     return json.dumps(value, ensure_ascii=False)

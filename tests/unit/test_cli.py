@@ -27,13 +27,14 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("demo")
     out = run("demo", "--dir", str(directory), "--users", "50", "--items", "300", "--fetch-items", "120")
     assert out.returncode == 0, out.stderr
-    assert "120 items x 20 features" in out.stdout and "degraded: none" in out.stdout
+    assert "120 items x 25 features" in out.stdout and "degraded: none" in out.stdout
+    assert "context: {\"hour\": 9, \"device\": \"ios\"}" in out.stdout
     return directory
 
 
 def test_validate_ok(demo_dir: Path) -> None:
     out = run("validate", str(demo_dir / "featuredao.json"))
-    assert out.returncode == 0 and "2 view(s)" in out.stdout
+    assert out.returncode == 0 and "3 view(s)" in out.stdout
 
 
 def test_validate_broken_config_exits_2_naming_each_path(tmp_path: Path) -> None:
@@ -61,7 +62,8 @@ def test_fetch_json_prints_one_object(demo_dir: Path) -> None:
     out = run("fetch", str(demo_dir / "featuredao.json"), "--user", "u3", "--items", "5,999999,7", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert set(doc) == {"user", "items", "missing", "degraded"}
+    assert set(doc) == {"user", "items", "context", "missing", "degraded"}
+    assert doc["context"] == {"hour": 12, "device": "web"}  # the demo's declared defaults
     assert list(doc["items"]) == ["5", "999999", "7"]
     assert doc["missing"] == {"item_features": ["999999"]}  # found and missing told apart
     assert doc["items"]["999999"]["item_price"] == 0.0  # missing item: defaults
