@@ -17,7 +17,8 @@ import time
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
-from functools import cache
+from functools import cache, lru_cache, partial
+from operator import truediv
 from typing import Annotated, Any, Literal, TypeAlias, get_args
 
 from pydantic import Field, FiniteFloat, StringConstraints, model_validator
@@ -49,6 +50,7 @@ _MANY: dict[str, tuple[int, int | None, str]] = {
 }
 _PARAMS = {"min": "clip", "max": "clip", "boundaries": "bucketize", "buckets": "hash_bucket", "fn": "python"}
 _FN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NUMBERS = {int, float}
 # What a per-value function raises for a value it cannot derive (UnicodeError is a ValueError).
 _BAD = (TypeError, ValueError, ArithmeticError)
 # datetime's range (years 1..9999): beyond it "epoch seconds" are garbage (often milliseconds).
@@ -190,6 +192,7 @@ def _text(v: Any) -> str:
     raise TypeError(f"{type(v).__name__} has no canonical text")
 
 
+@lru_cache(maxsize=65_536)  # ids and categories come back request after request: hash each once
 def _hash(text: str, buckets: int) -> int:
     # A fixed digest, not hash(): Python salts str hashes per process (PYTHONHASHSEED).
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % buckets
@@ -273,7 +276,75 @@ def _python(fn: Callable[..., Any], ftype: FeatureType, default: FeatureValue) -
     return run
 
 
+def _clean(column: list[Any]) -> bool:
+    """Every value an int or a float and none NaN: the C-level paths below may run."""
+    kinds = set(map(type, column))
+    return kinds <= _NUMBERS and not (float in kinds and any(map(math.isnan, column)))
+
+
+def _texts(column: list[Any]) -> list[str] | None:
+    """The canonical texts of a column of only str or only int (C-level maps), else None."""
+    kinds = set(map(type, column))
+    if kinds <= {str}:
+        return column
+    if kinds == {int}:
+        return list(map(int.__repr__, column))
+    return None
+
+
+def _fast(c_path: Callable[[list[list[Any]]], list[FeatureValue] | None], slow: Compiled) -> Compiled:
+    """Try the whole column in C first (the usual clean batch); any doubt falls back to the per-value loop."""
+    def run(cols: list[list[Any]], now: float) -> tuple[list[FeatureValue], list[int]]:
+        try:
+            out = c_path(cols)
+        except _BAD:
+            out = None
+        return (out, []) if out is not None else slow(cols, now)
+
+    return run
+
+
+def _hashes(texts: list[str], buckets: int) -> list[FeatureValue]:
+    known = {t: _hash(t, buckets) for t in dict.fromkeys(texts)}  # each distinct value hashed once
+    return list(map(known.__getitem__, texts))
+
+
 def _build(spec: DerivedConfig) -> Compiled:
+    slow = _build_slow(spec)
+    lo, hi, bounds, n = spec.min, spec.max, tuple(spec.boundaries or ()), spec.buckets or 1
+    op = spec.op
+    if op == "log1p":
+        return _fast(lambda cols: list(map(math.log1p, cols[0])) if _clean(cols[0]) else None, slow)
+    if op == "bucketize":
+        return _fast(lambda cols: list(map(partial(bisect_right, bounds), cols[0])) if _clean(cols[0])
+                     else None, slow)
+    if op == "clip" and lo is not None and hi is not None:
+        return _fast(lambda cols: [float(min(max(x, lo), hi)) for x in cols[0]] if _clean(cols[0])
+                     else None, slow)
+    if op == "ratio":
+        def ratio(cols: list[list[Any]]) -> list[FeatureValue] | None:
+            a, b = cols
+            if not (_clean(a) and _clean(b)) or 0 in b:
+                return None
+            out: list[FeatureValue] = list(map(truediv, a, b))
+            return None if any(map(math.isnan, out)) else out  # type: ignore[arg-type]
+        return _fast(ratio, slow)
+    if op == "cross":
+        def cross(cols: list[list[Any]]) -> list[FeatureValue] | None:
+            texts = [_texts(c) for c in cols]
+            if any(t is None for t in texts):
+                return None
+            return list(map("_".join, zip(*texts, strict=True)))
+        return _fast(cross, slow)
+    if op == "hash_bucket":
+        def hashed(cols: list[list[Any]]) -> list[FeatureValue] | None:
+            texts = _texts(cols[0])
+            return None if texts is None else _hashes(texts, n)
+        return _fast(hashed, slow)
+    return slow
+
+
+def _build_slow(spec: DerivedConfig) -> Compiled:
     # One closure per op, chosen here once: the per-value work never looks at the op's name.
     d: FeatureValue = float(spec.default) if spec.output_type is FeatureType.FLOAT and _is_num(spec.default) \
         else spec.default

@@ -88,30 +88,30 @@ class Request:
         targets = self.rows_of(view.entity)
         if view.entity == "item" and not targets:
             return None
+        columns = [self._key_column(ref, view.entity, targets, own_keys) for ref in view.key_from]
+        sep = view.key_separator
+        keys: list[Any] = columns[0] if len(columns) == 1 else [
+            _composite(parts, sep) for parts in zip(*columns, strict=True)]
         distinct: dict[Key, int] = {}
         index: list[int | None] = []
-        for row_no, row in enumerate(targets):
-            key = self._key_of(view, row_no, row, own_keys)
-            index.append(None if key is None else distinct.setdefault(key, len(distinct)))
+        append = index.append
+        for key in keys:
+            # A missing or null key value (or a list, which cannot be a key) gives the view's defaults.
+            append(None if key is None or isinstance(key, list | dict)
+                   else distinct.setdefault(key, len(distinct)))
         return Part(dao, list(distinct), timeout_s, index)
 
-    def _key_of(self, view: View, row_no: int, row: Mapping[str, FeatureValue],
-                own_keys: Mapping[str, set[str]]) -> Key | None:
-        parts: list[Any] = []
-        for ref in view.key_from:
-            entity, name = reference(ref)
-            if name in own_keys.get(entity, ()):
-                value: Any = self.own_key(entity, row_no if entity == view.entity else 0)
-            elif entity == view.entity:
-                value = row.get(name)
-            else:
-                value = self.rows_of(entity)[0].get(name)
-            if value is None or isinstance(value, list | dict):
-                return None  # a missing or null key value gives the view's defaults
-            parts.append(value)
-        if len(parts) == 1:
-            return parts[0]  # type: ignore[no-any-return]
-        return view.key_separator.join(_text(p) for p in parts)
+    def _key_column(self, ref: str, entity: str, targets: list[dict[str, FeatureValue]],
+                    own_keys: Mapping[str, set[str]]) -> list[Any]:
+        """One part of the key, per row of ``entity``: a request key or a feature of an earlier stage."""
+        owner, name = reference(ref)
+        if name in own_keys.get(owner, ()):
+            if owner == entity:
+                return [self.own_key(owner, i) for i in range(len(targets))]
+            return [self.own_key(owner, 0)] * len(targets)
+        if owner == entity:
+            return [row.get(name) for row in targets]
+        return [self.rows_of(owner)[0].get(name)] * len(targets)
 
     def absorb(self, part: Part, outcome: BatchResult | BaseException | None, shape: Shape,
                now: float | None = None) -> None:
@@ -196,6 +196,13 @@ class Request:
             self.degraded.append(Degraded(view.name, Reason.STALE, f"{stale} row(s) older than "
                                           f"{view.freshness.max_age_s:g} s treated as missing"))
         return kept
+
+
+def _composite(parts: tuple[Any, ...], separator: str) -> str | None:
+    """A composite key (``u1_10``); None when a part is missing or cannot be part of a key."""
+    if any(p is None or isinstance(p, list | dict) for p in parts):
+        return None
+    return separator.join(map(_text, parts))
 
 
 def _text(value: Any) -> str:
