@@ -79,10 +79,12 @@ def validate(config: str) -> None:
 @click.option("--deadline-ms", type=float, help="Overall deadline (default from config).")
 @click.option("--context", "context", multiple=True, metavar="NAME=VALUE",
               help="A request-context feature (repeatable), e.g. --context hour=9.")
+@click.option("--scene", help="Read the views of this scene only (and use its deadline).")
 @click.option("--key", "entity_keys", multiple=True, metavar="ENTITY=KEY",
               help="The key of another request-level entity (repeatable), e.g. --key shop=s9.")
 def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: str, as_json: bool,
-          deadline_ms: float | None, context: tuple[str, ...], entity_keys: tuple[str, ...]) -> None:
+          deadline_ms: float | None, scene: str | None, context: tuple[str, ...],
+          entity_keys: tuple[str, ...]) -> None:
     """Fetch features: a user and items from every view, or keys from one view."""
     from featuredao.service import FeatureService
 
@@ -102,7 +104,7 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
         else:
             _check_keys(service, _keys(items), entity="item")
             _check_keys(service, [] if user_id is None else [user_id], entity="user")
-            out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms,
+            out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms, scene=scene,
                                 context=_pairs(context, "--context"),
                                 keys=_pairs(entity_keys, "--key")).to_dict()
     if as_json:

@@ -9,14 +9,28 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import ValidationError
 
 from featuredao import registry, stages
 from featuredao.derive import DerivedConfig
 from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter
 from featuredao.registry import Adapter
+
+# The schema's models, importable from here as they always were.
+from featuredao.schema import CacheConfig as CacheConfig
+from featuredao.schema import CircuitBreakerConfig as CircuitBreakerConfig
+from featuredao.schema import ContextFeature as ContextFeature
+from featuredao.schema import FreshnessConfig as FreshnessConfig
+from featuredao.schema import L1Config as L1Config
+from featuredao.schema import L2Config as L2Config
+from featuredao.schema import NoOptions as NoOptions
+from featuredao.schema import RawConfig as RawConfig
+from featuredao.schema import RetryConfig as RetryConfig
+from featuredao.schema import SceneConfig as SceneConfig
+from featuredao.schema import ServiceConfig as ServiceConfig
+from featuredao.schema import ViewConfig as ViewConfig
 from featuredao.types import FeatureType, FeatureValue, fits
 
 # Defined in the validation leaf (derived features and sync validate with them too); the adapters'
@@ -27,126 +41,6 @@ from featuredao.validation import Identifier as Identifier
 from featuredao.validation import QualifiedName as QualifiedName
 from featuredao.validation import StrictModel as StrictModel
 from featuredao.validation import json_path, pydantic_issues, resolve_env, shown
-
-_REF = r"^[A-Za-z_][A-Za-z0-9_]{0,62}\.[A-Za-z_][A-Za-z0-9_]{0,62}$"
-
-
-class NoOptions(StrictModel):
-    """Options model of an adapter that takes none."""
-
-
-class ServiceConfig(StrictModel):
-    """Settings of FeatureService itself."""
-
-    deadline_ms: int = Field(default=100, gt=0)
-    max_workers: int = Field(default=16, gt=0, le=256)
-    strict: bool = False
-    max_in_flight: int | None = Field(default=None, gt=0, le=4096)
-    """Requests served at once; more wait for a slot (at most ``admission_wait`` of their deadline) and
-    are then shed: defaults (or what L1 holds) at once, degraded ``overloaded``. Default: 4 per core."""
-    max_keys_per_request: int = Field(default=10_000, gt=0)
-    """Most item ids one ``fetch`` takes (more is a ``UsageError``)."""
-    admission_wait: float = Field(default=0.75, gt=0, le=1)
-    """The share of a request's deadline it may wait for a slot before it is shed."""
-
-
-class CircuitBreakerConfig(StrictModel):
-    """Per source: open after N consecutive failures, fail fast, probe again after the reset timeout."""
-
-    failure_threshold: int = Field(default=5, ge=1)
-    reset_timeout_s: float = Field(default=10.0, gt=0)
-    enabled: bool = True
-
-
-class RetryConfig(StrictModel):
-    """Per source: bounded, jittered retries of reads, only within the time left."""
-
-    max: int = Field(default=0, ge=0, le=5)
-    backoff_ms: float = Field(default=5.0, ge=0)
-
-
-class L1Config(StrictModel):
-    """The in-process tier."""
-
-    ttl_s: float = Field(default=60.0, gt=0)
-    max_entries: int = Field(default=100_000, ge=1)
-
-
-class L2Config(StrictModel):
-    """The shared tier: a source whose adapter offers a key-value store (Redis)."""
-
-    source: str
-    ttl_s: float = Field(default=600.0, gt=0)
-    ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
-
-
-class CacheConfig(StrictModel):
-    """Per view: L1 and/or L2, negative caching, stale serving."""
-
-    l1: L1Config | None = None
-    l2: L2Config | None = None
-    negative_ttl_s: float = Field(default=0.0, ge=0)
-    stale_while_revalidate_s: float = Field(default=0.0, ge=0)
-    stale_if_error_s: float = Field(default=0.0, ge=0)
-
-
-class FreshnessConfig(StrictModel):
-    """Rows whose ``field`` (epoch seconds) is older than ``max_age_s`` are treated as missing."""
-
-    field: Identifier
-    max_age_s: float = Field(gt=0)
-
-
-class ContextFeature(StrictModel):
-    """One request-context feature: its type and the value it takes when the request leaves it out."""
-
-    type: FeatureType
-    default: Any = None
-
-
-class ViewConfig(StrictModel):
-    """One feature view: a table or keyspace in one source, keyed by one entity."""
-
-    name: Identifier
-    entity: Identifier
-    """``user``, ``item``, or any request-level entity given in ``fetch(keys=...)``; with ``key_from``,
-    the entity whose rows this view's features join."""
-    source: str
-    table: QualifiedName
-    key: Identifier
-    key_type: Literal["str", "int"] = "str"
-    features: dict[Identifier, FeatureType] = Field(min_length=1)
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{0,32}$")] = ""
-    timeout_ms: int = Field(default=50, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
-    fallback: list[str] = Field(default_factory=list)
-    fallback_on_missing: bool = False
-    hedge_ms: int | None = Field(default=None, gt=0)
-    """With a fallback: start the chain after this long without an answer from the primary."""
-    cache: CacheConfig | None = None
-    key_from: Annotated[str, StringConstraints(pattern=_REF)] | \
-        list[Annotated[str, StringConstraints(pattern=_REF)]] | None = None
-    """Per row of ``entity``, this view's key is that output feature (or request key) of an earlier stage;
-    a list makes a composite key joined by ``key_separator``."""
-    key_separator: str = Field(default="_", max_length=8)
-    freshness: FreshnessConfig | None = None
-
-
-class RawConfig(StrictModel):
-    """The top-level document before adapter-specific validation."""
-
-    sources: dict[Identifier, dict[str, Any]] = Field(min_length=1)
-    # Views are validated one by one so that one broken view does not hide the others' problems.
-    views: list[dict[str, Any]] = Field(min_length=1)
-    service: ServiceConfig = ServiceConfig()
-    # Synchronization jobs: validated by the section's own validator (featuredao.sync registers it).
-    sync: list[dict[str, Any]] = Field(default_factory=list)
-    context: dict[Identifier, ContextFeature] = Field(default_factory=dict)
-    """Request-context features ``fetch(context=...)`` takes: name -> type and default."""
-    # Derived features are validated one by one, like views, so one broken spec hides no other problem.
-    derived: list[dict[str, Any]] = Field(default_factory=list)
-
 
 # Keys every source accepts, handled by the core rather than by the adapter's options model.
 COMMON_SOURCE_KEYS = ("type", "circuit_breaker", "retries")
@@ -214,6 +108,8 @@ class Config:
     """Request-context features, by name."""
     derived: list[DerivedConfig] = field(default_factory=list)
     """Serve-time derived features, in the order they are computed."""
+    scenes: dict[str, SceneConfig] = field(default_factory=dict)
+    """Named request shapes: views read and deadline, by scene."""
 
     @property
     def fallback_only(self) -> set[str]:
@@ -367,6 +263,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     issues.extend(stages.check(views, positions, entities))
     issues.extend(_check_semantics(raw, views, positions, secrets))
     derived = _check_derived(raw, views, secrets, issues)
+    _check_scenes(raw, views, issues)
     jobs: list[Any] = []
     check_sync = _sections.get("sync")
     if check_sync is not None:
@@ -376,7 +273,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         raise ConfigError(issues)
     request_context = {name: ContextFeature(type=c.type, default=_as_type(c.default, c.type))
                        for name, c in raw.context.items()}
-    return Config(sources, views, raw.service, doc, jobs, request_context, derived)
+    return Config(sources, views, raw.service, doc, jobs, request_context, derived, dict(raw.scenes))
 
 
 def _refs(value: str | list[str] | None) -> tuple[str, ...]:
@@ -444,6 +341,24 @@ def _check_derived(raw: RawConfig, views: Mapping[str, View], secrets: Mapping[s
         if ok:
             out.append(spec)
     return out
+
+
+def _check_scenes(raw: RawConfig, views: Mapping[str, View], issues: list[ConfigIssue]) -> None:
+    """A scene names served views, and with each view keyed by features, the views it is keyed by."""
+    served = {n for n in views if n not in {f for v in views.values() for f in v.fallback}}
+    for scene, spec in raw.scenes.items():
+        chosen = set(spec.views)
+        for j, name in enumerate(spec.views):
+            path = json_path(("scenes", scene, "views", j))
+            if name not in views:
+                issues.append(ConfigIssue(path, "unknown view", repr(name)))
+            elif name not in served:
+                issues.append(ConfigIssue(path, "a fallback-only view is not read by itself", repr(name)))
+            else:
+                lacking = sorted(stages.dependencies(views[name], views) - chosen)
+                if lacking:
+                    issues.append(ConfigIssue(path, f"is keyed by features of {lacking}: add them to "
+                                                    "the scene", repr(name)))
 
 
 def _input_problem(name: str, entity: str, made: set[tuple[str, str]], keys: Mapping[str, set[str]],

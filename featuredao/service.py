@@ -98,6 +98,12 @@ class FeatureService:
         self._entities = {view.entity for view in served.values()} - {"user", "item"}
         self.context_features = dict(runtime.config.context) if runtime is not None else {}
         self.derived = list(runtime.config.derived) if runtime is not None else []
+        self.scenes = dict(runtime.config.scenes) if runtime is not None else {}
+        # Per scene, the same stages restricted to its views (validated to include what they are keyed by).
+        self._scene_stages = {
+            name: [kept for stage in self._stages
+                   if (kept := [d for d in stage if d.view.name in spec.views])]
+            for name, spec in self.scenes.items()}
 
     @classmethod
     def from_config(cls, cfg: Config | str | PathLike[str] | Mapping[str, Any]) -> FeatureService:
@@ -292,18 +298,19 @@ class FeatureService:
     # -- entry points --------------------------------------------------------------------
     def fetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
               context: Mapping[str, Any] | None = None, keys: Mapping[str, Key] | None = None,
-              deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
+              scene: str | None = None, deadline_ms: float | None = None,
+              strict: bool | None = None) -> FetchResult:
         """Fetch the user's, the items' and the other entities' features; degraded views give defaults,
         never raise (but for the caller's own errors: see ``UsageError``)."""
         started = time.perf_counter()
-        request, ctx, budget = self._begin(user_id, item_ids, context, keys, deadline_ms)
+        request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         if not self._slots.acquire(budget * self.settings.admission_wait):
-            for stage in self._stages:
+            for stage in plan:
                 parts = self._parts(request, stage, budget)
                 self._absorb(request, parts, self._shed(parts))
             return self._result(request, ctx, started, strict)
         try:
-            for stage in self._stages:
+            for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
                 futures = self._start(parts, started + budget)
@@ -324,17 +331,18 @@ class FeatureService:
 
     async def afetch(self, user_id: Key | None, item_ids: Iterable[Key] = (), *,
                      context: Mapping[str, Any] | None = None, keys: Mapping[str, Key] | None = None,
-                     deadline_ms: float | None = None, strict: bool | None = None) -> FetchResult:
+                     scene: str | None = None, deadline_ms: float | None = None,
+                     strict: bool | None = None) -> FetchResult:
         """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
         started = time.perf_counter()
-        request, ctx, budget = self._begin(user_id, item_ids, context, keys, deadline_ms)
+        request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         if not await self._slots.acquire_async(budget * self.settings.admission_wait):
-            for stage in self._stages:
+            for stage in plan:
                 parts = self._parts(request, stage, budget)
                 self._absorb(request, parts, self._shed(parts))
             return self._result(request, ctx, started, strict)
         try:
-            for stage in self._stages:
+            for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
                 waits = [asyncio.wrap_future(f) for f in self._start(parts, started + budget)]
@@ -354,15 +362,23 @@ class FeatureService:
         return self._result(request, ctx, started, strict)
 
     def _begin(self, user_id: Key | None, item_ids: Iterable[Key], context: Mapping[str, Any] | None,
-               keys: Mapping[str, Key] | None,
-               deadline_ms: float | None) -> tuple[Request, dict[str, FeatureValue], float]:
+               keys: Mapping[str, Key] | None, scene: str | None, deadline_ms: float | None
+               ) -> tuple[Request, dict[str, FeatureValue], float, list[list[FeatureDao]]]:
         """Check the arguments (the caller's errors raise here, before any work) and set the request up."""
         self._check_open()
         items = self._arguments(item_ids, deadline_ms)
-        budget = (deadline_ms if deadline_ms is not None else self.settings.deadline_ms) / 1000.0
+        plan = self._stages
+        default_ms: float = self.settings.deadline_ms
+        if scene is not None:
+            if scene not in self.scenes:
+                known = ", ".join(self.scenes) or "none configured"
+                raise UsageError(f"unknown scene {scene!r}; known: {known}")
+            plan = self._scene_stages[scene]
+            default_ms = self.scenes[scene].deadline_ms or default_ms
+        budget = (deadline_ms if deadline_ms is not None else default_ms) / 1000.0
         request = Request(user_id, items, self._request_keys(keys))
         ctx = self._context(context, request.degraded)
-        return request, ctx, budget
+        return request, ctx, budget, plan
 
     def read_view(self, view: str, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                   timeout_s: float | None = None) -> BatchResult:

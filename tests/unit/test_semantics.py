@@ -203,3 +203,25 @@ def test_derived_config_errors_name_their_path(spec: dict[str, Any], path: str, 
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     assert any(i.path.startswith(path) and message in i.message for i in info.value.issues), info.value
+
+
+def test_scenes_read_their_views_only_with_their_deadline(cfg: dict[str, Any]) -> None:
+    cfg = {**cfg, "scenes": {"feed": {"views": ["items", "categories"], "deadline_ms": 300},
+                             "profile": {"views": ["users"]}}}
+    with FeatureService.from_config(cfg) as service:
+        feed = service.fetch("u1", [1], scene="feed")
+        full = service.fetch("u1", [1])
+        with pytest.raises(UsageError, match="unknown scene 'nope'; known: feed, profile"):
+            service.fetch("u1", [1], scene="nope")
+    assert "u_city" not in feed.user and "cat_name" in feed.items[0] and "uc_clicks" not in feed.items[0]
+    assert "uc_clicks" in full.items[0] and full.user["u_city"] == "Oslo"
+
+
+@pytest.mark.parametrize(("views", "message"), [
+    (["nope"], "unknown view"), (["categories"], "add them to the scene"), ([], "at least 1"),
+])
+def test_scene_config_errors(views: list[str], message: str) -> None:
+    cfg = config("scenes")
+    cfg["scenes"] = {"feed": {"views": views}}
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
