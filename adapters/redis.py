@@ -15,13 +15,19 @@ Layouts (view ``options``; every key is ``key_template`` with ``{table}`` and ``
 
 In every layout a null feature is left out (an absent hash field, an absent map entry or pair), and
 reads give the view's default for it. A hash row whose features are all null is deleted.
+
+On a Redis Cluster (``"cluster": true``) keys go through :class:`~._redis_kv.ClusterRouter`: pipelines per
+node, a breaker per node, a slot map that follows failovers, optional replica reads. A node that fails
+costs only its own keys: ``read_partial`` lists them in ``failed`` and ``upsert`` raises
+:class:`PartialWrite` after writing the rest.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Literal
@@ -36,7 +42,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from featuredao.config import StrictModel, View
+from featuredao.config import CircuitBreakerConfig, StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Source
 from featuredao.errors import (
     BackendAuthError,
@@ -45,9 +51,10 @@ from featuredao.errors import (
     BackendTimeout,
     BackendUnavailable,
     Closed,
+    FeatureDaoError,
     Overloaded,
 )
-from featuredao.types import FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
+from featuredao.types import BatchResult, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
 
 from ._redis_codecs import (
     _DECODE_ERRORS,
@@ -61,7 +68,7 @@ from ._redis_codecs import (
     _text_converter,
     _TextStep,
 )
-from ._redis_kv import RedisKeyValue
+from ._redis_kv import ClusterRouter, RedisKeyValue, Routed
 
 _HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 
@@ -93,6 +100,23 @@ class RedisOptions(StrictModel):
     tls_key_file: str | None = None
     tls_verify: bool = True
     tls_check_hostname: bool = True
+    read_from_replicas: bool = False
+    """Cluster only: the keys of a master that fails, or whose node breaker is open, are read from one of
+    its replicas (``READONLY``) instead of failing. Replicas copy their master asynchronously: such a
+    value may be older than the master's (see the README)."""
+    node_breaker: CircuitBreakerConfig = Field(
+        default_factory=lambda: CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=1.0))
+    """Cluster only: each node's own breaker (an open node fails its keys fast and is probed in the
+    background)."""
+    slot_refresh_interval_ms: int = Field(default=200, ge=10, le=60_000)
+    """Cluster only: the slot map is re-read at most this often (after a connection error, a timeout,
+    MOVED/ASK or CLUSTERDOWN, and while a node's breaker is not closed)."""
+
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> RedisOptions:
+        if self.read_from_replicas and not self.cluster:
+            raise ValueError("read_from_replicas applies to a cluster only (\"cluster\": true)")
+        return self
 
     @field_validator("startup_nodes")
     @classmethod
@@ -175,6 +199,7 @@ class RedisSource(Source):
         self._lock = threading.Lock()
         self._standalone: redis.Redis | None = None
         self._cluster: RedisCluster | None = None
+        self._router: ClusterRouter | None = None
 
     def _common(self) -> dict[str, Any]:
         """Connection settings shared by the standalone pool and every cluster node."""
@@ -199,8 +224,49 @@ class RedisSource(Source):
         # Only dropped connections are retried, at once: a timeout already used up the caller's budget.
         return Retry(NoBackoff(), self.options.retries, supported_errors=(rexc.ConnectionError,))
 
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """``_common`` for one server's own pool: the SSL class with TLS, no ``ssl_`` keys without."""
+        kwargs = self._common()
+        if self.options.tls:
+            kwargs["connection_class"] = redis.SSLConnection
+        else:
+            kwargs = {k: v for k, v in kwargs.items() if not k.startswith("ssl_")}
+        return kwargs
+
+    def _node_client(self, host: str, port: int) -> redis.Redis:
+        """One cluster node's client: its own pool of ``pool_size`` connections; a full pool is
+        ``MaxConnectionsError`` at once (``Overloaded``), as it was with redis-py's cluster client."""
+        pool = redis.ConnectionPool(host=host, port=port, max_connections=self.options.pool_size,
+                                    retry=self._retry(), **self._connection_kwargs())
+        return redis.Redis(connection_pool=pool)
+
+    def router(self) -> ClusterRouter:
+        """Cluster only: the per-node router reads, writes and the L2 tier go through (made on first use;
+        it reads the slot map on its first batch)."""
+        router = self._router
+        if router is not None:
+            return router
+        opts: RedisOptions = self.options
+        with self._lock:
+            if self.closed:
+                raise Closed(f"source {self.name!r} is closed")
+            if self._router is None:
+                seeds = opts.startup_nodes or [f"{opts.host}:{opts.port}"]
+                self._router = ClusterRouter(
+                    self.name, seeds, self._node_client, pool_size=opts.pool_size, batch_size=self.batch_size,
+                    breaker=opts.node_breaker, refresh_interval_s=opts.slot_refresh_interval_ms / 1000,
+                    read_from_replicas=opts.read_from_replicas)
+            return self._router
+
+    def node_breakers(self) -> dict[str, str]:
+        """Cluster only: each node's breaker state by ``host:port`` (empty before the first read)."""
+        router = self._router
+        return router.breaker_states() if router is not None else {}
+
     def client(self) -> redis.Redis | RedisCluster:
-        """The driver client, created on first use (a RedisCluster reads the slot map when created)."""
+        """The driver client, created on first use (a RedisCluster reads the slot map when created).
+
+        On a cluster, only pub/sub (invalidation) uses it: keys go through :meth:`router`."""
         client = self._cluster or self._standalone
         if client is not None:
             return client
@@ -218,14 +284,9 @@ class RedisSource(Source):
                         require_full_coverage=True, ssl=opts.tls, **self._common())
                 return self._cluster
             if self._standalone is None:
-                kwargs = self._common()
-                if opts.tls:
-                    kwargs["connection_class"] = redis.SSLConnection
-                else:
-                    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("ssl_")}
                 pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
                     host=opts.host, port=opts.port, db=opts.db, max_connections=opts.pool_size,
-                    timeout=opts.pool_timeout_ms / 1000, retry=self._retry(), **kwargs)
+                    timeout=opts.pool_timeout_ms / 1000, retry=self._retry(), **self._connection_kwargs())
                 self._standalone = redis.Redis(connection_pool=pool)
             return self._standalone
 
@@ -239,10 +300,13 @@ class RedisSource(Source):
 
     def key_value(self) -> RedisKeyValue:
         """This source as the shared (L2) cache tier."""
-        return RedisKeyValue(self.client, self.is_cluster)
+        return RedisKeyValue(self.client, self.is_cluster, self.router if self.is_cluster else None)
 
     def ping(self) -> None:
-        self.client().ping()
+        if self.is_cluster:
+            self.router().ping()  # every master serving slots answers
+        else:
+            self.client().ping()
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         # Our own pool had no connection (the standalone pool's wait ran out; a cluster node's pool is
@@ -260,6 +324,9 @@ class RedisSource(Source):
 
     def _release(self) -> None:
         with self._lock:
+            if self._router is not None:
+                self._router.close()
+                self._router = None
             if self._cluster is not None:
                 self._cluster.close()
                 self._cluster = None
@@ -269,8 +336,48 @@ class RedisSource(Source):
                 self._standalone = None
 
 
+class PartialWrite(BackendUnavailable):
+    """A write on a Redis Cluster reached some nodes and not others: the keys of the nodes that answered
+    are written; ``failed`` lists the others (their node was down or failing fast), to be written again."""
+
+    def __init__(self, message: str, *, failed: Sequence[Key], written: int, source: str | None = None,
+                 view: str | None = None) -> None:
+        super().__init__(message, source=source, view=view)
+        self.failed = list(failed)
+        self.written = written
+
+
+class _Lost:
+    """Keys a cluster read or upsert could not serve, and why: what ``read_partial`` and ``upsert`` report
+    for the nodes that failed while the others answered."""
+
+    __slots__ = ("_lock", "detail", "error", "keys")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the chunks of one read may report from several threads
+        self.keys: list[Key] = []
+        self.error: BackendError | None = None
+        self.detail = ""
+        """The first error's message without the source and view (they are said once)."""
+
+    def add(self, keys: Iterable[Key], error: BackendError, detail: str) -> None:
+        with self._lock:
+            self.keys.extend(keys)
+            if self.error is None:
+                self.error, self.detail = error, detail
+
+
+NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
+"""Per cluster node (``host:port``): why it failed and the keys it failed."""
+
+
 class RedisDao(BaseDao):
-    """Reads and writes one view's keys in its layout."""
+    """Reads and writes one view's keys in its layout.
+
+    On a cluster, keys are grouped per node and a node that fails fails only its own keys: ``read_partial``
+    lists them in ``failed`` (the error names the node) and serves the others; ``upsert`` writes the
+    keys of the healthy nodes and raises :class:`PartialWrite` listing the rest.
+    """
 
     source: RedisSource
 
@@ -285,6 +392,12 @@ class RedisDao(BaseDao):
         # Per field list: converters of the text layouts, and the exact types of a typed row.
         self._converters: dict[tuple[str, ...], list[_TextStep]] = {}
         self._expected: dict[tuple[str, ...], tuple[list[type[Any]], list[tuple[str, type[Any]]]]] = {}
+        # Where a cluster read or upsert puts the keys of the nodes that failed: set on the calling thread
+        # by read_partial and upsert; a read's chunks (which may run on the source's threads) find it in
+        # _reads by the identity of their key list, which lives as long as the read.
+        self._local = threading.local()
+        self._reads: dict[int, _Lost] = {}
+        self._reads_lock = threading.Lock()
 
     # -- keys ------------------------------------------------------------------------------------------
     def _redis_keys(self, keys: Iterable[Key]) -> list[str]:
@@ -311,23 +424,141 @@ class RedisDao(BaseDao):
 
         return read
 
+    def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                     timeout_s: float | None = None) -> BatchResult:
+        """Like ``BaseDao.read_partial``; on a cluster, the keys of a node that failed are in ``failed``
+        (``error`` names the node) while every other node's keys are served."""
+        if not self.source.is_cluster:
+            return super().read_partial(keys, features, timeout_s=timeout_s)
+        lost = _Lost()
+        self._local.lost = lost
+        try:
+            result = super().read_partial(keys, features, timeout_s=timeout_s)
+        finally:
+            self._local.lost = None
+        if lost.keys:
+            result.failed.extend(lost.keys)
+            result.error = result.error or lost.error
+        return result
+
+    def _run_chunks(self, chunks: list[list[Key]], fields: list[str],
+                    deadline: float | None) -> Iterator[RawRows | BackendUnavailable]:
+        """BaseDao's, with each chunk tied to its read's ``_Lost`` (chunks may run on the source's threads),
+        where ``_fetch_batch`` puts the keys of the cluster nodes that failed."""
+        lost: _Lost | None = getattr(self._local, "lost", None)
+        if lost is None:
+            yield from super()._run_chunks(chunks, fields, deadline)
+            return
+        with self._reads_lock:
+            self._reads.update((id(c), lost) for c in chunks)
+        try:
+            yield from super()._run_chunks(chunks, fields, deadline)
+        finally:
+            with self._reads_lock:
+                for c in chunks:
+                    self._reads.pop(id(c), None)
+
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        if self.source.is_cluster:
+            deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+            # Without a _Lost (callers other than read_partial): all or nothing.
+            return self._cluster_read(keys, fields, deadline, self._reads.get(id(keys)))
         rkeys = self._redis_keys(keys)
         client: Any = self.source.client()
         try:
             if self._format == "hash":
                 return self._fetch_hash(client, keys, rkeys, fields)
-            if self.source.is_cluster:
-                pipe = client.pipeline(transaction=False)
-                for rk in rkeys:
-                    pipe.execute_command("GET", rk)
-                values = pipe.execute()
-            else:
-                values = client.execute_command("MGET", *rkeys)
+            values = client.execute_command("MGET", *rkeys)
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
         return self._decode_strings(keys, values, fields)
+
+    def _cluster_read(self, keys: list[Key], fields: list[str], deadline: float | None,
+                      lost: _Lost | None) -> RawRows:
+        """Read distinct keys from the nodes serving them. Keys of nodes that failed go to ``lost``, or,
+        without one, fail the read."""
+        router = self.source.router()
+        encoded = [rk.encode() for rk in self._redis_keys(keys)]
+        if self._format == "hash":
+            fields_b = [self._fields_b[f] for f in fields]
+            commands = [(("HMGET", rk, *fields_b),) for rk in encoded]
+        else:
+            commands = [(("GET", rk),) for rk in encoded]
+        routed = router.execute(encoded, commands, deadline=deadline, read=True)
+        failures = self._failed_keys(routed, keys)
+        served: list[Key] = []
+        values: list[Any] = []
+        for key, reply in zip(keys, routed.replies, strict=True):
+            if reply is not None:
+                value = reply[0]
+                if isinstance(value, rexc.ResponseError):
+                    self._raise_wrongtype(value)
+                    raise value
+                served.append(key)
+                values.append(value)
+        if self._format != "hash":
+            raw = self._decode_strings(served, values, fields)
+        else:
+            by_rkey = dict(zip(self._redis_keys(served), served, strict=True))
+            unknown: list[Key] = []
+
+            def exists(rkeys: list[str]) -> list[int]:
+                checked = router.execute([rk.encode() for rk in rkeys], [(("EXISTS", rk),) for rk in rkeys],
+                                         deadline=deadline, read=True)
+                for addr, (exc, items) in checked.failures.items():
+                    known = failures.setdefault(addr, (exc, []))
+                    known[1].extend(by_rkey[rkeys[i]] for i in items)
+                    unknown.extend(by_rkey[rkeys[i]] for i in items)
+                return [r[0] if r is not None and isinstance(r[0], int) else 1 for r in checked.replies]
+
+            raw = self._hash_rows(served, values, fields, exists)
+            if unknown:
+                dropped = set(unknown)
+                raw = {k: v for k, v in raw.items() if k not in dropped}
+        if failures:
+            self._lose(failures, lost)
+        return raw
+
+    def _failed_keys(self, routed: Routed, keys: Sequence[Key]) -> dict[str, tuple[BaseException, list[Key]]]:
+        return {addr: (exc, [keys[i] for i in items]) for addr, (exc, items) in routed.failures.items()}
+
+    def _lose(self, failures: NodeFailures, lost: _Lost | None) -> None:
+        """Record the keys of failed nodes in ``lost``, or raise (``Closed`` once the source closed)."""
+        if self.source.closed:
+            raise Closed(f"source {self.source.name!r} was closed during the operation")
+        error, detail = self._node_error(failures)
+        if lost is None:
+            raise error
+        lost.add((k for _, ks in failures.values() for k in ks), error, detail)
+
+    def _node_error(self, failures: NodeFailures) -> tuple[BackendError, str]:
+        """One error for the nodes that failed, naming each; its type is theirs when they agree."""
+        kinds: set[type[BackendError]] = set()
+        parts: list[str] = []
+        cause: BaseException | None = None
+        for addr, (exc, keys) in failures.items():
+            if isinstance(exc, Closed):
+                raise Closed(f"source {self.source.name!r} was closed during the operation") from exc
+            if isinstance(exc, FeatureDaoError):  # the router's own: CircuitOpen, BackendTimeout
+                kind: type[BackendError] | None = type(exc) if isinstance(exc, BackendError) else None
+                text = str(exc)
+            else:
+                # A redirect that did not settle is the cluster moving slots: unavailable, not a bad query.
+                kind = BackendUnavailable if isinstance(exc, rexc.AskError) else self.source.map_error(exc)
+                text = f"cluster node {addr}: {type(exc).__name__}: {_detail(exc)}"
+                cause = cause or exc
+            if kind is None:
+                raise exc  # not a store failure: a bug shows as itself
+            if not issubclass(kind, BackendUnavailable):
+                raise kind(text, source=self.source.name, view=self.view.name) from exc  # auth, query
+            kinds.add(kind)
+            parts.append(f"{text} ({len(keys)} key(s))")
+        kind = kinds.pop() if len(kinds) == 1 else BackendUnavailable
+        message = parts[0] if len(parts) == 1 else f"{len(parts)} cluster nodes failed: " + "; ".join(parts)
+        error = kind(message, source=self.source.name, view=self.view.name)
+        error.__cause__ = cause
+        return error, message
 
     def _fetch_hash(self, client: Any, keys: list[Key], rkeys: list[str], fields: list[str]) -> RawRows:
         fields_b = [self._fields_b[f] for f in fields]
@@ -335,6 +566,18 @@ class RedisDao(BaseDao):
         for rk in rkeys:
             pipe.execute_command("HMGET", rk, *fields_b)
         replies: list[list[bytes | None]] = pipe.execute()
+
+        def exists(unsure: list[str]) -> list[int]:
+            pipe = client.pipeline(transaction=False)
+            for rk in unsure:
+                pipe.execute_command("EXISTS", rk)
+            return list(pipe.execute())
+
+        return self._hash_rows(keys, replies, fields, exists)
+
+    def _hash_rows(self, keys: list[Key], replies: list[list[bytes | None]], fields: list[str],
+                   exists: Callable[[list[str]], list[int]]) -> RawRows:
+        """Rows from the HMGET replies of ``keys``; ``exists`` answers EXISTS for the keys that need it."""
         width = len(fields)
         found_keys: list[Key] = []
         found: list[list[bytes | None]] = []
@@ -350,10 +593,8 @@ class RedisDao(BaseDao):
         if unsure:
             # Every requested feature is null: only EXISTS tells a row of nulls from a missing key
             # (one more round trip, for projections of sparse features only).
-            pipe = client.pipeline(transaction=False)
-            for i in unsure:
-                pipe.execute_command("EXISTS", self._redis_keys([found_keys[i]])[0])
-            gone = {i for i, n in zip(unsure, pipe.execute(), strict=True) if not n}
+            answers = exists(self._redis_keys(found_keys[i] for i in unsure))
+            gone = {i for i, n in zip(unsure, answers, strict=True) if not n}
             if gone:
                 found_keys = [k for i, k in enumerate(found_keys) if i not in gone]
                 found = [v for i, v in enumerate(found) if i not in gone]
@@ -458,40 +699,91 @@ class RedisDao(BaseDao):
                 source=self.source.name, view=self.view.name) from exc
 
     # -- writes ----------------------------------------------------------------------------------------
-    def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
-        client = self.source.client()
-        # MULTI makes a chunk atomic on one server; a cluster chunk spans slots, so there it is not.
-        pipe = client.pipeline(transaction=not self.source.is_cluster)
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Write rows idempotently; on a cluster the keys of every node that answers are written, and
+        :class:`PartialWrite` lists the keys of the nodes that did not (after every chunk was tried)."""
+        if not self.source.is_cluster:
+            return super().upsert(rows)
+        lost = _Lost()
+        self._local.lost = lost
+        try:
+            count = super().upsert(rows)
+        finally:
+            self._local.lost = None
+        if lost.keys:
+            raise self._partial_write(lost, count)
+        return count
+
+    def _partial_write(self, lost: _Lost, count: int) -> PartialWrite:
+        failure = PartialWrite(f"{len(lost.keys)} of {count} key(s) not written: {lost.detail}",
+                               failed=lost.keys, written=count - len(lost.keys), source=self.source.name,
+                               view=self.view.name)
+        failure.__cause__ = lost.error
+        return failure
+
+    def _commands(self, key: Key, row: Row) -> list[tuple[Any, ...]]:
+        """The commands that write one whole row (all of one key, so one slot)."""
+        rk = f"{self._key_head}{key}{self._key_tail}"
         ttl = self.options.ttl_s
-        fmt = self._format
+        present = {f: v for f, v in row.items() if v is not None}
+        if self._format == "hash":
+            if not present:
+                return [("DEL", rk)]
+            commands: list[tuple[Any, ...]] = [
+                ("HSET", rk, *chain.from_iterable((f, _text(v)) for f, v in present.items()))]
+            nulls = [f for f, v in row.items() if v is None]
+            if nulls:
+                commands.append(("HDEL", rk, *nulls))
+            if ttl:
+                commands.append(("EXPIRE", rk, ttl))
+            return commands
+        if self._format == "msgpack":
+            payload: bytes | str = msgpack.packb(present)
+        elif self._format == "json":
+            payload = orjson.dumps(present)
+        else:
+            delim = self.options.delimiter
+            payload = delim.join(f"{f}:{_csv_escape(_decode(self._csv_text(v)), delim)}"
+                                 for f, v in present.items())
+        return [("SET", rk, payload, "EX", ttl)] if ttl else [("SET", rk, payload)]
+
+    def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        if self.source.is_cluster:
+            keys = [k for k, _ in rows]
+            self._cluster_write(keys, self._redis_keys(keys), [self._commands(k, row) for k, row in rows])
+            return
+        # MULTI makes a chunk atomic on one server.
+        pipe = self.source.client().pipeline(transaction=True)
         for key, row in rows:
-            rk = self._redis_keys([key])[0]
-            present = {f: v for f, v in row.items() if v is not None}
-            if fmt == "hash":
-                if not present:
-                    pipe.execute_command("DEL", rk)
-                    continue
-                pipe.hset(rk, mapping={f: _text(v) for f, v in present.items()})
-                nulls = [f for f, v in row.items() if v is None]
-                if nulls:
-                    pipe.execute_command("HDEL", rk, *nulls)
-                if ttl:
-                    pipe.execute_command("EXPIRE", rk, ttl)
-                continue
-            if fmt == "msgpack":
-                payload: bytes | str = msgpack.packb(present)
-            elif fmt == "json":
-                payload = orjson.dumps(present)
-            else:
-                delim = self.options.delimiter
-                payload = delim.join(f"{f}:{_csv_escape(_decode(self._csv_text(v)), delim)}"
-                                     for f, v in present.items())
-            pipe.set(rk, payload, ex=ttl)
+            for args in self._commands(key, row):
+                pipe.execute_command(*args)
         try:
             pipe.execute()
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
+
+    def _cluster_write(self, keys: list[Key], rkeys: list[str],
+                       commands: list[list[tuple[Any, ...]]]) -> None:
+        """Each key's commands on the node serving it (not atomic across keys: a chunk spans nodes). Keys
+        of failed nodes go to the upsert's ``_Lost``, or raise :class:`PartialWrite` (sync, deletes)."""
+        routed = self.source.router().execute([rk.encode() for rk in rkeys], commands, deadline=None,
+                                              read=False)
+        for reply in routed.replies:
+            for value in reply or ():
+                if isinstance(value, rexc.ResponseError):
+                    self._raise_wrongtype(value)
+                    raise value
+        failures = self._failed_keys(routed, keys)
+        if not failures:
+            return
+        lost: _Lost | None = getattr(self._local, "lost", None)
+        if lost is not None:
+            self._lose(failures, lost)
+            return
+        chunk = _Lost()
+        self._lose(failures, chunk)
+        raise self._partial_write(chunk, len(keys))
 
     def _write_checked_batch(self, rows: list[tuple[Key, Row]]) -> None:
         """Bulk writes (sync): one MSET per chunk for packed strings without TTL on a standalone server."""
@@ -507,9 +799,13 @@ class RedisDao(BaseDao):
             self.source.client().execute_command("MSET", *flat)  # type: ignore[no-untyped-call]
 
     def _delete_batch(self, keys: list[Key]) -> None:
-        pipe = self.source.client().pipeline(transaction=not self.source.is_cluster)
+        if self.source.is_cluster:
+            rkeys = self._redis_keys(keys)
+            self._cluster_write(keys, rkeys, [[("DEL", rk)] for rk in rkeys])
+            return
+        pipe = self.source.client().pipeline(transaction=True)
         for rk in self._redis_keys(keys):
-            pipe.execute_command("DEL", rk)  # one key per command: a cluster pipeline routes each by slot
+            pipe.execute_command("DEL", rk)
         pipe.execute()
 
     @staticmethod

@@ -410,9 +410,10 @@ class CachedDao(FeatureDao):
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         """Write through to the store, then invalidate the written keys everywhere."""
         batch = list(rows)
-        count = self.inner.upsert(batch)
-        self.invalidate(k for k, _ in batch)
-        return count
+        try:
+            return self.inner.upsert(batch)
+        finally:  # also after a partial write: the keys written before the failure must not stay cached
+            self.invalidate(k for k, _ in batch)
 
     def ping(self) -> None:
         """Ping the store behind the cache."""

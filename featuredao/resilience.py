@@ -23,7 +23,7 @@ from featuredao.errors import (
     UsageError,
     reason_of,
 )
-from featuredao.keys import normalise, normaliser
+from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
@@ -129,6 +129,12 @@ class _Claim:
 # Primaries of views with a fallback run here, so a store that stops answering (a frozen server
 # holds the driver's socket read) costs the request only the primary's share of its deadline.
 _primaries = ThreadPoolExecutor(max_workers=64, thread_name_prefix="featuredao-primary")
+
+
+def served_some(result: BatchResult) -> bool:
+    """Did the store serve part of the batch: a key it was asked for that did not fail?"""
+    failed = set(result.failed)
+    return any(k not in failed for k in readable(result.keys))
 
 
 class ResilientDao(FeatureDao):
@@ -302,8 +308,14 @@ class ResilientDao(FeatureDao):
             return result  # the caller gave up on this read and counted it already
         if not result.failed:
             breaker.success()
-        elif isinstance(result.error, Overloaded):  # waiting for our own pool is not the store's fault
+        elif isinstance(result.error, Overloaded | CircuitOpen):
+            # Waiting for our own pool is not the store's fault; a breaker inside the DAO (a cluster
+            # node's) failing fast tells nothing new about the store.
             breaker.release()
+        elif served_some(result):
+            # Part of the batch was served: the store answers, the failed part is its own (a cluster node,
+            # which the adapter tracks with a breaker of its own). It must not keep the whole store out.
+            breaker.success()
         else:
             breaker.failure()
         return result

@@ -32,6 +32,7 @@ from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate, Slots
 from featuredao.metrics import Metrics
 from featuredao.request import Part, Request, Shape, shape
+from featuredao.resilience import served_some
 from featuredao.types import BatchResult, CoercionError, Degraded, FeatureValue, Key, Reason, coerce
 
 log = logging.getLogger("featuredao")
@@ -195,7 +196,16 @@ class FeatureService:
     def _read(self, task: Part) -> BatchResult:
         started = time.perf_counter()
         try:
-            result = task.dao.read(task.keys, timeout_s=max(task.timeout_s, 0.0))
+            result = task.dao.read_partial(task.keys, timeout_s=max(task.timeout_s, 0.0))
+            if result.error is not None:
+                if not served_some(result):
+                    raise result.error  # nothing served: the whole view degrades, with its reason
+                # Served in part (a dead cluster node's keys failed, the others' not): the failed keys are
+                # missing with a degraded entry, the rest is served.
+                shown = tuple(result.failed[:20])
+                result.degraded.append(Degraded(task.view.name, reason_of(result.error),
+                                                f"{len(result.failed)} key(s) not served: {result.error}",
+                                                shown))
         except Exception as exc:
             self._metrics.error(task.view.name, reason_of(exc).value)
             raise

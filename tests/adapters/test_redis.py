@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,10 +12,19 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
 import redis
+from featuredao.adapters._redis_kv import NodeBreaker
 
 from featuredao import factory
+from featuredao.config import CircuitBreakerConfig
 from featuredao.dao import BaseDao
-from featuredao.errors import BackendAuthError, BackendQueryError, BackendTimeout, BackendUnavailable
+from featuredao.errors import (
+    BackendAuthError,
+    BackendQueryError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    Overloaded,
+)
 from featuredao.testing.servers import RedisCluster, RedisServer, free_port
 from featuredao.types import Reason
 
@@ -294,3 +304,61 @@ def test_raw_reader_reads_what_the_dao_reads(redis_server: RedisServer) -> None:
         assert raw(["b", "missing", "a"], ["n", "tags"]) == list(dao.read(["b", "missing", "a"]))
     finally:
         runtime.close()
+
+
+def test_cluster_settings_are_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        build({"port": free_port(), "read_from_replicas": True}, LAYOUTS["msgpack"])
+    assert "read_from_replicas applies to a cluster only" in str(info.value)
+    with pytest.raises(ConfigError):
+        build({"cluster": True, "node_breaker": {"failure_threshold": 0}}, LAYOUTS["msgpack"])
+
+
+@pytest.mark.redis_cluster
+def test_cluster_read_without_time_left_sends_nothing_and_blames_no_node(redis_cluster: RedisCluster) -> None:
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]
+    runtime, dao = build({"cluster": True, "startup_nodes": nodes}, LAYOUTS["msgpack"])
+    try:
+        dao.upsert((f"k{i}", {"clicks": i}) for i in range(30))
+        keys = [f"k{i}" for i in range(30)]
+        # Enough time for nothing: the batch fails as ours (overloaded), and no node's breaker counts it.
+        result = dao.read_partial(keys, timeout_s=1e-6)
+        assert sorted(result.failed) == sorted(keys) and isinstance(result.error, Overloaded)
+        assert [r["clicks"] if r else None for r in dao.read(keys, timeout_s=1.0)] == list(range(30))
+        source: Any = runtime.sources["r"]
+        assert len(source.node_breakers()) == 3 and set(source.node_breakers().values()) == {"closed"}
+    finally:
+        runtime.close()
+
+
+@pytest.mark.redis_cluster
+def test_cluster_key_value_tier_routes_per_node(redis_cluster: RedisCluster) -> None:
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]
+    runtime, _ = build({"cluster": True, "startup_nodes": nodes}, LAYOUTS["msgpack"])
+    try:
+        kv = runtime.sources["r"].key_value()
+        keys = [f"kv-test:{secrets.token_hex(4)}:{i}" for i in range(50)]
+        kv.set_many([(k, k.encode(), 60) for k in keys])
+        assert kv.get_many([*keys, "kv-test:absent"], timeout_s=1.0) == [k.encode() for k in keys] + [None]
+        kv.delete_many(keys)
+        assert kv.get_many(keys) == [None] * len(keys)
+    finally:
+        runtime.close()
+
+
+def test_node_breaker_opens_fails_fast_and_only_a_background_probe_closes_it() -> None:
+    breaker = NodeBreaker("cluster node 10.0.0.1:7000", CircuitBreakerConfig(failure_threshold=2,
+                                                                               reset_timeout_s=0.05))
+    breaker.failure()
+    assert breaker.closed and breaker.state == "closed"
+    breaker.failure()
+    assert not breaker.closed and breaker.state == "open" and not breaker.probe_due()
+    time.sleep(0.06)
+    assert breaker.state == "half_open" and not breaker.closed  # requests still skip it
+    assert breaker.probe_due() and not breaker.probe_due()  # one probe at a time
+    breaker.failure()  # the probe failed: another reset timeout
+    assert breaker.state == "open"
+    time.sleep(0.06)
+    assert breaker.probe_due()
+    breaker.success()
+    assert breaker.closed and breaker.state == "closed"
