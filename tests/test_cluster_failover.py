@@ -58,7 +58,12 @@ def whole_cluster() -> Iterator[RedisCluster]:
 def cluster(whole_cluster: RedisCluster) -> Iterator[RedisCluster]:
     """The module's cluster, whole: 3 masters each with a linked replica (healed after each test)."""
     whole_cluster.heal(timeout=30)
-    assert sorted(len(r) for r in whole_cluster.topology().values()) == [1, 1, 1]
+    # Gossip tells every node about a restarted master's new role a little after it relinks: wait for
+    # the first node's view to show three masters with one replica each.
+    deadline = time.monotonic() + 30
+    while sorted(len(r) for r in whole_cluster.topology().values()) != [1, 1, 1]:
+        assert time.monotonic() < deadline, whole_cluster.topology()
+        time.sleep(0.1)
     yield whole_cluster
     whole_cluster.heal(timeout=30)
 

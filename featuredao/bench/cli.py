@@ -47,7 +47,12 @@ def default_config(data_dir: Path) -> Path:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "featuredao.json"
-    text = json.dumps(demo_config(), indent=2) + "\n"
+    cfg = demo_config()
+    # The demo's two stored views; the views keyed by features and the derived features are the demo's,
+    # not a store to measure.
+    cfg["views"] = [v for v in cfg["views"] if "key_from" not in v]
+    cfg.pop("derived", None)
+    text = json.dumps(cfg, indent=2) + "\n"
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path
