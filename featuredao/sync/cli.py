@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,9 @@ from typing import Any
 import click
 
 from featuredao.errors import ConfigError, ConfigIssue
+
+_EXIT_GRACE_S = 5.0
+"""After the chunk in flight was abandoned, how long the process may still take before it exits anyway."""
 
 
 @click.group()
@@ -35,27 +39,58 @@ def _engine(config: str, job: str) -> Any:
               help="Seconds between cycles with --follow.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is drawn on terminals only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report of the (last) cycle as JSON.")
-def run(config: str, job: str, follow: bool, interval: float, no_progress: bool, as_json: bool) -> None:
+@click.option("--stop-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="After SIGTERM or Ctrl-C, seconds the chunk in flight may take to finish before it is "
+                   "abandoned (a second signal abandons it at once).")
+def run(config: str, job: str, follow: bool, interval: float, no_progress: bool, as_json: bool,
+        stop_timeout: float) -> None:
     """Run a job: one cycle (a full pass, or every change so far), or cycles forever with --follow.
 
     Exit 0 when every target is up to date, 1 when a target or the source failed (their checkpoints stay
-    where they were; the next run catches up), 130 after Ctrl-C (the current chunk is finished first).
+    where they were; the next run catches up), 0 after SIGTERM and 130 after Ctrl-C: the chunk in flight
+    is finished (at most --stop-timeout seconds, then abandoned: read again by the next run) and what
+    the targets confirmed is checkpointed.
     """
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     stop = threading.Event()
     interrupted: list[int] = []
+    running: list[Any] = []
+    timers: list[threading.Timer] = []
+    abandoning = threading.Event()
+
+    def abandon(code: int) -> None:
+        if abandoning.is_set():
+            return
+        abandoning.set()
+        if running:
+            running[0].abandon()  # the read or write in flight ends now (its connections are closed)
+        # Last resort, should a driver not notice its closed connection: the process ends regardless.
+        time.sleep(_EXIT_GRACE_S)
+        sys.stderr.write(f"sync {job}: still busy {_EXIT_GRACE_S:.0f}s after abandoning the chunk in flight; "
+                         "exiting (confirmed chunks are checkpointed)\n")
+        sys.stderr.flush()
+        os._exit(code)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         interrupted.append(signum)
         stop.set()
+        # The first signal lets the chunk in flight finish (at most stop_timeout); another abandons it now.
+        if timers:
+            timers[-1].cancel()
+        timer = threading.Timer(stop_timeout if len(interrupted) == 1 else 0.0, abandon,
+                                args=(130 if signal.SIGINT in interrupted else 0,))
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(stderr=True)
     show = console.is_terminal and not no_progress
     try:
         with _engine(config, job) as engine:
+            running.append(engine)
             started = time.perf_counter()
             total = [0]
             progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
@@ -70,14 +105,18 @@ def run(config: str, job: str, follow: bool, interval: float, no_progress: bool,
                 progress.update(task, advance=rows, rate=rate)
 
             def on_cycle(report: Any) -> None:
-                if follow and (report.read or report.down or report.source_error):
-                    console.print(_summary(job, report, time.perf_counter() - started, total[0]))
+                # Failures are logged once per attempt by the engine; a cycle that moved rows is shown.
+                if follow and report.read:
+                    text = _summary(job, report, time.perf_counter() - started, total[0])
+                    console.print(text, markup=False, highlight=False)
 
             with progress:
                 report = engine.run(follow=follow, interval_s=interval, stop=stop, on_progress=on_progress,
                                     on_cycle=on_cycle)
             elapsed = time.perf_counter() - started
     finally:
+        for timer in timers:
+            timer.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if as_json:
@@ -90,6 +129,8 @@ def run(config: str, job: str, follow: bool, interval: float, no_progress: bool,
         click.echo(_summary(job, report, elapsed, total[0]))
     if signal.SIGINT in interrupted:
         sys.exit(130)
+    if interrupted:
+        return  # SIGTERM: stopped as asked
     if not report.ok:
         sys.exit(1)
 
@@ -114,6 +155,7 @@ def _summary(job: str, report: Any, elapsed: float, rows: int) -> str:
 def status(config: str, job: str | None, as_json: bool) -> None:
     """Every job's targets: phase, cursor, pass, rows written, last error, dead letters."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from featuredao.config import load
@@ -141,9 +183,10 @@ def status(config: str, job: str | None, as_json: bool) -> None:
     for r in rows:
         stamp = r["updated_at"]
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
-        table.add_row(r["job"], r["mode"], r["target"], r["phase"], json.dumps(r["cursor"], default=str),
-                      str(r["passes"]), f"{r['written']:,}", f"{r['deleted']:,}", str(r["dead_letters"]),
-                      updated, "-" if r["lag_s"] is None else f"{r['lag_s']:.2f}", r["last_error"] or "")
+        cells = (r["job"], r["mode"], r["target"], r["phase"], json.dumps(r["cursor"], default=str),
+                 str(r["passes"]), f"{r['written']:,}", f"{r['deleted']:,}", str(r["dead_letters"]), updated,
+                 "-" if r["lag_s"] is None else f"{r['lag_s']:.2f}", r["last_error"] or "")
+        table.add_row(*(escape(c) for c in cells))  # an error quoting "[mysqld]" is text, not markup
     Console().print(table)
 
 

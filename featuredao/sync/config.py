@@ -26,6 +26,7 @@ from featuredao.types import FeatureType
 from featuredao.validation import json_path, pydantic_issues
 
 Mode = Literal["full", "incremental", "cdc"]
+OnGap = Literal["fail", "resnapshot"]
 FilterOp = Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "is_null", "not_null"]
 
 
@@ -129,7 +130,11 @@ class JobModel(StrictModel):
     rate_limit_rows_s: float | None = Field(default=None, gt=0)
     """Read at most this many source rows per second (protects a busy source)."""
     retry_backoff_s: float = Field(default=1.0, gt=0, le=600)
-    """First wait before retrying a target that is down (doubles up to 60 s in follow mode)."""
+    """First wait before retrying a target that is down, or the source (doubles up to 60 s)."""
+    on_gap: OnGap = "fail"
+    """cdc: when the change feed lost changes after the checkpoint (an expired binlog, a dropped slot),
+    ``fail`` (an error saying a new snapshot is needed) or ``resnapshot`` (take it, then delete from the
+    targets the keys the job wrote that the new snapshot did not see)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +156,7 @@ class SyncJob:
     checkpoint_source: str | None
     rate_limit_rows_s: float | None = None
     retry_backoff_s: float = 1.0
+    on_gap: OnGap = "fail"
     index: int = 0
     """Position in the config's ``sync`` list."""
     model: JobModel | None = field(default=None, repr=False, compare=False)
@@ -210,6 +216,8 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
                               "every change, e.g. updated_at)")
     if model.mode != "incremental" and model.watermark is not None:
         issue(("watermark",), "a watermark applies to incremental jobs only", model.watermark)
+    if model.on_gap != "fail" and model.mode != "cdc":
+        issue(("on_gap",), "on_gap applies to cdc jobs", model.on_gap)
     if model.delete_missing and model.mode != "full":
         issue(("delete_missing",), "delete_missing applies to full jobs (cdc propagates deletes itself)")
     deletes = model.delete_missing or model.mode == "cdc"
@@ -276,7 +284,7 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
         return None
     return SyncJob(model.name, model.from_, tuple(model.to), model.mode, model.watermark, model.batch_size,
                    model.delete_missing, tuple(steps), model.conflict, model.dead_letter.path, ckpt,
-                   model.rate_limit_rows_s, model.retry_backoff_s, int(loc[1]), model)
+                   model.rate_limit_rows_s, model.retry_backoff_s, model.on_gap, int(loc[1]), model)
 
 
 def _caps(adapters: Mapping[str, Adapter], view: View) -> Any:

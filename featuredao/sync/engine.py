@@ -8,6 +8,13 @@ checkpoint untouched and retried later; the others go on.
 
 Delivery is at least once: a chunk written but not yet checkpointed when the process dies is written
 again after a restart (upserts are idempotent, and ``last_writer_wins`` keeps replays harmless).
+
+A source that fails (down, refusing, not set up for a change feed) is reported once per attempt,
+recorded on every target's checkpoint (``last_error``) and retried with the same backoff as a target.
+A cdc job checks the feed's prerequisites when it starts (and after a failure); a change feed that lost
+changes after the checkpoint (an expired binlog, a dropped slot) is an error saying that a new snapshot
+is needed, or, with ``"on_gap": "resnapshot"``, a new snapshot that also deletes from the targets the
+keys the source lost meanwhile. ``abandon`` (another thread) ends a cycle at once.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 from featuredao import registry as adapter_registry
 from featuredao.config import Config
 from featuredao.dao import BaseDao, Source, StateStore, normaliser
-from featuredao.errors import BackendError, ConfigError, ConfigIssue
+from featuredao.errors import BackendError, Closed, ConfigError, ConfigIssue, Unsupported
 from featuredao.factory import Runtime, build
 from featuredao.metrics import Metrics
 from featuredao.sync.config import SyncJob
@@ -121,6 +128,15 @@ def _order(value: Any) -> tuple[Any, ...]:
     return (1, value)
 
 
+def _feed_from(s: TargetState) -> Any:
+    """Where a cdc target reads the change feed from (None: it does not yet)."""
+    if s.phase == "stream":
+        return s.cursor
+    if s.phase in ("snapshot", "delete"):
+        return s.feed_start
+    return None
+
+
 def _le(a: Any, b: Any) -> bool:
     try:
         return _order(a) <= _order(b)
@@ -161,6 +177,14 @@ class SyncEngine:
         self._feed_acked: Any = None
         self._read_started = 0.0
         self._read_rows = 0
+        self._following = False
+        self._feed_checked = False
+        self._source_failures = 0
+        self._source_down_until = 0.0
+        self._source_error: str | None = None
+        # cdc: every key written is recorded with its snapshot's generation (forgotten when deleted), so
+        # a new snapshot after a gap in the feed deletes from the targets the keys the source lost.
+        self._track_keys = self.job.mode == "cdc"
 
     @classmethod
     def from_file(cls, path: str | Path, job: str, metrics: Metrics | None = None) -> SyncEngine:
@@ -179,6 +203,12 @@ class SyncEngine:
                                                         "pool_size": 1})
         self._own_state = adapter("_sync_state", options)
         return self._own_state.state_store()
+
+    def abandon(self) -> None:
+        """Interrupt the running cycle (from another thread): the job's sources and targets are closed,
+        so a read or write in progress ends now. What the targets confirmed is checkpointed already; the
+        chunk in flight is read again by the next run. The default checkpoint store stays open."""
+        self.runtime.close()
 
     def close(self) -> None:
         """Close the runtime and the checkpoint store."""
@@ -219,26 +249,57 @@ class SyncEngine:
         """Bring every reachable target up to the source (one full pass, or every change so far)."""
         stop = stop or threading.Event()
         report = CycleReport()
+        try:
+            self._cycle(stop, on_progress, report)
+        except Closed:
+            if not stop.is_set() and not self.runtime_closed():
+                raise
+            # abandon() or close() interrupted the cycle: what the targets confirmed is checkpointed.
+            report.interrupted = True
+        return report
+
+    def runtime_closed(self) -> bool:
+        """True once ``abandon`` or ``close`` closed the job's sources."""
+        return any(src.closed for src in self.runtime.sources.values())
+
+    def _cycle(self, stop: threading.Event, on_progress: Callable[[int], None] | None,
+               report: CycleReport) -> None:
         states = self.load_states()
         now = time.time()
         for s in states.values():
             if s.down_until > now:
                 report.down[s.name] = s.last_error or "down"
-        try:
-            self._begin(states)
-        except BackendError as exc:
-            report.source_error = f"{type(exc).__name__}: {exc}"
-            return report
+        if self._source_down_until > now:
+            report.source_error = self._source_error  # still in its backoff: not tried now
+            return
+        resnapshot = self.job.on_gap == "resnapshot"
+        while True:
+            try:
+                self._begin(states)
+                self._pump(states, stop, on_progress, report)
+            except (BackendError, Unsupported) as exc:
+                if resnapshot and getattr(exc, "feed_gap", False):
+                    resnapshot = False  # once per cycle
+                    self._resnapshot(states, exc)
+                    continue
+                self._source_failed(exc, states, report)
+                return
+            break
+        self._source_failures, self._source_down_until, self._source_error = 0, 0.0, None
+
+    def _pump(self, states: Mapping[str, TargetState], stop: threading.Event,
+              on_progress: Callable[[int], None] | None, report: CycleReport) -> None:
+        """Read, transform and deliver chunk after chunk until every target is done (source errors raise)."""
         done: set[str] = set()
         self._read_started, self._read_rows = time.perf_counter(), 0
         while True:
             if stop.is_set():
                 report.interrupted = True
-                break
+                return
             active = [s for s in states.values()
-                      if s.name not in done and s.name not in report.down and s.phase != "idle"]
+                      if s.name not in done and s.name not in report.down and s.phase not in ("idle", "new")]
             if not active:
-                break
+                return
             groups: dict[tuple[str, str], list[TargetState]] = {}
             for s in active:
                 groups.setdefault((s.phase, _canon(s.cursor)), []).append(s)
@@ -251,13 +312,43 @@ class SyncEngine:
                 continue
             ahead = [g[0].cursor for g in ordered[1:] if g[0].phase == phase]
             bound = ahead[0] if ahead else None
+            self._read_step(phase, members, bound, report, done, on_progress)
+
+    def _source_failed(self, exc: BaseException, states: Mapping[str, TargetState],
+                       report: CycleReport) -> None:
+        """Report a source failure once, back off as for a target, and record it on every checkpoint."""
+        self._source_failures += 1
+        self._feed_checked = False  # the prerequisites (and gaps) are checked again on the next attempt
+        backoff = min(_MAX_BACKOFF_S, self.job.retry_backoff_s * 2 ** (self._source_failures - 1))
+        self._source_down_until = time.time() + backoff
+        message = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "feed_gap", False):
+            message += (f' (set "on_gap": "resnapshot" on job {self.job.name!r} to take the new snapshot '
+                        "automatically)")
+        self._source_error = report.source_error = message
+        then = f"retried in {backoff:.1f}s" if self._following else "the next run retries"
+        log.warning("job %s: source %s failed (attempt %d; %s; checkpoints stay): %s", self.job.name,
+                    self.job.source, self._source_failures, then, message)
+        for s in states.values():
+            if s.name in report.down:
+                continue  # a target that is down keeps its own error
+            s.last_error = f"source {self.job.source}: {message}"
             try:
-                self._read_step(phase, members, bound, report, done, on_progress)
-            except BackendError as exc:
-                report.source_error = f"{type(exc).__name__}: {exc}"
-                log.error("job %s: reading %s failed: %s", self.job.name, self.job.source, exc)
-                break
-        return report
+                self._commit(s)  # the cursor is unchanged
+            except Exception as err:  # the checkpoint store may be that very source
+                log.warning("job %s: recording the source failure on %s failed: %s", self.job.name, s.name,
+                            err)
+
+    def _resnapshot(self, states: Mapping[str, TargetState], exc: BaseException) -> None:
+        """on_gap=resnapshot: every target starts over with a new snapshot (stale keys deleted after it)."""
+        log.warning("job %s: %s: %s; taking a new snapshot (on_gap: resnapshot)", self.job.name,
+                    type(exc).__name__, exc)
+        for s in states.values():
+            if s.phase != "new":
+                s.phase, s.cursor, s.feed_start = "new", None, None
+                s.last_error = f"new snapshot after a gap in the change feed: {type(exc).__name__}: {exc}"
+                self._commit(s)
+        self._feed_checked, self._feed_acked = False, None
 
     def _begin(self, states: Mapping[str, TargetState]) -> None:
         """Start a pass (full), or install the change feed and take its position before the snapshot."""
@@ -272,22 +363,41 @@ class SyncEngine:
                 s.generation += 1
                 s.phase, s.cursor = "scan", None
                 self._commit(s)
-            elif self.job.mode == "cdc" and s.phase == "new":
+        if self.job.mode != "cdc":
+            return
+        if not self._feed_checked:
+            self._check_feed(states)
+        for s in states.values():
+            if s.phase == "new":
                 self.source.install_feed()
                 start = self.source.feed_position()
+                s.generation += 1
                 s.phase, s.cursor, s.feed_start = "snapshot", None, start if start is not None else 0
                 self._commit(s)
 
-    def _read(self, phase: str, cursor: Any, limit: int) -> list[Record]:
+    def _check_feed(self, states: Mapping[str, TargetState]) -> None:
+        """The feed's prerequisites, and that it still holds every change after the lowest checkpoint."""
+        check = getattr(self.source, "check_feed", None)  # optional: adapters that can tell
+        if check is not None:
+            positions = [p for p in (_feed_from(s) for s in states.values()) if p is not None]
+            check(min(positions, key=_order) if positions else None)
+        self._feed_checked = True
+
+    def _read(self, phase: str, cursor: Any, limit: int) -> tuple[list[Record], Any, bool | None]:
+        """A chunk of records, and for a change feed that says so: the position it read up to (at or
+        after the last record: transactions of other tables move the cursor too) and whether it
+        reached the feed's end (None: the chunk is the last when it is short)."""
         if phase in ("scan", "snapshot"):
-            return [Record(k, k, dict(r)) for k, r in self.source.scan(cursor, limit)]
+            return [Record(k, k, dict(r)) for k, r in self.source.scan(cursor, limit)], None, None
         if phase == "changes":
             assert self.job.watermark is not None
             after = None if cursor is None else (cursor[0], cursor[1])
             rows = self.source.changes(self.job.watermark, after, limit)
-            return [Record([w, k], k, dict(r)) for w, k, r in rows]
-        return [Record(c.position, c.key, None if c.row is None else dict(c.row), c.ts)
-                for c in self.source.feed(cursor, limit)]
+            return [Record([w, k], k, dict(r)) for w, k, r in rows], None, None
+        changes = self.source.feed(cursor, limit)
+        records = [Record(c.position, c.key, None if c.row is None else dict(c.row), c.ts) for c in changes]
+        at_end = getattr(changes, "at_end", None)
+        return records, getattr(changes, "tail", None), None if at_end is None else bool(at_end)
 
     def _throttle(self, rows: int) -> None:
         self._read_rows += rows
@@ -301,15 +411,22 @@ class SyncEngine:
                    done: set[str], on_progress: Callable[[int], None] | None) -> None:
         cursor = members[0].cursor
         limit = self.job.batch_size
-        records = self._read(phase, cursor, limit)
-        exhausted = len(records) < limit
+        records, tail, at_end = self._read(phase, cursor, limit)
+        exhausted = len(records) < limit if at_end is None else at_end
+        reach = records[-1].position if records else None
+        if tail is not None and (reach is None or not _le(tail, reach)):
+            reach = tail
+        if reach is not None and cursor is not None and _le(reach, cursor):
+            reach = None
+        if reach is None and not exhausted:
+            exhausted = True  # no progress: never spin on a feed that says it has more
         if bound is not None:
             kept = [r for r in records if _le(r.position, bound)]
-            reached = exhausted or len(kept) < len(records)
+            reached = exhausted or len(kept) < len(records) or (reach is not None and not _le(reach, bound))
             records, exhausted = kept, False
-            new_cursor = bound if reached else records[-1].position
+            new_cursor = bound if reached else reach
         else:
-            new_cursor = records[-1].position if records else cursor
+            new_cursor = cursor if reach is None else reach
         report.read += len(records)
         self.metrics.sync_rows(self.job.name, "", "read", len(records))
         self._throttle(len(records))
@@ -374,6 +491,7 @@ class SyncEngine:
         if dead:
             self.dlq.add(dead)  # before the checkpoint: a crash in between re-records, never loses
         seen = None
+        forget = None
         if phase == "scan" and self.job.delete_missing:
             keys = []
             for it in items:
@@ -382,6 +500,15 @@ class SyncEngine:
                 except (TypeError, ValueError):
                     continue
             seen = (s.name, keys, s.generation)
+        elif self._track_keys and phase in ("snapshot", "stream"):
+            last: dict[str, bool] = {}
+            for it in items:
+                try:
+                    last[json.dumps(sink.norm(it.key))] = it.row is not None
+                except (TypeError, ValueError):
+                    continue
+            seen = (s.name, [k for k, present in last.items() if present], s.generation)
+            forget = (s.name, [k for k, present in last.items() if not present])
         s.cursor = new_cursor
         s.written += written
         s.deleted += deleted
@@ -400,10 +527,13 @@ class SyncEngine:
                 if s.phase == "idle":
                     done.add(s.name)
             elif phase == "snapshot":
-                s.phase, s.cursor = "stream", s.feed_start
+                if self._track_keys:
+                    s.phase = "delete"  # keys of an earlier snapshot the source no longer has go first
+                else:
+                    s.phase, s.cursor = "stream", s.feed_start
             else:
                 done.add(s.name)
-        self._commit(s, seen)
+        self._commit(s, seen, forget)
         report.written += written
         report.deleted += deleted
         report.failed += len(dead)
@@ -416,9 +546,12 @@ class SyncEngine:
         sink = self.sinks[s.name]
         stale = self.store.unseen(self.job.name, s.name, s.generation, self.job.batch_size)
         if not stale:
-            s.phase = "idle"
+            if self.job.mode == "cdc":
+                s.phase, s.cursor = "stream", s.feed_start  # after a snapshot: stream from its position
+            else:
+                s.phase = "idle"
+                done.add(s.name)
             self._commit(s)
-            done.add(s.name)
             return
         keys = [json.loads(k) for k in stale]
         try:
@@ -468,13 +601,15 @@ class SyncEngine:
             on_cycle: Callable[[CycleReport], None] | None = None) -> CycleReport:
         """One cycle, or cycles every ``interval_s`` until ``stop`` is set (follow)."""
         stop = stop or threading.Event()
+        self._following = follow
         while True:
             report = self.cycle(stop, on_progress)
             if on_cycle is not None:
                 on_cycle(report)
-            if not follow or stop.is_set():
+            if not follow or stop.is_set() or report.interrupted:
                 return report
-            stop.wait(interval_s)
+            # A failing source is tried again when its backoff is over, not before.
+            stop.wait(max(interval_s, self._source_down_until - time.time()))
 
     # -- status and dead letters ------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

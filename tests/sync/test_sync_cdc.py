@@ -5,82 +5,24 @@ brings back an older row; the PostgreSQL slot only advances past what the target
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pymysql
 import pytest
+from cdchelp import BACKENDS, Backend, make_backend
 from synchelp import assert_same, config, contents, row, seed, view
 
+from featuredao import build
 from featuredao.sync.engine import SyncEngine
 
 KEYS = list(range(1, 41))
 ALL = list(range(1, 61))
 
 
-@contextlib.contextmanager
-def _pg(server: Any) -> Iterator[Any]:
-    with psycopg.connect(server.conninfo, autocommit=True) as conn, conn.cursor() as cur:
-        yield cur
-
-
-@contextlib.contextmanager
-def _my(server: Any) -> Iterator[Any]:
-    conn = pymysql.connect(host=server.host, port=server.port, user=server.user, password=server.password,
-                           database=server.database, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            yield cur
-    finally:
-        conn.close()
-
-
-class Backend:
-    def __init__(self, which: str, server: Any) -> None:
-        self.which, self.server = which, server
-        self.table = f"cdc{uuid.uuid4().hex[:12]}"
-        self.q = '"' if which == "hologres" else "`"
-
-    def source(self) -> dict[str, Any]:
-        s = self.server
-        if self.which == "hologres":
-            return {"type": "hologres", "host": s.host, "port": s.port, "user": s.user,
-                    "password": s.password, "database": s.dbname, "sslmode": "disable"}
-        return {"type": "mysql", "host": s.host, "port": s.port, "user": s.user, "password": s.password,
-                "database": s.database}
-
-    def cursor(self) -> AbstractContextManager[Any]:
-        return _pg(self.server) if self.which == "hologres" else _my(self.server)
-
-    def run(self, sql: str, params: Any = ()) -> None:
-        with self.cursor() as cur:
-            cur.execute(sql.replace("{t}", f"{self.q}{self.table}{self.q}"), params)
-
-    def slot_lsn(self) -> Any:
-        with self.cursor() as cur:
-            cur.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
-                        "WHERE slot_name = %s", (f"featuredao_{self.table}",))
-            found = cur.fetchone()
-        return None if found is None else int(found[0])
-
-    def drop(self) -> None:
-        with contextlib.suppress(Exception), self.cursor() as cur:
-            if self.which == "hologres":
-                cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                            "WHERE slot_name = %s", (f"featuredao_{self.table}",))
-            cur.execute(f"DROP TABLE IF EXISTS {self.q}{self.table}{self.q}")
-
-
-@pytest.fixture(params=[pytest.param("mysql", marks=pytest.mark.mysql),
-                        pytest.param("hologres", marks=pytest.mark.hologres)])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    fixture = "mariadb_server" if request.param == "mysql" else "postgres_server"
-    b = Backend(request.param, request.getfixturevalue(fixture))
+    b = make_backend(request)
     yield b
     b.drop()
 
@@ -150,3 +92,31 @@ def test_position_survives_a_restart_and_the_slot_follows_the_targets(tmp_path: 
     assert_same(path, "items", "copy", [*ALL, 100])
     if backend.which == "hologres":
         assert backend.slot_lsn() >= after[0]
+
+
+def test_a_transaction_larger_than_a_chunk_is_read_once(tmp_path: Path, backend: Backend) -> None:
+    path = _setup(tmp_path, backend, batch_size=100)
+    seed(path, "items", {i: row(i) for i in range(100, 3100)})
+    _run(path)
+    start = _run(path)["cursor"]
+    backend.run("UPDATE {t} SET price = price + 1, updated_at = 7")  # one transaction, 3040 changes
+    runtime = build(path)
+    try:
+        dao: Any = runtime.daos["items"]
+        whole = dao.feed(start, 100_000)
+        assert len(whole) == 3040 and whole.at_end
+        cursor, keys, scanned = start, [], 0
+        while True:  # chunk by chunk, the way the engine moves its cursor
+            batch = dao.feed(cursor, 100)
+            keys += [c.key for c in batch]
+            scanned += batch.scanned
+            ends = [p for p in ([batch[-1].position] if batch else []) + [batch.tail] if p is not None]
+            cursor = max(ends) if ends else cursor
+            if batch.at_end or len(keys) >= len(whole):
+                break
+    finally:
+        runtime.close()
+    assert keys == [c.key for c in whole]  # every change once, in order
+    assert scanned <= whole.scanned + 10, (scanned, whole.scanned)  # decoded once, not once per chunk
+    _run(path)
+    assert_same(path, "items", "copy", [*ALL, *range(100, 3100)])
