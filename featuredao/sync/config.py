@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from featuredao.config import Identifier, StrictModel, View, register_section
+from featuredao.derive import DerivedConfig
 from featuredao.errors import ConfigIssue
 from featuredao.registry import Adapter
 from featuredao.sync import functions
@@ -71,9 +72,23 @@ class _Compute(StrictModel):
     compute: ComputeSpec
 
 
+class _Derive(StrictModel):
+    # The serving side's derived-feature spec, the entity being the row itself: the same op code on both
+    # sides, so training and serving features do not drift.
+    derive: DerivedConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _row_entity(cls, data: Any) -> Any:
+        spec = data.get("derive") if isinstance(data, dict) else None
+        if isinstance(spec, dict) and "entity" not in spec:
+            data = {**data, "derive": {**spec, "entity": "row"}}
+        return data
+
+
 _STEPS: dict[str, type[StrictModel]] = {
     "rename": _Rename, "cast": _Cast, "default": _Default, "drop_if_null": _DropIfNull,
-    "filter": _Filter, "compute": _Compute,
+    "filter": _Filter, "compute": _Compute, "derive": _Derive,
 }
 
 
@@ -338,6 +353,11 @@ def _check_step(body: Mapping[str, Any], loc: tuple[int | str, ...], fields: set
         if args.op in ("in", "not_in") and not isinstance(args.value, list):
             issues.append(ConfigIssue(json_path((*loc, kind, "value")), f"{args.op} needs a list",
                                       repr(args.value)))
+    elif kind == "derive":
+        for j, name in enumerate(args.input_names):
+            missing(name, "input" if args.input is not None else "inputs", *(() if args.input else (j,)))
+        if fields is not None:
+            fields.add(args.name)
     elif kind == "compute":
         if functions.transform(args.fn) is None:
             known = functions.transform_names()

@@ -15,6 +15,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from featuredao import derive
 from featuredao.sync import functions
 from featuredao.sync.config import FilterSpec, Step
 from featuredao.types import COERCION_ERRORS, Coercion, CoercionError, Key, coerce
@@ -144,6 +145,11 @@ class Transformer:
             elif kind == "filter":
                 if not _keep(row, args):
                     return None
+            elif kind == "derive":
+                # One row: the serving side's op on columns of one value; what cannot be derived takes
+                # the spec's default, as it does when serving.
+                values, _ = derive.compute(args, [[row.get(name)] for name in args.input_names])
+                row[args.name] = values[0]
             elif kind == "compute":
                 fn = self._fns.get(args.fn) or functions.transform(args.fn)
                 if fn is None:

@@ -231,3 +231,35 @@ def test_cli_run_and_status(tmp_path: Path) -> None:
     status = json.loads(out.stdout)
     assert status["target"] == "copy" and status["passes"] == 1 and status["cursor"] == KEYS[-1]
     assert (tmp_path / "sync.sync.db").exists()  # the default checkpoint store, next to the config
+
+
+def test_derive_steps_use_the_serving_ops(tmp_path: Path) -> None:
+    import math
+
+    from featuredao.derive import DerivedConfig, compute
+
+    target = view("copy", "dst", "items", prefix="c_",
+                  features={"price": "float", "log_price": "float", "name_x_flag": "str", "name": "str",
+                            "flag": "bool", "tags": "list[str]", "updated_at": "int"})
+    steps = [{"derive": {"name": "log_price", "op": "log1p", "input": "price", "default": 0.0}},
+             {"derive": {"name": "name_x_flag", "op": "cross", "inputs": ["name", "flag"], "default": ""}}]
+    path = config(tmp_path, views=[view("items", "src", "items"), target],
+                  jobs=[{"name": "dv", "from": "items", "to": ["copy"], "transform": steps}])
+    seed(path, "items", {i: row(i) for i in KEYS[:20]})
+    with engine(path, "dv") as e:
+        assert e.run().ok
+    copied = contents(path, "copy", KEYS[:20])
+    for i in KEYS[:20]:
+        assert copied[i]["log_price"] == math.log1p(row(i)["price"])
+        # The same op the service runs at request time gives the same value.
+        spec = DerivedConfig.model_validate({"entity": "item", **steps[1]["derive"]})
+        served, _ = compute(spec, [[row(i)["name"]], [row(i)["flag"]]])
+        assert copied[i]["name_x_flag"] == served[0]
+
+
+def test_a_derive_step_naming_a_missing_field_is_a_config_error(tmp_path: Path) -> None:
+    path = config(tmp_path, views=two_views(), jobs=[{
+        "name": "bad", "from": "items", "to": ["copy"],
+        "transform": [{"derive": {"name": "x", "op": "log1p", "input": "nope"}}]}])
+    out = cli("validate", str(path))
+    assert out.returncode == 2 and "$.sync[0].transform[0].derive.input" in out.stderr
