@@ -149,6 +149,42 @@ def demo(directory: Path, users: int, items: int, fetch_items: int) -> None:
     demo_mod.run(directory, users, items, min(fetch_items, items))
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", type=click.IntRange(1, 256), help="Worker processes  [default: usable cores]")
+@click.option("--reload-interval", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between checks of the config file's hash (0: on SIGHUP only).")
+@click.option("--token-env", metavar="VAR", help="Require 'Authorization: Bearer <token>', the token "
+              "read from this environment variable (every route but /healthz).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-keys", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Most keys (item ids, or a view's keys) one request may carry.")
+@click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds requests in flight may take to finish on SIGTERM.")
+def serve(config: str, host: str, port: int, workers: int | None, reload_interval: float,
+          token_env: str | None, max_body_bytes: int, max_keys: int, drain_timeout: float) -> None:
+    """Serve features over HTTP/JSON (POST /v1/fetch) with hot config reload."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from featuredao.server import ServeError, ServeSettings, usable_cores
+        from featuredao.server import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"featuredao serve needs the server extra "
+                                   f"(pip install 'featuredao[server]'): {exc}") from None
+    logging.getLogger("featuredao.server").setLevel(min(logging.getLogger().level, logging.INFO))
+    settings = ServeSettings(str(Path(config).resolve()), host, port, workers or usable_cores(),
+                             reload_interval, token_env, max_body_bytes, max_keys, drain_timeout)
+    try:
+        code = run_server(settings)
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
 cli.add_command(bench)
 cli.add_command(sync)
 
