@@ -315,10 +315,7 @@ class FeatureService:
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         if not self._slots.acquire(budget * self.settings.admission_wait):
-            for stage in plan:
-                parts = self._parts(request, stage, budget)
-                self._absorb(request, parts, self._shed(parts))
-            return self._result(request, ctx, started, strict)
+            return self._shed_request(request, plan, budget, ctx, started, strict)
         try:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
@@ -347,10 +344,7 @@ class FeatureService:
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         if not await self._slots.acquire_async(budget * self.settings.admission_wait):
-            for stage in plan:
-                parts = self._parts(request, stage, budget)
-                self._absorb(request, parts, self._shed(parts))
-            return self._result(request, ctx, started, strict)
+            return self._shed_request(request, plan, budget, ctx, started, strict)
         try:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
@@ -369,6 +363,14 @@ class FeatureService:
                 self._absorb(request, parts, outcomes)
         finally:
             self._slots.release()
+        return self._result(request, ctx, started, strict)
+
+    def _shed_request(self, request: Request, plan: list[list[FeatureDao]], budget: float,
+                      ctx: dict[str, FeatureValue], started: float, strict: bool | None) -> FetchResult:
+        """No slot in time: every stage answered at once from L1 and defaults, no store read."""
+        for stage in plan:
+            parts = self._parts(request, stage, budget)
+            self._absorb(request, parts, self._shed(parts))
         return self._result(request, ctx, started, strict)
 
     def _begin(self, user_id: Key | None, item_ids: Iterable[Key], context: Mapping[str, Any] | None,
