@@ -155,9 +155,8 @@ def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[Post
     assert all(isinstance(a, Closed) for a in answers if isinstance(a, BaseException)), answers
 
 
-def test_overload_sheds_instead_of_queueing_past_the_deadline(
-        servers: tuple[PostgresServer, RedisServer]) -> None:
-    _, rd = servers
+def overloadable(rd: RedisServer) -> dict[str, Any]:
+    """A Redis item view, seeded, behind a service that admits two requests at once and sheds quickly."""
     cfg: dict[str, Any] = {
         "sources": {"rd": {"type": "redis", "host": rd.host, "port": rd.port, "pool_size": 4}},
         "views": [{"name": "items", "entity": "item", "source": "rd", "table": "items", "key": "id",
@@ -167,6 +166,13 @@ def test_overload_sheds_instead_of_queueing_past_the_deadline(
     runtime = build(cfg)
     runtime.daos["items"].upsert((k, {"a": i, "b": "x"}) for i, k in enumerate(ITEMS))
     runtime.close()
+    return cfg
+
+
+def test_overload_sheds_instead_of_queueing_past_the_deadline(
+        servers: tuple[PostgresServer, RedisServer]) -> None:
+    _, rd = servers
+    cfg = overloadable(rd)
     took: list[float] = []
     failures: list[BaseException] = []
     reasons: set[str] = set()
@@ -197,15 +203,7 @@ def test_overload_sheds_instead_of_queueing_past_the_deadline(
 def test_many_afetch_tasks_keep_the_deadline_and_the_loop_responsive(
         servers: tuple[PostgresServer, RedisServer]) -> None:
     _, rd = servers
-    cfg: dict[str, Any] = {
-        "sources": {"rd": {"type": "redis", "host": rd.host, "port": rd.port, "pool_size": 4}},
-        "views": [{"name": "items", "entity": "item", "source": "rd", "table": "items", "key": "id",
-                   "features": FEATURES, "timeout_ms": 100, "options": {"layout": "hash"}}],
-        "service": {"deadline_ms": DEADLINE_MS, "max_in_flight": 2, "admission_wait": 0.1},
-    }
-    runtime = build(cfg)
-    runtime.daos["items"].upsert((k, {"a": i, "b": "x"}) for i, k in enumerate(ITEMS))
-    runtime.close()
+    cfg = overloadable(rd)
     took: list[float] = []
     lags: list[float] = []
     reasons: set[str] = set()
