@@ -3,41 +3,53 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
-_lock = threading.Lock()
-_families: dict[str, Any] | None = None
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""Seconds: the request path lives between half a millisecond and a couple of seconds."""
 
 
-def _create() -> dict[str, Any] | None:
-    """Create the metric families once per process (prometheus_client refuses duplicates)."""
-    global _families
-    with _lock:
-        if _families is not None:
-            return _families
-        try:
-            from prometheus_client import Counter, Gauge, Histogram
-        except ImportError:
-            return None
-        buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-        _families = {
-            "requests": Counter("featuredao_requests", "Reads per view", ["view"]),
-            "latency": Histogram("featuredao_read_seconds", "Read latency per view", ["view"],
-                                 buckets=buckets),
-            "errors": Counter("featuredao_errors", "Failed reads by kind", ["view", "kind"]),
-            "fallbacks": Counter("featuredao_fallbacks", "Reads sent to a fallback view",
-                                 ["view", "fallback"]),
-            "breaker": Gauge("featuredao_breaker_open", "1 when the source's breaker is not closed",
-                             ["source", "state"]),
-            "cache": Counter("featuredao_cache", "Cache lookups per level and outcome",
-                             ["view", "level", "outcome"]),
-            "keys": Counter("featuredao_keys", "Keys requested and found", ["view", "outcome"]),
-            "sync_rows": Counter("featuredao_sync_rows", "Rows of sync jobs by outcome",
-                                 ["job", "target", "outcome"]),
-            "sync_lag": Gauge("featuredao_sync_lag_seconds", "Change-to-target delay of sync jobs",
-                              ["job", "target"]),
-        }
-        return _families
+def families(build: Callable[[Any], dict[str, Any]]) -> Callable[[], dict[str, Any] | None]:
+    """A getter that creates ``build(prometheus_client)``'s metric families once per process (the
+    registry refuses duplicates); it returns None when prometheus_client is not installed."""
+    lock = threading.Lock()
+    made: list[dict[str, Any]] = []
+
+    def get() -> dict[str, Any] | None:
+        with lock:
+            if not made:
+                try:
+                    import prometheus_client
+                except ImportError:
+                    return None
+                made.append(build(prometheus_client))
+            return made[0]
+
+    return get
+
+
+def _core(prom: Any) -> dict[str, Any]:
+    return {
+        "requests": prom.Counter("featuredao_requests", "Reads per view", ["view"]),
+        "latency": prom.Histogram("featuredao_read_seconds", "Read latency per view", ["view"],
+                                  buckets=LATENCY_BUCKETS),
+        "errors": prom.Counter("featuredao_errors", "Failed reads by kind", ["view", "kind"]),
+        "fallbacks": prom.Counter("featuredao_fallbacks", "Reads sent to a fallback view",
+                                  ["view", "fallback"]),
+        "breaker": prom.Gauge("featuredao_breaker_open", "1 when the source's breaker is not closed",
+                              ["source", "state"]),
+        "cache": prom.Counter("featuredao_cache", "Cache lookups per level and outcome",
+                              ["view", "level", "outcome"]),
+        "keys": prom.Counter("featuredao_keys", "Keys requested and found", ["view", "outcome"]),
+        "sync_rows": prom.Counter("featuredao_sync_rows", "Rows of sync jobs by outcome",
+                                  ["job", "target", "outcome"]),
+        "sync_lag": prom.Gauge("featuredao_sync_lag_seconds", "Change-to-target delay of sync jobs",
+                               ["job", "target"]),
+    }
+
+
+_create = families(_core)
 
 
 class Metrics:

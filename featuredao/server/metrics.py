@@ -12,36 +12,26 @@ worker's gauges are dropped when it is replaced; a private directory is removed 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
+
+from featuredao.metrics import LATENCY_BUCKETS, families
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 OUTCOMES = ("ok", "invalid", "failed")
 """Of a config reload: every worker serves it, the file was rejected, or a worker could not build it."""
 
-_lock = threading.Lock()
-_families: dict[str, Any] | None = None
+def _server(prom: Any) -> dict[str, Any]:
+    return {
+        "requests": prom.Counter("featuredao_http_requests", "HTTP requests by route and status",
+                                 ["route", "code"]),
+        "latency": prom.Histogram("featuredao_http_request_seconds", "HTTP request latency by route",
+                                  ["route"], buckets=LATENCY_BUCKETS),
+        "reloads": prom.Counter("featuredao_config_reloads", "Config reloads by outcome", ["outcome"]),
+    }
 
 
-def _create() -> dict[str, Any] | None:
-    global _families
-    with _lock:
-        if _families is not None:
-            return _families
-        try:
-            from prometheus_client import Counter, Histogram
-        except ImportError:
-            return None
-        buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-        _families = {
-            "requests": Counter("featuredao_http_requests", "HTTP requests by route and status",
-                                ["route", "code"]),
-            "latency": Histogram("featuredao_http_request_seconds", "HTTP request latency by route",
-                                 ["route"], buckets=buckets),
-            "reloads": Counter("featuredao_config_reloads", "Config reloads by outcome", ["outcome"]),
-        }
-        return _families
+_create = families(_server)
 
 
 class ServerMetrics:
