@@ -425,15 +425,15 @@ class RedisDao(BaseDao):
         return read
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``BaseDao.read_partial``; on a cluster, the keys of a node that failed are in ``failed``
         (``error`` names the node) while every other node's keys are served."""
         if not self.source.is_cluster:
-            return super().read_partial(keys, features, timeout_s=timeout_s)
+            return super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
         lost = _Lost()
         self._local.lost = lost
         try:
-            result = super().read_partial(keys, features, timeout_s=timeout_s)
+            result = super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
         finally:
             self._local.lost = None
         if lost.keys:

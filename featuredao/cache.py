@@ -147,7 +147,7 @@ class CachedDao(FeatureDao):
 
     # -- reading -------------------------------------------------------------------------
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""
         started = time.perf_counter()
         deadline = None if timeout_s is None else started + timeout_s
@@ -175,7 +175,7 @@ class CachedDao(FeatureDao):
         failed: list[Key] = []
         error: BaseException | None = None
         if pending:
-            outcome = self._load(pending, deadline)
+            outcome = self._load(pending, deadline, as_of)
             degraded.extend(outcome.degraded)
             for k in pending:
                 if k in outcome.failed:
@@ -286,7 +286,7 @@ class CachedDao(FeatureDao):
         return Entry(row, fresh, fresh + self._stale_window)
 
     # -- the source, coalesced -----------------------------------------------------------
-    def _load(self, keys: list[Key], deadline: float | None) -> _Outcome:
+    def _load(self, keys: list[Key], deadline: float | None, as_of: float | None = None) -> _Outcome:
         mine: list[Key] = []
         waits: dict[Key, Future[_Outcome]] = {}
         own: Future[_Outcome] = Future()
@@ -302,7 +302,7 @@ class CachedDao(FeatureDao):
         if mine:
             try:
                 left = None if deadline is None else deadline - time.perf_counter()
-                res = self.inner.read_partial(mine, None, timeout_s=left)
+                res = self.inner.read_partial(mine, None, timeout_s=left, as_of=as_of)
                 outcome = _Outcome(dict(zip(res.keys, res.rows, strict=True)), set(res.failed), res.error,
                                    res.degraded)
                 self._store({k: r for k, r in outcome.rows.items() if k not in outcome.failed})
@@ -413,6 +413,14 @@ class CachedDao(FeatureDao):
         try:
             return self.inner.upsert(batch)
         finally:  # also after a partial write: the keys written before the failure must not stay cached
+            self.invalidate(k for k, _ in batch)
+
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Add events through to the store, then invalidate the keys' cached sequences everywhere."""
+        batch = list(events)
+        try:
+            return self.inner.append(batch)
+        finally:
             self.invalidate(k for k, _ in batch)
 
     def ping(self) -> None:

@@ -31,3 +31,9 @@ class Capabilities:
     """Records inserts, updates and deletes in a change feed (``BaseDao.feed``): the source of CDC."""
     state: bool = False
     """Holds durable synchronization state with atomic commits (``Source.state_store()``)."""
+    sequences: bool = False
+    """Reads sequence views: each key's newest events of a time window, newest first, ``limit`` at most
+    (``BaseDao._fetch_events``), and appends events (``BaseDao._append_batch``)."""
+    sequence_filters: bool = False
+    """Applies a sequence's event-type and threshold filters in the store, so its limit counts events
+    that pass them (otherwise the core filters ``scan_len`` events read per key)."""

@@ -29,8 +29,10 @@ from featuredao.schema import NoOptions as NoOptions
 from featuredao.schema import RawConfig as RawConfig
 from featuredao.schema import RetryConfig as RetryConfig
 from featuredao.schema import SceneConfig as SceneConfig
+from featuredao.schema import SequenceConfig as SequenceConfig
 from featuredao.schema import ServiceConfig as ServiceConfig
 from featuredao.schema import ViewConfig as ViewConfig
+from featuredao.sequence_check import check_references, view_shape
 from featuredao.types import FeatureType, FeatureValue, fits
 
 # Defined in the validation leaf (derived features and sync validate with them too); the adapters'
@@ -84,6 +86,9 @@ class View:
     key_from: tuple[str, ...] = ()
     key_separator: str = "_"
     freshness: FreshnessConfig | None = None
+    kind: str = "table"
+    sequence: SequenceConfig | None = None
+    """How a sequence view reads its events (None for a table view)."""
 
     def output_name(self, feature: str) -> str:
         """The name a feature has in a service result."""
@@ -115,6 +120,12 @@ class Config:
     def fallback_only(self) -> set[str]:
         """Views named in another view's fallback chain: served only as fallbacks, never merged."""
         return {name for view in self.views.values() for name in view.fallback}
+
+    @property
+    def merge_only(self) -> set[str]:
+        """Sequence views named in another's ``merge``: read only as part of it, never served alone."""
+        return {name for view in self.views.values() if view.sequence is not None
+                for name in view.sequence.merge}
 
 
 def _unknown_source(loc: tuple[int | str, ...], name: str, known: Mapping[str, Any]) -> ConfigIssue:
@@ -199,6 +210,10 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     # Fallback-only views are never merged, so their output names may repeat the primary's.
     fallback_names = {n for body in raw.views if isinstance(body.get("fallback"), list)
                       for n in body["fallback"] if isinstance(n, str)}
+    fallback_names |= {n for body in raw.views if isinstance(body.get("sequence"), dict)
+                       and isinstance(body["sequence"].get("merge"), list)
+                       for n in body["sequence"]["merge"] if isinstance(n, str)}
+    bodies = {b["name"]: b for b in raw.views if isinstance(b.get("name"), str)}
     views: dict[str, View] = {}
     positions: dict[str, int] = {}
     names: set[str] = set()
@@ -213,7 +228,9 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
             if isinstance(source_name, str) and source_name not in raw.sources:
                 issues.append(_unknown_source(loc, source_name, raw.sources))
             continue
-        ok = True
+        made = view_shape(vc, loc, bodies, issues)
+        ok = made is not None
+        features, defaults = made or ({}, {})
         if vc.name in names:
             issues.append(ConfigIssue(json_path((*loc, "name")), "duplicate view name", repr(vc.name)))
             ok = False
@@ -221,8 +238,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
         if vc.source not in raw.sources:
             issues.append(_unknown_source(loc, vc.source, raw.sources))
             ok = False
-        defaults: dict[str, FeatureValue] = {}
-        for fname, value in vc.defaults.items():
+        for fname, value in vc.defaults.items() if vc.kind == "table" else ():
             dloc = json_path((*loc, "defaults", fname))
             if fname not in vc.features:
                 issues.append(ConfigIssue(dloc, "default for an undeclared feature", repr(value)))
@@ -233,7 +249,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                 ok = False
             else:
                 defaults[fname] = float(value) if vc.features[fname] is FeatureType.FLOAT else value
-        for fname in vc.features if vc.name not in fallback_names else ():
+        for fname in features if vc.name not in fallback_names else ():
             out = vc.prefix + fname
             other = outputs.get((vc.entity, out))
             if other is not None and other != vc.name:
@@ -252,13 +268,19 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
                 ok = False
         elif vc.source in raw.sources:
             ok = False  # the source itself is invalid; already reported
+        if adapter_cls is not None and vc.kind == "sequence" and not adapter_cls.capabilities.sequences:
+            issues.append(ConfigIssue(json_path((*loc, "kind")), f"adapter {adapter_cls.type_name!r} cannot "
+                                      "read sequence views", repr(vc.kind)))
+            ok = False
         if ok:
             views[vc.name] = View(vc.name, vc.entity, vc.source, vc.table, vc.key, vc.key_type,
-                                  dict(vc.features), defaults, vc.prefix, vc.timeout_ms, view_options, vc,
+                                  features, defaults, vc.prefix, vc.timeout_ms, view_options, vc,
                                   tuple(vc.fallback), vc.fallback_on_missing, vc.cache, vc.hedge_ms,
-                                  _refs(vc.key_from), vc.key_separator, vc.freshness)
+                                  _refs(vc.key_from), vc.key_separator, vc.freshness, vc.kind,
+                                  vc.sequence)
             positions[vc.name] = i
     issues.extend(_check_chains(raw, views, positions, adapters))
+    issues.extend(check_references(views, positions))
     entities = sorted({"user", "item", *(v.entity for v in views.values())})
     issues.extend(stages.check(views, positions, entities))
     issues.extend(_check_semantics(raw, views, positions, secrets))
@@ -345,7 +367,8 @@ def _check_derived(raw: RawConfig, views: Mapping[str, View], secrets: Mapping[s
 
 def _check_scenes(raw: RawConfig, views: Mapping[str, View], issues: list[ConfigIssue]) -> None:
     """A scene names served views, and with each view keyed by features, the views it is keyed by."""
-    served = {n for n in views if n not in {f for v in views.values() for f in v.fallback}}
+    aside = {f for v in views.values() for f in (*v.fallback, *(v.sequence.merge if v.sequence else ()))}
+    served = {n for n in views if n not in aside}
     for scene, spec in raw.scenes.items():
         chosen = set(spec.views)
         for j, name in enumerate(spec.views):
@@ -353,7 +376,8 @@ def _check_scenes(raw: RawConfig, views: Mapping[str, View], issues: list[Config
             if name not in views:
                 issues.append(ConfigIssue(path, "unknown view", repr(name)))
             elif name not in served:
-                issues.append(ConfigIssue(path, "a fallback-only view is not read by itself", repr(name)))
+                issues.append(ConfigIssue(path, "a fallback-only (or merge-only) view is not read by "
+                                                "itself", repr(name)))
             else:
                 lacking = sorted(stages.dependencies(views[name], views) - chosen)
                 if lacking:

@@ -40,6 +40,7 @@ from featuredao.lifecycle import Gate
 from featuredao.ports import Change as Change
 from featuredao.ports import KeyValueStore as KeyValueStore
 from featuredao.ports import StateStore as StateStore
+from featuredao.sequence import Event, SequenceQuery, Sequencer
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -69,21 +70,28 @@ class FeatureDao(ABC):
     view: View
 
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None) -> BatchResult:
-        """Return one entry per key in input order; a missing key is ``None`` in its place."""
-        result = self.read_partial(keys, features, timeout_s=timeout_s)
+             timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+        """Return one entry per key in input order; a missing key is ``None`` in its place.
+
+        ``as_of``: the request's time (epoch seconds) a sequence view's window ends at (None: now).
+        """
+        result = self.read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
         if result.error is not None:
             raise result.error
         return result
 
     @abstractmethod
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``read``, but keys the store could not serve are listed in ``failed`` instead of raising."""
 
     @abstractmethod
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         """Write rows idempotently (whole rows: absent features are written as null); return the count."""
+
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Add events to a sequence view, ``(key, {field: value})`` each; return the count."""
+        raise Unsupported(f"view {self.view.name!r} takes no events")
 
     @abstractmethod
     def ping(self) -> None:
@@ -278,6 +286,7 @@ class BaseDao(SyncHooks, FeatureDao):
         self._key_type: type[Any] = int if view.key_type == "int" else str
         self._all_fields = list(view.features)
         self._plans: dict[tuple[str, ...], tuple[Coercion, ...]] = {}
+        self._sequencer = Sequencer(view) if view.sequence is not None else None
 
     # -- per-backend hooks ---------------------------------------------------------------
     @abstractmethod
@@ -287,6 +296,16 @@ class BaseDao(SyncHooks, FeatureDao):
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
         """Write one chunk of distinct keys (whole rows, already coerced)."""
         raise self._unsupported("write")
+
+    def _fetch_events(self, keys: list[Key], query: SequenceQuery,
+                      timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
+        """A sequence view's read of one chunk: per key, at most ``query.limit`` events of the window,
+        newest first, as tuples in ``query``'s field order (keys without events may be left out)."""
+        raise self._unsupported("sequence")
+
+    def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
+        """Add one chunk of distinct keys' events (typed tuples in the sequence's field order)."""
+        raise self._unsupported("sequence write")
 
     def prepare(self) -> None:
         """Create the table or keyspace the view needs, if the store has such a thing."""
@@ -321,11 +340,14 @@ class BaseDao(SyncHooks, FeatureDao):
 
     # -- the shared work -----------------------------------------------------------------
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
         norm, invalid = normalise(keys, self._norm, self._key_type)
         fields = self._fields(features)
+        if self._sequencer is not None:
+            # The query travels as the chunks' field list: it is that list, plus the window and limit.
+            fields = self._sequencer.query(as_of, self.source.capabilities.sequence_filters)
         result = BatchResult(norm, [None] * len(norm))
         if invalid:
             result.degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
@@ -413,6 +435,8 @@ class BaseDao(SyncHooks, FeatureDao):
             raise Overloaded("no time left when the read could start", source=self.source.name,
                              view=self.view.name)
         with self.source.operation(self.view.name):
+            if type(fields) is SequenceQuery and self._sequencer is not None:
+                return self._sequencer.finish(self._fetch_events(keys, fields, timeout_s), fields)
             return self._fetch_batch(keys, fields, timeout_s)
 
     def _fields(self, features: Sequence[str] | None) -> list[str]:
@@ -452,6 +476,8 @@ class BaseDao(SyncHooks, FeatureDao):
 
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         """Write rows idempotently (whole rows: absent features are written as null); return the count."""
+        if self._sequencer is not None:
+            raise UsageError(f"view {self.view.name!r} is a sequence view: add events with append()")
         self._check_writable()
         prepared: dict[Key, Row] = {}
         for key, values in rows:
@@ -461,6 +487,22 @@ class BaseDao(SyncHooks, FeatureDao):
         for i in range(0, len(items), size):
             self._store_call(self._write_batch, items[i:i + size])
         return len(items)
+
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Add events to a sequence view, ``(key, {field: value})`` each, typed first; return the count."""
+        if self._sequencer is None:
+            raise UsageError(f"view {self.view.name!r} is a table view: write rows with upsert()")
+        self._check_writable()
+        grouped: dict[Key, list[Event]] = {}
+        count = 0
+        for key, values in events:
+            grouped.setdefault(self._norm(key), []).append(self._sequencer.event(values))
+            count += 1
+        items = list(grouped.items())
+        size = self._batch_size
+        for i in range(0, len(items), size):
+            self._store_call(self._append_batch, items[i:i + size])
+        return count
 
     def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
         unknown = set(values) - set(self.view.features)

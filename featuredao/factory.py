@@ -18,6 +18,7 @@ from featuredao.config import CacheConfig, Config
 from featuredao.dao import BaseDao, FeatureDao, Source
 from featuredao.metrics import Metrics
 from featuredao.resilience import CircuitBreaker, ResilientDao
+from featuredao.sequence_merge import JoinedSequences, MergedSequences
 
 log = logging.getLogger("featuredao")
 
@@ -102,11 +103,13 @@ def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metric
             runtime.breakers[name] = CircuitBreaker(name, spec.circuit_breaker, metrics)
         for name, view in cfg.views.items():
             runtime.daos[name] = runtime.sources[view.source].dao(view)
-        fallback_only = cfg.fallback_only
-        for name, view in cfg.views.items():
-            if name in fallback_only:
-                continue
-            runtime.served[name] = compose(runtime, view.name, metrics)
+        aside = cfg.fallback_only | cfg.merge_only
+        # Table views first: a sequence view joins the item view a request serves (one cache, not two).
+        order = sorted((n for n in cfg.views if n not in aside),
+                       key=lambda n: cfg.views[n].kind == "sequence")
+        for name in order:
+            runtime.served[name] = compose(runtime, name, metrics)
+        runtime.served = {n: runtime.served[n] for n in cfg.views if n in runtime.served}
     except BaseException:
         runtime.close()
         raise
@@ -117,7 +120,9 @@ def compose(runtime: Runtime, name: str, metrics: Metrics | None = None, *,
             cache: CacheConfig | bool | None = True) -> FeatureDao:
     """Cache(Resilient(view, fallbacks=[Resilient(fallback), ...])): cache hits skip everything else.
 
-    ``cache``: True uses the view's own cache config, False none, a ``CacheConfig`` that one instead.
+    A sequence view is then merged with the views it names in ``merge`` (each composed the same way)
+    and joined with its item view. ``cache``: True uses the view's own cache config, False none, a
+    ``CacheConfig`` that one instead.
     """
     cfg = runtime.config
     view = cfg.views[name]
@@ -134,4 +139,11 @@ def compose(runtime: Runtime, name: str, metrics: Metrics | None = None, *,
     if tiers is not None:
         l2 = runtime.sources[tiers.l2.source].key_value() if tiers.l2 is not None else None
         dao = CachedDao(dao, tiers, l2, metrics)
+    if view.sequence is not None and view.sequence.merge:
+        dao = MergedSequences(dao, [compose(runtime, other, metrics, cache=cache)
+                                    for other in view.sequence.merge])
+    if view.sequence is not None and view.sequence.join is not None:
+        joined = view.sequence.join.view
+        items = runtime.served.get(joined) or compose(runtime, joined, metrics, cache=cache)
+        dao = JoinedSequences(dao, items)
     return dao

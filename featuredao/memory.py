@@ -22,6 +22,7 @@ from pydantic import Field
 from featuredao.config import StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
 from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
+from featuredao.sequence import Event, SequenceQuery
 from featuredao.types import Key, RawRows, Row
 
 _ERRORS: dict[str, type[BackendError]] = {
@@ -59,6 +60,8 @@ class MemoryStore:
     positions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     state: dict[str, dict[str, str]] = field(default_factory=dict)
     seen: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    events: dict[str, dict[Key, list[Event]]] = field(default_factory=dict)
+    """Sequence tables: per key, events in the order they were appended."""
 
     def table(self, name: str) -> dict[Key, dict[str, Any]]:
         """The rows of an existing table (callers hold the lock)."""
@@ -89,7 +92,7 @@ class MemorySource(Source):
     type_name = "memory"
     options_model = MemoryOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True)
+                                state=True, sequences=True, sequence_filters=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: MemoryOptions) -> None:
@@ -185,7 +188,43 @@ class MemoryDao(BaseDao):
     def _prepare(self) -> None:
         self.source.round_trip()
         with self._store.lock:
-            self._store.tables.setdefault(self._name, {})
+            if self.view.sequence is not None:
+                self._store.events.setdefault(self._name, {})
+            else:
+                self._store.tables.setdefault(self._name, {})
+
+    def _fetch_events(self, keys: list[Key], query: SequenceQuery,
+                      timeout_s: float | None) -> dict[Key, list[Event]]:
+        self.source.round_trip(timeout_s)
+        t = query.index(query.time_field)
+        e = query.index(query.event_field) if query.events and query.event_field else None
+        minimum = [(query.index(f), low) for f, low in query.minimum]
+        with self._store.lock:
+            table = self._events()
+            out = {}
+            for key in keys:
+                kept = [ev for ev in table.get(key, ())
+                        if (query.since is None or ev[t] >= query.since)
+                        and (query.until is None or ev[t] <= query.until)
+                        and (e is None or ev[e] in query.events)  # type: ignore[operator]
+                        and all(ev[i] >= low for i, low in minimum)]
+                kept.sort(key=lambda ev: ev[t], reverse=True)
+                if kept:
+                    out[key] = kept[:query.limit]
+            return out
+
+    def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
+        self.source.round_trip()
+        with self._store.lock:
+            table = self._events()
+            for key, added in events:
+                table.setdefault(key, []).extend(added)
+
+    def _events(self) -> dict[Key, list[Event]]:
+        table = self._store.events.get(self._name)
+        if table is None:
+            raise MemoryStoreError(BackendQueryError, f"no such sequence table: {self._name}")
+        return table
 
     # -- synchronization hooks -----------------------------------------------------------------------
     def _rows(self) -> list[tuple[Any, Mapping[str, Any]]]:

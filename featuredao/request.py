@@ -38,6 +38,8 @@ class Part:
     """With ``key_from``: per row of the view's entity, the index of its key in ``keys`` (None: no key)."""
     first: bool = True
     """Starts at once (first of its lane): the service may give up on it after its own timeout."""
+    as_of: float | None = None
+    """The request's time (``context.request_time``): where a sequence view's window ends."""
 
     @property
     def view(self) -> View:
@@ -57,6 +59,8 @@ class Request:
     entities: dict[str, dict[str, FeatureValue]] = field(default_factory=dict)
     missing: dict[str, list[Key]] = field(default_factory=dict)
     degraded: list[Degraded] = field(default_factory=list)
+    as_of: float | None = None
+    """The request's time, when it gave one (``context.request_time``, epoch seconds)."""
 
     def __post_init__(self) -> None:
         self.items = [{} for _ in self.item_ids]
@@ -82,9 +86,9 @@ class Request:
         view = dao.view
         if not view.key_from:
             if view.entity == "item":
-                return Part(dao, list(self.item_ids), timeout_s) if self.item_ids else None
+                return Part(dao, list(self.item_ids), timeout_s, as_of=self.as_of) if self.item_ids else None
             key = self.own_key(view.entity, 0)
-            return None if key is None else Part(dao, [key], timeout_s)
+            return None if key is None else Part(dao, [key], timeout_s, as_of=self.as_of)
         targets = self.rows_of(view.entity)
         if view.entity == "item" and not targets:
             return None
@@ -99,7 +103,7 @@ class Request:
             # A missing or null key value (or a list, which cannot be a key) gives the view's defaults.
             append(None if key is None or isinstance(key, list | dict)
                    else distinct.setdefault(key, len(distinct)))
-        return Part(dao, list(distinct), timeout_s, index)
+        return Part(dao, list(distinct), timeout_s, index, as_of=self.as_of)
 
     def _key_column(self, ref: str, entity: str, targets: list[dict[str, FeatureValue]],
                     own_keys: Mapping[str, set[str]]) -> list[Any]:

@@ -128,6 +128,9 @@ class _Claim:
 
 # Primaries of views with a fallback run here, so a store that stops answering (a frozen server
 # holds the driver's socket read) costs the request only the primary's share of its deadline.
+_Ask = tuple[Sequence[str] | None, float | None]
+"""What a read asks for, passed down the chain: (features, as_of)."""
+
 _primaries = ThreadPoolExecutor(max_workers=64, thread_name_prefix="featuredao-primary")
 
 
@@ -161,29 +164,29 @@ class ResilientDao(FeatureDao):
         self._metrics = metrics or Metrics.disabled()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``read``; keys no link of the chain could serve stay in ``failed``."""
         started = time.perf_counter()
         deadline = None if timeout_s is None else started + timeout_s
         # Keys in the view's type once, here: the chain passes InvalidKey placeholders along unread.
         keys, invalid = normalise(keys, self._norm, self._key_type)
-        result = self._read_chain(keys, features, started, deadline)
+        result = self._read_chain(keys, (features, as_of), started, deadline)
         if invalid:
             result.degraded.insert(0, invalid_keys(self.view.name, self.view.key_type, invalid))
         return result
 
-    def _read_chain(self, keys: list[Key], features: Sequence[str] | None, started: float,
+    def _read_chain(self, keys: list[Key], ask: _Ask, started: float,
                     deadline: float | None) -> BatchResult:
         if not self.fallbacks:
-            return self._guarded(self.primary, self.breaker, keys, features, deadline)
+            return self._guarded(self.primary, self.breaker, keys, ask, deadline)
         share = started + self.view.timeout_ms / 1000
         primary_deadline = share if deadline is None else min(share, deadline)
         claim = _Claim()
         try:
-            running = _primaries.submit(self._guarded, self.primary, self.breaker, keys, features,
+            running = _primaries.submit(self._guarded, self.primary, self.breaker, keys, ask,
                                         primary_deadline, claim)
         except RuntimeError:  # the interpreter is shutting down
-            return self._guarded(self.primary, self.breaker, keys, features, primary_deadline)
+            return self._guarded(self.primary, self.breaker, keys, ask, primary_deadline)
         # A little grace lets a primary that honours its deadline report why it stopped.
         give_up = primary_deadline + 0.002
         first_look = give_up if self.hedge_s is None else min(give_up, started + self.hedge_s)
@@ -192,7 +195,7 @@ class ResilientDao(FeatureDao):
         if result is None and first_look < give_up:
             # Hedge: the chain serves every key now; the primary may still answer before its share ends.
             hedged = self._down_the_chain(self._all_failed(keys, None), list(dict.fromkeys(keys)),
-                                          features, deadline)
+                                          ask, deadline)
             if not hedged.failed:
                 self._abandon(running, claim, breaker_failure=False)
                 return hedged
@@ -213,7 +216,7 @@ class ResilientDao(FeatureDao):
             return result
         if result.error is not None:
             result.degraded.append(self._degraded(self.primary, result.error, pending))
-        return self._down_the_chain(result, pending, features, deadline)
+        return self._down_the_chain(result, pending, ask, deadline)
 
     @staticmethod
     def _await(running: Future[BatchResult], until: float) -> BatchResult | None:
@@ -250,7 +253,7 @@ class ResilientDao(FeatureDao):
             hedged.error = None
         return hedged
 
-    def _down_the_chain(self, result: BatchResult, pending: list[Key], features: Sequence[str] | None,
+    def _down_the_chain(self, result: BatchResult, pending: list[Key], ask: _Ask,
                         deadline: float | None) -> BatchResult:
         """Send ``pending`` keys to each fallback in turn, with the time the caller has left."""
         position: dict[Key, list[int]] = {}
@@ -263,7 +266,7 @@ class ResilientDao(FeatureDao):
             if remaining is not None and remaining <= 0:
                 break
             self._metrics.fallback(self.view.name, fallback.view.name)
-            part = fallback.read_partial(pending, features, timeout_s=remaining)
+            part = fallback.read_partial(pending, ask[0], timeout_s=remaining, as_of=ask[1])
             result.degraded.extend(part.degraded)
             still: list[Key] = []
             for key, row in zip(part.keys, part.rows, strict=True):
@@ -287,14 +290,14 @@ class ResilientDao(FeatureDao):
         return result
 
     def _guarded(self, dao: FeatureDao, breaker: CircuitBreaker, keys: Sequence[Key],
-                 features: Sequence[str] | None, deadline: float | None,
+                 ask: _Ask, deadline: float | None,
                  claim: _Claim | None = None) -> BatchResult:
         """One link of the chain: breaker, then bounded jittered retries of what failed."""
         if not breaker.allow():
             err = CircuitOpen("circuit open: failing fast", source=breaker.name, view=dao.view.name)
             return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=err)
         try:
-            result = self._retried(dao, keys, features, deadline)
+            result = self._retried(dao, keys, ask, deadline)
         except BaseException as exc:
             # Every call the breaker let through is recorded, or a half-open breaker waits for its probe
             # forever. A store that answered with an error is up; anything else counts against it.
@@ -320,10 +323,10 @@ class ResilientDao(FeatureDao):
             breaker.failure()
         return result
 
-    def _retried(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
+    def _retried(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
                  deadline: float | None) -> BatchResult:
         attempt = 0
-        result = self._attempt(dao, keys, features, deadline)
+        result = self._attempt(dao, keys, ask, deadline)
         # A timeout used the time up; an overloaded pool is not helped by asking again.
         while result.failed and attempt < self.retries.max and \
                 not isinstance(result.error, BackendTimeout | Overloaded):
@@ -333,14 +336,14 @@ class ResilientDao(FeatureDao):
             if left is not None and left <= pause:
                 break
             time.sleep(pause)
-            again = self._attempt(dao, result.failed, features, deadline)
+            again = self._attempt(dao, result.failed, ask, deadline)
             result = self._merge_retry(result, again)
         return result
 
-    def _attempt(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
+    def _attempt(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
                  deadline: float | None) -> BatchResult:
         try:
-            return dao.read_partial(keys, features, timeout_s=self._left(deadline))
+            return dao.read_partial(keys, ask[0], timeout_s=self._left(deadline), as_of=ask[1])
         except BackendUnavailable as exc:  # a DAO whose read_partial raises all the same
             return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=exc)
 
@@ -367,6 +370,10 @@ class ResilientDao(FeatureDao):
     def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
         """Writes go to the primary only: a fallback is a read path."""
         return self.primary.upsert(rows)
+
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Events go to the primary only."""
+        return self.primary.append(events)
 
     def ping(self) -> None:
         """Ping the primary."""

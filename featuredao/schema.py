@@ -96,6 +96,45 @@ class SceneConfig(StrictModel):
     deadline_ms: int | None = Field(default=None, gt=0)
 
 
+ScalarType = Literal["int", "float", "str"]
+
+
+class SequenceJoin(StrictModel):
+    """Side information of each event's item: features of an item view, one list per feature."""
+
+    view: Identifier
+    features: list[Identifier] = Field(min_length=1)
+
+
+class RetainConfig(StrictModel):
+    """What ``append`` keeps per key where the store trims cheaply (Redis): newest N, none older."""
+
+    max_len: int | None = Field(default=None, gt=0)
+    max_age_s: float | None = Field(default=None, gt=0)
+
+
+class SequenceConfig(StrictModel):
+    """How a sequence view reads a key's events: which fields, which events, how many, newest first."""
+
+    time_field: Identifier
+    """Event time: epoch seconds (``time_unit`` "ms": milliseconds)."""
+    item_field: Identifier | None = None
+    event_field: Identifier | None = None
+    fields: dict[Identifier, ScalarType] = Field(min_length=1)
+    time_unit: Literal["s", "ms"] = "s"
+    max_len: int = Field(default=50, gt=0, le=100_000)
+    window_s: float | None = Field(default=None, gt=0)
+    """Only events of the last ``window_s`` seconds before the request time."""
+    events: list[str] | None = Field(default=None, min_length=1)
+    min: dict[Identifier, float] = Field(default_factory=dict)
+    dedupe: Identifier | None = None
+    scan_len: int | None = Field(default=None, gt=0, le=1_000_000)
+    """Events read per key when filters or dedupe run after the read (default: 4 x ``max_len``)."""
+    merge: list[Identifier] = Field(default_factory=list)
+    join: SequenceJoin | None = None
+    retain: RetainConfig | None = None
+
+
 class ViewConfig(StrictModel):
     """One feature view: a table or keyspace in one source, keyed by one entity."""
 
@@ -107,7 +146,11 @@ class ViewConfig(StrictModel):
     table: QualifiedName
     key: Identifier
     key_type: Literal["str", "int"] = "str"
-    features: dict[Identifier, FeatureType] = Field(min_length=1)
+    kind: Literal["table", "sequence"] = "table"
+    """``sequence``: the newest events of each key (``sequence``), one list per field."""
+    features: dict[Identifier, FeatureType] = Field(default_factory=dict)
+    """A table view's features (at least one); a sequence view's come from ``sequence.fields``."""
+    sequence: SequenceConfig | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{0,32}$")] = ""
     timeout_ms: int = Field(default=50, gt=0)

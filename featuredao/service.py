@@ -33,9 +33,21 @@ from featuredao.lifecycle import Gate, Slots
 from featuredao.metrics import Metrics
 from featuredao.request import Part, Request, Shape, shape
 from featuredao.resilience import served_some
-from featuredao.types import BatchResult, CoercionError, Degraded, FeatureValue, Key, Reason, coerce
+from featuredao.types import (
+    BatchResult,
+    CoercionError,
+    Degraded,
+    FeatureType,
+    FeatureValue,
+    Key,
+    Reason,
+    coerce,
+)
 
 log = logging.getLogger("featuredao")
+
+REQUEST_TIME = "request_time"
+"""The context feature a request's time comes in (epoch seconds): accepted even when not declared."""
 
 
 @dataclass
@@ -196,7 +208,7 @@ class FeatureService:
     def _read(self, task: Part) -> BatchResult:
         started = time.perf_counter()
         try:
-            result = task.dao.read_partial(task.keys, timeout_s=max(task.timeout_s, 0.0))
+            result = task.dao.read_partial(task.keys, timeout_s=max(task.timeout_s, 0.0), as_of=task.as_of)
             if result.error is not None:
                 if not served_some(result):
                     raise result.error  # nothing served: the whole view degrades, with its reason
@@ -265,7 +277,7 @@ class FeatureService:
                  degraded: list[Degraded]) -> dict[str, FeatureValue]:
         """The request's context: declared features, coerced; unknown names are the caller's error."""
         given = given or {}
-        unknown = sorted(set(given) - set(self.context_features))
+        unknown = sorted(set(given) - set(self.context_features) - {REQUEST_TIME})
         if unknown:
             known = ", ".join(self.context_features) or "none declared"
             raise UsageError(f"unknown context features {unknown}; known: {known}")
@@ -280,6 +292,13 @@ class FeatureService:
             except CoercionError as exc:
                 out[name] = feature.default
                 degraded.append(Degraded("context", Reason.COERCION, f"{name}: {exc}", (), name))
+        if REQUEST_TIME not in self.context_features and given.get(REQUEST_TIME) is not None:
+            # Always accepted: where sequence windows end (epoch seconds), e.g. to replay a past request.
+            try:
+                out[REQUEST_TIME] = coerce(given[REQUEST_TIME], FeatureType.FLOAT)
+            except CoercionError as exc:
+                degraded.append(Degraded("context", Reason.COERCION, f"{REQUEST_TIME}: {exc}", (),
+                                         REQUEST_TIME))
         return out
 
     def _request_keys(self, keys: Mapping[str, Key] | None) -> dict[str, Key]:
@@ -390,13 +409,15 @@ class FeatureService:
         budget = (deadline_ms if deadline_ms is not None else default_ms) / 1000.0
         request = Request(user_id, items, self._request_keys(keys))
         ctx = self._context(context, request.degraded)
+        at = ctx.get(REQUEST_TIME)
+        request.as_of = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
         return request, ctx, budget, plan
 
     def read_view(self, view: str, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                  timeout_s: float | None = None) -> BatchResult:
+                  timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Read one view directly (no merging, no defaults for missing keys)."""
         self._check_open()
-        return self._view(view, self._extra).read(keys, features, timeout_s=timeout_s)
+        return self._view(view, self._extra).read(keys, features, timeout_s=timeout_s, as_of=as_of)
 
     def view(self, name: str) -> View:
         """The configuration of a view (served or fallback-only)."""

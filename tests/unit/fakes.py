@@ -32,7 +32,7 @@ class FakeDao(FeatureDao):
         self._lock = threading.Lock()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         with self._lock:
             self.calls.append(list(keys))
         if self.delay:

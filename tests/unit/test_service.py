@@ -90,7 +90,7 @@ class MeetingDao(FakeDao):
         self.barrier = barrier
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         self.barrier.wait()  # BrokenBarrierError after 1 s unless the other view is being read meanwhile
         return super().read_partial(keys, features, timeout_s=timeout_s)
 
