@@ -110,3 +110,45 @@ def test_adapters_depend_on_the_core_interface_only() -> None:
         if name.startswith("featuredao.adapters"):
             bad = sorted(d for d in deps if not d.startswith(allowed))
             assert bad == [], f"{name} imports {bad}"
+
+
+def _third_party(path: Path, top_level_only: bool) -> set[str]:
+    """Top-level package names a module imports (at run time only: ``TYPE_CHECKING`` blocks left out)."""
+    tree = ast.parse(path.read_text())
+    nodes: list[ast.AST] = []
+    if top_level_only:
+        for node in tree.body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                nodes.extend(node.orelse)
+            else:
+                nodes.append(node)
+    else:
+        nodes = list(ast.walk(tree))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+SPARK_MODULES = ("featuredao.spark", "featuredao.sync.spark_engine")
+
+
+def test_pyspark_is_imported_lazily_and_only_by_the_spark_modules() -> None:
+    # pyspark is a big optional driver (extra "spark"): the core must import and run without it.
+    for name, path in _modules().items():
+        if name in SPARK_MODULES:
+            assert "pyspark" not in _third_party(path, top_level_only=True), f"{name} imports pyspark eagerly"
+        else:
+            assert "pyspark" not in _third_party(path, top_level_only=False), f"{name} imports pyspark"
+
+
+def test_importing_featuredao_and_its_spark_module_loads_no_pyspark() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, featuredao, featuredao.spark, featuredao.sync.cli; print('pyspark' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
