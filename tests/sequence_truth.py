@@ -1,0 +1,68 @@
+"""Ground truth for sequence views: the reading rules in plain Python, and a read through the CLI.
+
+A store's test loads events with its raw driver, reads them with ``featuredao fetch --json`` and compares
+with :func:`expected` over the same events: newest first, ties by item then the other fields (highest
+first), the window ``[request_time - window_s, request_time]``, event types, thresholds, dedupe, cap.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+FIELDS = {"item_id": "int", "event": "str", "ts": "int", "play_time": "float"}
+SPEC: dict[str, Any] = {"time_field": "ts", "item_field": "item_id", "event_field": "event",
+                        "fields": FIELDS, "max_len": 20, "window_s": 5000, "events": ["click", "buy"],
+                        "min": {"play_time": 2.0}, "dedupe": "item_id"}
+
+
+def events(seed: int, users: Sequence[str], per_user: int, now: int) -> dict[str, list[dict[str, Any]]]:
+    """Random events per user (repeated items, equal times, every event type, times around the window)."""
+    import random
+
+    rng = random.Random(seed)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for n, user in enumerate(users):
+        count = 0 if n % 7 == 3 else rng.randint(1, per_user)
+        out[user] = [{"item_id": rng.randint(1, 40), "event": rng.choice(["click", "buy", "view"]),
+                      "ts": now - rng.randint(-50, 8000) // 3 * 3, "play_time": round(rng.uniform(0, 10), 2)}
+                     for _ in range(count)]
+    return out
+
+
+def expected(user_events: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], request_time: float,
+             prefix: str = "click_") -> dict[str, list[Any]]:
+    """What a sequence view with ``spec`` answers for one user's events (empty lists: none kept)."""
+    fields = list(spec["fields"])
+    time_field, item = spec["time_field"], spec.get("item_field")
+    since = request_time - spec["window_s"] if spec.get("window_s") else None
+    kept = [e for e in user_events
+            if (since is None or e[time_field] >= since) and e[time_field] <= request_time
+            and (not spec.get("events") or e[spec["event_field"]] in spec["events"])
+            and all(e[f] >= low for f, low in spec.get("min", {}).items())]
+    order = [time_field, *([item] if item else []), *(f for f in fields if f not in (time_field, item))]
+    kept.sort(key=lambda e: tuple(e[f] for f in order), reverse=True)
+    if spec.get("dedupe"):
+        seen: set[Any] = set()
+        unique = []
+        for e in kept:
+            if e[spec["dedupe"]] not in seen:
+                seen.add(e[spec["dedupe"]])
+                unique.append(e)
+        kept = unique
+    kept = kept[:spec["max_len"]]
+    return {prefix + f: [e[f] for e in kept] for f in fields}
+
+
+def cli_fetch(config: Path, user: str, request_time: float) -> dict[str, Any]:
+    """``featuredao fetch CONFIG --user USER --context request_time=T --json``, parsed."""
+    done = subprocess.run([sys.executable, "-m", "featuredao", "fetch", str(config), "--user", user,
+                           "--context", f"request_time={request_time}", "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
