@@ -322,6 +322,11 @@ class BaseDao(SyncHooks, FeatureDao):
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
         return None
 
+    def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object] | None:
+        """A sequence view's read written by hand with the raw driver (a benchmark baseline), if any:
+        per key, the newest ``query.limit`` events of the window as one list per field."""
+        return None
+
     @property
     def _batch_size(self) -> int:
         return max(1, self.source.batch_size)
