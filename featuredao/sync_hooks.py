@@ -61,19 +61,72 @@ class SyncHooks:
         """Every consumer has applied the changes up to ``position``: the feed may drop them."""
         raise self._unsupported("change feed")
 
-    def scan(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
-        """Rows in key order with keys strictly greater than ``after``: raw stored values, every feature."""
-        rows: list[tuple[Key, Mapping[str, Any]]] = self._store_call(
-            self._scan_batch, None if after is None else self._norm(after), limit)
+    # -- key ranges (optional: without them the core cuts and samples in Python, in the keys' natural order)
+    def _split_points(self, n: int) -> list[Key] | None:
+        """Up to ``n - 1`` stored keys splitting the keys into ``n`` ranges of about equal size, in scan
+        order (None: the adapter cannot tell, so the caller samples a scan)."""
+        return None
+
+    def _scan_range_batch(self, after: Key | None, upper: Key,
+                          limit: int) -> list[tuple[Key, Mapping[str, Any]]] | None:
+        """``_scan_batch`` with keys also at most ``upper`` (None: not offered)."""
+        return None
+
+    def _changes_range_batch(self, column: str, after: tuple[Any, Key] | None, lower: Key | None,
+                             upper: Key | None,
+                             limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]] | None:
+        """``_changes_batch`` with keys in ``(lower, upper]`` (None bounds: open; None: not offered)."""
+        return None
+
+    def split_points(self, n: int) -> list[Key] | None:
+        """Keys splitting the stored keys into ``n`` ranges (None: the adapter cannot tell)."""
+        points: list[Key] | None = self._store_call(self._split_points, n)
+        return points
+
+    def scan(self, after: Key | None, limit: int,
+             upper: Key | None = None) -> list[tuple[Key, Mapping[str, Any]]]:
+        """Rows in key order with keys strictly greater than ``after`` (and at most ``upper``): raw stored
+        values, every feature."""
+        start = None if after is None else self._norm(after)
+        rows: list[tuple[Key, Mapping[str, Any]]] | None = None
+        if upper is not None:
+            top = self._norm(upper)
+            rows = self._store_call(self._scan_range_batch, start, top, limit)
+            if rows is None:
+                # Keys come in order: the first one past the bound ends the range (a short chunk).
+                got = self._store_call(self._scan_batch, start, limit)
+                cut = next((i for i, (k, _) in enumerate(got) if k > top), len(got))
+                rows = got[:cut]
+            return rows
+        rows = self._store_call(self._scan_batch, start, limit)
+        assert rows is not None
         return rows
 
-    def changes(self, column: str, after: tuple[Any, Key] | None,
-                limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
-        """Rows ordered by (watermark ``column``, key), strictly after ``after``: ties are never skipped."""
+    def changes(self, column: str, after: tuple[Any, Key] | None, limit: int, lower: Key | None = None,
+                upper: Key | None = None) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+        """Rows ordered by (watermark ``column``, key), strictly after ``after``: ties are never skipped;
+        with bounds, only keys in ``(lower, upper]``."""
         cursor = None if after is None else (after[0], self._norm(after[1]))
-        rows: list[tuple[Any, Key, Mapping[str, Any]]] = self._store_call(self._changes_batch, column, cursor,
-                                                                       limit)
-        return rows
+        rows: list[tuple[Any, Key, Mapping[str, Any]]] | None
+        if lower is None and upper is None:
+            rows = self._store_call(self._changes_batch, column, cursor, limit)
+            assert rows is not None
+            return rows
+        low = None if lower is None else self._norm(lower)
+        top = None if upper is None else self._norm(upper)
+        rows = self._store_call(self._changes_range_batch, column, cursor, low, top, limit)
+        if rows is not None:
+            return rows
+        # Filtered here: read on past rows of other ranges until the chunk is full or the source ends.
+        out: list[tuple[Any, Key, Mapping[str, Any]]] = []
+        while True:
+            got: list[tuple[Any, Key, Mapping[str, Any]]] = self._store_call(self._changes_batch, column,
+                                                                            cursor, limit)
+            out.extend(r for r in got if (low is None or r[1] > low)  # type: ignore[operator]
+                       and (top is None or r[1] <= top))  # type: ignore[operator]
+            if len(out) >= limit or len(got) < limit:
+                return out[:limit]
+            cursor = (got[-1][0], got[-1][1])
 
     def delete(self, keys: Iterable[Key]) -> int:
         """Delete keys (absent ones are no error); return how many were asked for."""

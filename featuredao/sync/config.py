@@ -146,6 +146,9 @@ class JobModel(StrictModel):
     """Read at most this many source rows per second (protects a busy source)."""
     retry_backoff_s: float = Field(default=1.0, gt=0, le=600)
     """First wait before retrying a target that is down, or the source (doubles up to 60 s)."""
+    parallelism: int = Field(default=1, ge=1, le=256)
+    """full and incremental: the key space is split into this many ranges, each run by its own worker
+    process with its own checkpoints (see :mod:`featuredao.sync.partitions`)."""
     on_gap: OnGap = "fail"
     """cdc: when the change feed lost changes after the checkpoint (an expired binlog, a dropped slot),
     ``fail`` (an error saying a new snapshot is needed) or ``resnapshot`` (take it, then delete from the
@@ -172,6 +175,8 @@ class SyncJob:
     rate_limit_rows_s: float | None = None
     retry_backoff_s: float = 1.0
     on_gap: OnGap = "fail"
+    parallelism: int = 1
+    """Key ranges run by worker processes at once (1: the job runs in the calling process)."""
     index: int = 0
     """Position in the config's ``sync`` list."""
     model: JobModel | None = field(default=None, repr=False, compare=False)
@@ -233,6 +238,9 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
         issue(("watermark",), "a watermark applies to incremental jobs only", model.watermark)
     if model.on_gap != "fail" and model.mode != "cdc":
         issue(("on_gap",), "on_gap applies to cdc jobs", model.on_gap)
+    if model.parallelism > 1 and model.mode == "cdc":
+        issue(("parallelism",), "parallelism applies to full and incremental jobs (a change feed is one "
+                                "ordered stream)", model.parallelism)
     if model.delete_missing and model.mode != "full":
         issue(("delete_missing",), "delete_missing applies to full jobs (cdc propagates deletes itself)")
     deletes = model.delete_missing or model.mode == "cdc"
@@ -299,7 +307,8 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
         return None
     return SyncJob(model.name, model.from_, tuple(model.to), model.mode, model.watermark, model.batch_size,
                    model.delete_missing, tuple(steps), model.conflict, model.dead_letter.path, ckpt,
-                   model.rate_limit_rows_s, model.retry_backoff_s, model.on_gap, int(loc[1]), model)
+                   model.rate_limit_rows_s, model.retry_backoff_s, model.on_gap, model.parallelism,
+                   int(loc[1]), model)
 
 
 def _caps(adapters: Mapping[str, Adapter], view: View) -> Any:

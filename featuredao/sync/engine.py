@@ -199,8 +199,9 @@ class SyncEngine:
             return self.runtime.sources[self.job.checkpoint_source].state_store()
         # The embedded default: a SQLite file next to the config, through the adapter functions.
         adapter = adapter_registry.get_adapter("sqlite")
+        # Parallel workers share the file: a commit waits for another's rather than failing.
         options = adapter.options_model.model_validate({"path": str(self.base_dir / f"{config_name}.sync.db"),
-                                                        "pool_size": 1})
+                                                        "pool_size": 1, "busy_timeout_ms": 60_000})
         self._own_state = adapter("_sync_state", options)
         return self._own_state.state_store()
 
@@ -237,6 +238,10 @@ class SyncEngine:
             states[name] = state
         self.states = states
         return states
+
+    def _save(self, state: TargetState) -> None:
+        """Store a checkpoint as it is (no timestamp: nothing was confirmed)."""
+        self.store.commit(self.job.name, {state.name: state.to_json()})
 
     def _commit(self, state: TargetState, seen: tuple[str, Sequence[str], int] | None = None,
                 forget: tuple[str, Sequence[str]] | None = None) -> None:
@@ -297,7 +302,8 @@ class SyncEngine:
                 report.interrupted = True
                 return
             active = [s for s in states.values()
-                      if s.name not in done and s.name not in report.down and s.phase not in ("idle", "new")]
+                      if s.name not in done and s.name not in report.down
+                      and s.phase not in ("idle", "new", "done")]
             if not active:
                 return
             groups: dict[tuple[str, str], list[TargetState]] = {}
@@ -350,8 +356,7 @@ class SyncEngine:
                 self._commit(s)
         self._feed_checked, self._feed_acked = False, None
 
-    def _begin(self, states: Mapping[str, TargetState]) -> None:
-        """Start a pass (full), or install the change feed and take its position before the snapshot."""
+    def _prepare_targets(self, states: Mapping[str, TargetState]) -> None:
         for s in states.values():
             if s.name not in self._prepared and s.down_until <= time.time():
                 try:
@@ -359,6 +364,11 @@ class SyncEngine:
                     self._prepared.add(s.name)
                 except BackendError as exc:
                     log.warning("job %s: preparing target %s failed: %s", self.job.name, s.name, exc)
+
+    def _begin(self, states: Mapping[str, TargetState]) -> None:
+        """Start a pass (full), or install the change feed and take its position before the snapshot."""
+        self._prepare_targets(states)
+        for s in states.values():
             if self.job.mode == "full" and s.phase == "idle":
                 s.generation += 1
                 s.phase, s.cursor = "scan", None
@@ -522,10 +532,7 @@ class SyncEngine:
             s.lag_s = 0.0  # caught up with the feed
         if exhausted:
             if phase == "scan":
-                s.passes += 1
-                s.phase = "delete" if self.job.delete_missing else "idle"
-                if s.phase == "idle":
-                    done.add(s.name)
+                self._scan_done(s, done)
             elif phase == "snapshot":
                 if self._track_keys:
                     s.phase = "delete"  # keys of an earlier snapshot the source no longer has go first
@@ -540,6 +547,13 @@ class SyncEngine:
         self.metrics.sync_rows(self.job.name, s.name, "written", written)
         self.metrics.sync_rows(self.job.name, s.name, "deleted", deleted)
         self.metrics.sync_rows(self.job.name, s.name, "failed", len(dead))
+
+    def _scan_done(self, s: TargetState, done: set[str]) -> None:
+        """A target's full scan reached the end: the pass's deletes next, or the pass is over."""
+        s.passes += 1
+        s.phase = "delete" if self.job.delete_missing else "idle"
+        if s.phase == "idle":
+            done.add(s.name)
 
     def _delete_step(self, s: TargetState, report: CycleReport, done: set[str]) -> None:
         """After a full pass: delete the keys the pass did not see, chunk by chunk."""
@@ -574,7 +588,7 @@ class SyncEngine:
         log.warning("job %s: target %s failed, retried in %.1fs (its checkpoint stays): %s", self.job.name,
                     s.name, backoff, s.last_error)
         try:
-            self.store.commit(self.job.name, {s.name: s.to_json()})  # the cursor is unchanged
+            self._save(s)  # the cursor is unchanged
         except Exception:
             log.exception("job %s: recording the failure of %s failed", self.job.name, s.name)
 
