@@ -322,6 +322,12 @@ class BaseDao(SyncHooks, FeatureDao):
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
         return None
 
+    def sequence_query(self, as_of: float | None = None) -> SequenceQuery:
+        """What this sequence view asks its store for a request at ``as_of`` (None: now)."""
+        if self._sequencer is None:
+            raise UsageError(f"view {self.view.name!r} is not a sequence view")
+        return self._sequencer.query(as_of, self.source.capabilities.sequence_filters)
+
     def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object] | None:
         """A sequence view's read written by hand with the raw driver (a benchmark baseline), if any:
         per key, the newest ``query.limit`` events of the window as one list per field."""
@@ -352,7 +358,7 @@ class BaseDao(SyncHooks, FeatureDao):
         fields = self._fields(features)
         if self._sequencer is not None:
             # The query travels as the chunks' field list: it is that list, plus the window and limit.
-            fields = self._sequencer.query(as_of, self.source.capabilities.sequence_filters)
+            fields = self.sequence_query(as_of)
         result = BatchResult(norm, [None] * len(norm))
         if invalid:
             result.degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -48,3 +50,47 @@ def rows(view: View, count: int, seed: int = 0,
     """``count`` (key, row) pairs starting at ``start``."""
     for i in range(start, start + count):
         yield key_for(view, i), row(view, i, seed)
+
+
+_EVENT_TYPES = ("click", "buy", "view", "like", "share")
+SEQUENCE_MEDIAN = 100
+"""Median events per key of a synthetic sequence (lengths are log-normal: a few very active users)."""
+SEQUENCE_MAX = 5000
+ITEMS = 100_000
+"""Distinct item ids synthetic events refer to (0 .. ITEMS-1)."""
+
+
+def events(view: View, index: int, seed: int = 0, now: float | None = None) -> list[dict[str, FeatureValue]]:
+    """The ``index``-th key's synthetic events: a log-normal count (at least one), times over the last 30
+    days before ``now``, the view's event types (or a few common ones), item ids below ``ITEMS``."""
+    spec = view.sequence
+    assert spec is not None, "a sequence view"
+    rng = random.Random(seed * 1_000_003 + index * 7919 + zlib.crc32(view.name.encode()))
+    count = max(1, min(SEQUENCE_MAX, int(rng.lognormvariate(math.log(SEQUENCE_MEDIAN), 0.8))))
+    end = time.time() if now is None else now
+    scale = 1000 if spec.time_unit == "ms" else 1
+    kinds = spec.events or list(_EVENT_TYPES)
+    out: list[dict[str, FeatureValue]] = []
+    for _ in range(count):
+        event: dict[str, FeatureValue] = {}
+        for name, kind in spec.fields.items():
+            if name == spec.time_field:
+                at = end - rng.uniform(0, 30 * 86400)
+                event[name] = int(at * scale) if kind == "int" else at * scale
+            elif name == spec.item_field:
+                event[name] = rng.randrange(ITEMS) if kind == "int" else f"i{rng.randrange(ITEMS)}"
+            elif name == spec.event_field:
+                event[name] = rng.choice(kinds)
+            else:
+                event[name] = _value(FeatureType(kind), rng, name)
+        out.append(event)
+    return out
+
+
+def event_rows(view: View, count: int, seed: int = 0, start: int = 0,
+               now: float | None = None) -> Iterator[tuple[Key, dict[str, FeatureValue]]]:
+    """The events of ``count`` keys starting at ``start``, as ``(key, event)`` pairs for ``append``."""
+    for i in range(start, start + count):
+        key = key_for(view, i)
+        for event in events(view, i, seed, now):
+            yield key, event

@@ -301,6 +301,16 @@ def path_calls(runtime: factory.Runtime, service: FeatureService, view: View, ba
         return bool(dao.read(keys, timeout_s=budget).degraded)
     calls["dao"], how["dao"] = dao_read, "dao.read(keys, timeout_s)"
 
+    if view.sequence is not None:
+        seq_raw = dao.raw_sequence_reader() if baseline and isinstance(dao, BaseDao) else None
+        if seq_raw is not None and isinstance(dao, BaseDao):
+            query, seq_reader = dao.sequence_query(None), seq_raw
+
+            def raw_sequences(keys: list[Key]) -> bool:
+                seq_reader(keys, query)
+                return False
+            calls["raw"], how["raw"] = raw_sequences, "dao.raw_sequence_reader()(keys, query)"
+        return calls, how
     raw = dao.raw_reader() if baseline and isinstance(dao, BaseDao) else None
     if raw is not None:
         reader = raw
@@ -541,9 +551,15 @@ def seed(config_path: str | os.PathLike[str], views: Sequence[str], rows: int, s
                     if dao.source.capabilities.create:
                         dao.prepare()
                 bar.cell(f"seeding {name}")
-                for start in range(0, rows, chunk):
-                    n = min(chunk, rows - start)
-                    dao.upsert(synthetic.rows(dao.view, n, seed=seed, start=start))
+                sequence = dao.view.sequence is not None
+                # A sequence view holds ~100 events per key: fewer keys per chunk keep memory flat.
+                step = max(1, chunk // synthetic.SEQUENCE_MEDIAN) if sequence else chunk
+                for start in range(0, rows, step):
+                    n = min(step, rows - start)
+                    if sequence:
+                        dao.append(synthetic.event_rows(dao.view, n, seed=seed, start=start))
+                    else:
+                        dao.upsert(synthetic.rows(dao.view, n, seed=seed, start=start))
                     bar.update(start + n)
                 written[name] = rows
     finally:

@@ -182,3 +182,20 @@ def test_config_errors_name_the_path(change: dict[str, Any], path: str, message:
         load(config(view))
     found = {issue.path: issue.message for issue in caught.value.issues}
     assert path in found and message in found[path], found
+
+
+def test_bench_seeds_and_measures_a_sequence_view(tmp_path: Any) -> None:
+    from featuredao.bench import runner
+
+    MemorySource.clear_shared()
+    path = tmp_path / "bench.json"
+    view = seq_view(window_s=40 * 86400)
+    view["sequence"]["max_len"] = 100
+    path.write_text(__import__("json").dumps({"sources": {"m": {"type": "memory", "shared": "bench"}},
+                                             "views": [view]}))
+    assert runner.seed(path, ["click_seq"], 30, progress=False) == {"click_seq": 30}
+    params = runner.BenchParams(views=["click_seq"], rows=30, batches=[1, 10], concurrency=[1], requests=5)
+    result = runner.run(path, params, progress=False)
+    assert {(m.path, m.batch) for m in result.records} == {("service", 1), ("dao", 1), ("service", 10),
+                                                           ("dao", 10)}
+    assert not any("missing" in n for n in result.notes), result.notes
