@@ -523,6 +523,45 @@ class SqlDao(BaseDao):
         rows = self.source.fetch(st.changes_sql(column, after is None), params, None)
         return [(_watermark(r[0]), _decode_key(r[1]), st.raw_row(r[2:])) for r in rows]
 
+    # Key ranges of parallel sync: bounds in SQL, so the server's collation orders keys as the scan does.
+    def _split_points(self, n: int) -> list[Key] | None:
+        self._wide_only("scan")
+        st = self.statements
+        count = self.source.fetch(f"SELECT COUNT(*) FROM {st.table}", (), None)[0][0]
+        sql = f"SELECT {st.key} FROM {st.table} ORDER BY {st.key} LIMIT 1 OFFSET %s"
+        points: list[Key] = []
+        for i in range(1, n):
+            at = (i * int(count)) // n - 1
+            if at >= 0:
+                points.extend(_decode_key(r[0]) for r in self.source.fetch(sql, (at,), None))
+        return points
+
+    def _scan_range_batch(self, after: Key | None, upper: Key,
+                          limit: int) -> list[tuple[Key, Mapping[str, Any]]] | None:
+        self._wide_only("scan")
+        st = self.statements
+        cols = ", ".join([st.key, *(st.quote(f) for f in self.view.features)])
+        where = f"WHERE {st.key} <= %s" + ("" if after is None else f" AND {st.key} > %s")
+        params: tuple[Any, ...] = (upper, limit) if after is None else (upper, after, limit)
+        rows = self.source.fetch(f"SELECT {cols} FROM {st.table} {where} ORDER BY {st.key} LIMIT %s",
+                                 params, None)
+        return [(_decode_key(r[0]), st.raw_row(r[1:])) for r in rows]
+
+    def _changes_range_batch(self, column: str, after: tuple[Any, Key] | None, lower: Key | None,
+                             upper: Key | None,
+                             limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]] | None:
+        self._wide_only("changes")
+        st = self.statements
+        sql = st.changes_sql(column, after is None)
+        head, _, tail = sql.rpartition(" ORDER BY ")
+        params: list[Any] = [] if after is None else [after[0], after[0], after[1]]
+        if lower is not None:
+            head, params = f"{head} AND {st.key} > %s", [*params, lower]
+        if upper is not None:
+            head, params = f"{head} AND {st.key} <= %s", [*params, upper]
+        rows = self.source.fetch(f"{head} ORDER BY {tail}", (*params, limit), None)
+        return [(_watermark(r[0]), _decode_key(r[1]), st.raw_row(r[2:])) for r in rows]
+
     def _delete_batch(self, keys: list[Key]) -> None:
         self._wide_only("delete")
         st = self.statements

@@ -234,16 +234,49 @@ class SqliteDao(BaseDao):
             rows = conn.execute(sql, params).fetchall()
         return [(r[0], dict(zip(fields, r[1:], strict=True))) for r in rows]
 
-    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
-                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
+    def _split_points(self, n: int) -> list[Key] | None:
+        # Quantiles of the primary key: each OFFSET walks the key index only.
+        with self.source.connection() as conn:
+            count = conn.execute(f"SELECT COUNT(*) FROM {self._table}").fetchone()[0]
+            sql = f"SELECT {self._key} FROM {self._table} ORDER BY {self._key} LIMIT 1 OFFSET ?"
+            points: list[Key] = []
+            for i in range(1, n):
+                at = (i * count) // n - 1
+                if at >= 0:
+                    points.extend(r[0] for r in conn.execute(sql, [at]).fetchall())
+        return points
+
+    def _scan_range_batch(self, after: Key | None, upper: Key,
+                          limit: int) -> list[tuple[Key, Mapping[str, Any]]] | None:
+        fields = list(self.view.features)
+        where = f"WHERE {self._key} <= ?" + ("" if after is None else f" AND {self._key} > ?")
+        sql = f"SELECT {self._select()} FROM {self._table} {where} ORDER BY {self._key} LIMIT ?"
+        params: list[Any] = [upper, limit] if after is None else [upper, after, limit]
+        with self.source.connection() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [(r[0], dict(zip(fields, r[1:], strict=True))) for r in rows]
+
+    def _changes_range_batch(self, column: str, after: tuple[Any, Key] | None, lower: Key | None,
+                             upper: Key | None,
+                             limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]] | None:
+        return self._changes_batch(column, after, limit, lower, upper)
+
+    def _changes_batch(self, column: str, after: tuple[Any, Key] | None, limit: int,
+                       lower: Key | None = None,
+                       upper: Key | None = None) -> list[tuple[Any, Key, Mapping[str, Any]]]:
         fields = list(self.view.features)
         wm = quote_identifier(column)
         params: list[Any]
         if after is None:
-            where, params = f"WHERE {wm} IS NOT NULL", [limit]
+            where, params = f"WHERE {wm} IS NOT NULL", []
         else:
             # Row values: strictly after (watermark, key), so rows sharing the last watermark are not lost.
-            where, params = f"WHERE ({wm}, {self._key}) > (?, ?)", [after[0], after[1], limit]
+            where, params = f"WHERE ({wm}, {self._key}) > (?, ?)", [after[0], after[1]]
+        if lower is not None:
+            where, params = f"{where} AND {self._key} > ?", [*params, lower]
+        if upper is not None:
+            where, params = f"{where} AND {self._key} <= ?", [*params, upper]
+        params.append(limit)
         sql = (f"SELECT {wm}, {self._select()} FROM {self._table} {where} "
                f"ORDER BY {wm}, {self._key} LIMIT ?")
         with self.source.connection() as conn:

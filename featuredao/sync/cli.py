@@ -31,6 +31,18 @@ def _engine(config: str, job: str) -> Any:
     return SyncEngine.from_file(config, job)
 
 
+def _runner(config: str, job: str) -> Any:
+    """The job's engine, or for a job with parallelism its runner of worker processes (same interface)."""
+    from featuredao.config import load
+
+    jobs = {j.name: j for j in load(config).sync}
+    if job in jobs and jobs[job].parallelism > 1:
+        from featuredao.sync.parallel import ParallelRun
+
+        return ParallelRun(config, job)
+    return _engine(config, job)
+
+
 @sync.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--job", required=True, help="The job to run (its name in the config).")
@@ -89,7 +101,7 @@ def run(config: str, job: str, follow: bool, interval: float, no_progress: bool,
     console = Console(stderr=True)
     show = console.is_terminal and not no_progress
     try:
-        with _engine(config, job) as engine:
+        with _runner(config, job) as engine:
             running.append(engine)
             started = time.perf_counter()
             total = [0]
@@ -124,6 +136,7 @@ def run(config: str, job: str, follow: bool, interval: float, no_progress: bool,
                                "deleted": report.deleted, "filtered": report.filtered,
                                "failed": report.failed, "down": report.down,
                                "source_error": report.source_error, "interrupted": report.interrupted,
+                               "failed_ranges": getattr(report, "failed_ranges", {}),
                                "elapsed_s": round(elapsed, 3)}))
     elif not follow:
         click.echo(_summary(job, report, elapsed, total[0]))
@@ -159,6 +172,7 @@ def status(config: str, job: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     from featuredao.config import load
+    from featuredao.sync.partitions import range_status
 
     cfg = load(config)
     names = [j.name for j in cfg.sync]
@@ -169,6 +183,7 @@ def status(config: str, job: str | None, as_json: bool) -> None:
     for name in [job] if job else names:
         with _engine(config, name) as engine:
             rows.extend(engine.status())
+            rows.extend(range_status(engine))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str))
@@ -177,14 +192,18 @@ def status(config: str, job: str | None, as_json: bool) -> None:
         click.echo("no sync jobs in this config")
         return
     table = Table(title="featuredao sync status")
-    for col in ("job", "mode", "target", "phase", "cursor", "passes", "written", "deleted", "dead letters",
-                "updated", "lag s", "error"):
+    for col in ("job", "mode", "target", "range", "phase", "cursor", "passes", "written", "deleted",
+                "dead letters", "updated", "lag s", "error"):
         table.add_column(col)
     for r in rows:
         stamp = r["updated_at"]
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
-        cells = (r["job"], r["mode"], r["target"], r["phase"], json.dumps(r["cursor"], default=str),
-                 str(r["passes"]), f"{r['written']:,}", f"{r['deleted']:,}", str(r["dead_letters"]), updated,
+        # A range is shown as (lower, upper]; a target's own row covers the whole key space.
+        where = "-" if "range" not in r else \
+            f"{r['range']}: ({json.dumps(r['lower'])}, {json.dumps(r['upper'])}]"
+        cells = (r["job"], r["mode"], r["target"], where, r["phase"], json.dumps(r["cursor"], default=str),
+                 str(r["passes"]), f"{r['written']:,}", f"{r['deleted']:,}", str(r.get("dead_letters", "")),
+                 updated,
                  "-" if r["lag_s"] is None else f"{r['lag_s']:.2f}", r["last_error"] or "")
         table.add_row(*(escape(c) for c in cells))  # an error quoting "[mysqld]" is text, not markup
     Console().print(table)
