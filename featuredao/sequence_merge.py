@@ -16,18 +16,37 @@ from featuredao.errors import reason_of
 from featuredao.sequence import ZERO, Event, Sequencer
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
-
-def _pool() -> ThreadPoolExecutor:
-    global _merge_pool
-    if _merge_pool is None:
-        _merge_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="featuredao-merge")
-    return _merge_pool
+# Merged views' reads run here while the primary reads in the caller's thread (threads start on demand).
+_merges = ThreadPoolExecutor(max_workers=16, thread_name_prefix="featuredao-merge")
 
 
-_merge_pool: ThreadPoolExecutor | None = None
+class _Wrapper(FeatureDao):
+    """Writes, pings and cache invalidation go to the wrapped sequence view; reads are the wrapper's."""
+
+    inner: FeatureDao
+
+    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Sequence views take events: see ``append``."""
+        return self.inner.upsert(rows)
+
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Events go to this view's own store."""
+        return self.inner.append(events)
+
+    def ping(self) -> None:
+        """Ping this view's store."""
+        self.inner.ping()
+
+    def lane(self) -> tuple[str, int] | None:
+        """This view's lane."""
+        return self.inner.lane()
+
+    def invalidate(self, keys: Iterable[Key]) -> None:
+        """Forget cached sequences."""
+        self.inner.invalidate(keys)
 
 
-class MergedSequences(FeatureDao):
+class MergedSequences(_Wrapper):
     """A sequence view with others merged in (e.g. older events offline): read at once, merged newest
     first, deduplicated across them, capped; a merged view that fails leaves the others' events."""
 
@@ -42,7 +61,7 @@ class MergedSequences(FeatureDao):
         """Every view's events of the keys, merged per key."""
         started = time.perf_counter()
         try:
-            futures = [_pool().submit(o.read_partial, keys, None, timeout_s=timeout_s, as_of=as_of)
+            futures = [_merges.submit(o.read_partial, keys, None, timeout_s=timeout_s, as_of=as_of)
                        for o in self.others]
         except RuntimeError:  # the interpreter is shutting down
             futures = []
@@ -85,22 +104,6 @@ class MergedSequences(FeatureDao):
     def _events(self, row: Mapping[str, FeatureValue] | None) -> list[Event]:
         return [] if row is None else self._sequencer.events_of(row)
 
-    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        """Sequence views take events: see ``append``."""
-        return self.inner.upsert(rows)
-
-    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        """Events go to this view's own store."""
-        return self.inner.append(events)
-
-    def ping(self) -> None:
-        """Ping the primary view's store."""
-        self.inner.ping()
-
-    def lane(self) -> tuple[str, int] | None:
-        """The primary's lane."""
-        return self.inner.lane()
-
     def invalidate(self, keys: Iterable[Key]) -> None:
         """Forget cached sequences of every merged view."""
         keys = list(keys)
@@ -108,7 +111,7 @@ class MergedSequences(FeatureDao):
             dao.invalidate(keys)
 
 
-class JoinedSequences(FeatureDao):
+class JoinedSequences(_Wrapper):
     """A sequence view with features of each event's item: one batch read for every distinct item."""
 
     def __init__(self, inner: FeatureDao, items: FeatureDao) -> None:
@@ -163,26 +166,6 @@ class JoinedSequences(FeatureDao):
             rows.append(row)
         result.rows = rows
         return _projected(result, features)
-
-    def upsert(self, rows: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        """Sequence views take events: see ``append``."""
-        return self.inner.upsert(rows)
-
-    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        """Events go to this view's own store."""
-        return self.inner.append(events)
-
-    def ping(self) -> None:
-        """Ping the sequence view's store."""
-        self.inner.ping()
-
-    def lane(self) -> tuple[str, int] | None:
-        """The sequence view's lane."""
-        return self.inner.lane()
-
-    def invalidate(self, keys: Iterable[Key]) -> None:
-        """Forget cached sequences."""
-        self.inner.invalidate(keys)
 
 
 def _projected(result: BatchResult, features: Sequence[str] | None) -> BatchResult:
