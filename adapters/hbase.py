@@ -62,6 +62,8 @@ from featuredao.errors import (
 )
 from featuredao.types import CoercionError, FeatureType, FeatureValue, Key, RawRows, Row
 
+from ._hbase_sequence import HBaseSequenceMixin
+
 # happybase loads its IDL as the module "Hbase_thrift"; the service's exception classes live there.
 _thrift: Any = importlib.import_module("Hbase_thrift")
 
@@ -115,7 +117,7 @@ class HBaseSource(Source):
     driver_modules = {"happybase": "happybase", "thriftpy2": "thriftpy2"}
     options_model = HBaseOptions
     view_options_model = HBaseViewOptions
-    capabilities = Capabilities(server_timeout=False)
+    capabilities = Capabilities(server_timeout=False, sequences=True)
     default_batch_size = 100
     error_map = (
         (happybase.NoConnectionsAvailable, Overloaded),  # our own pool, not the store
@@ -300,8 +302,9 @@ _DECODERS: dict[str, dict[FeatureType, _Codec]] = {
 }
 
 
-class HBaseDao(BaseDao):
-    """Reads and writes one view's HBase table with batched ``rows()`` and ``batch()`` calls."""
+class HBaseDao(HBaseSequenceMixin, BaseDao):
+    """Reads and writes one view's HBase table with batched ``rows()`` and ``batch()`` calls (a sequence
+    view: see ``adapters._hbase_sequence``)."""
 
     source: HBaseSource
 
@@ -316,6 +319,8 @@ class HBaseDao(BaseDao):
         self._encode: dict[str, _Codec] = {f: encoders.get(t, _json) for f, t in view.features.items()}
         self._decode: dict[str, _Codec] = {f: decoders.get(t, _raw) for f, t in view.features.items()}
         self._read_plans: dict[tuple[str, ...], tuple[list[bytes], list[tuple[str, bytes, _Codec]]]] = {}
+        if view.sequence is not None:
+            self._sequence_layout(encoders, decoders)
 
     def _read_plan(self, fields: list[str]) -> tuple[list[bytes], list[tuple[str, bytes, _Codec]]]:
         plan = self._read_plans.get(tuple(fields))
@@ -345,8 +350,8 @@ class HBaseDao(BaseDao):
             out[key] = values
         return out
 
-    def raw_reader(self) -> Callable[[list[Key], list[str]], object]:
-        """happybase by hand: one rows() call on a pool of its own, cells decoded, rows in key order."""
+    def _raw_pool(self) -> Any:
+        """The benchmark baseline's own happybase pool for this server."""
         opts: HBaseOptions = self.source.options
         ident = (opts.host, opts.port, opts.transport, opts.protocol, opts.table_prefix,
                  opts.table_prefix_separator)
@@ -357,6 +362,11 @@ class HBaseDao(BaseDao):
                     opts.pool_size, host=opts.host, port=opts.port, timeout=opts.timeout_ms,
                     transport=opts.transport, protocol=opts.protocol, table_prefix=opts.table_prefix,
                     table_prefix_separator=opts.table_prefix_separator)
+            return pool
+
+    def raw_reader(self) -> Callable[[list[Key], list[str]], object]:
+        """happybase by hand: one rows() call on a pool of its own, cells decoded, rows in key order."""
+        pool = self._raw_pool()
         family = self._family.encode() + b":"
         table = self.view.table
         plain: dict[FeatureType, _Codec] = {

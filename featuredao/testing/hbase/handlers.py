@@ -4,6 +4,7 @@ lock."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,7 +208,8 @@ class _HBaseHandler(_Store):
             table = self._table(tableName, require_enabled=True)
             family_name = _parse_column(family)[0]
             selection = self._selection(table, [family_name])
-            for key in sorted((k for k in table.rows if k <= row), reverse=True):
+            ordered = table.sorted_keys()
+            for key in reversed(ordered[: bisect.bisect_right(ordered, row)]):
                 cells = self._read(table, key, selection)
                 if cells:
                     return [hbase_thrift.TCell(value=v, timestamp=ts) for _f, _q, ts, v in cells]

@@ -42,6 +42,27 @@ class _Table:
     region_id: int
     enabled: bool = True
     rows: dict[bytes, _RowData] = field(default_factory=dict)
+    # Row keys in order for scanners (bisect on open, as a region's sorted store is): kept lazily, as
+    # rows created since the last scan are merged in then and a removed row forces a rebuild.
+    _sorted: list[bytes] = field(default_factory=list)
+    _added: list[bytes] = field(default_factory=list)
+    _removed: bool = False
+
+    def row_created(self, row: bytes) -> None:
+        self._added.append(row)
+
+    def row_removed(self, row: bytes) -> None:
+        self._removed = True
+
+    def sorted_keys(self) -> list[bytes]:
+        """Every row key, in byte order."""
+        if self._removed:
+            self._sorted, self._added, self._removed = sorted(self.rows), [], False
+        elif self._added:
+            self._added.sort()
+            self._sorted = sorted(self._sorted + self._added)  # two sorted runs: a linear merge
+            self._added = []
+        return self._sorted
 
 
 def _now_ms() -> int:

@@ -140,7 +140,11 @@ class _Store:
 
     @staticmethod
     def _put(table: _Table, row: bytes, family: _Family, qualifier: bytes, ts: int, value: bytes) -> None:
-        versions = table.rows.setdefault(row, {}).setdefault(family.name, {}).setdefault(qualifier, [])
+        data = table.rows.get(row)
+        if data is None:
+            data = table.rows[row] = {}
+            table.row_created(row)
+        versions = data.setdefault(family.name, {}).setdefault(qualifier, [])
         # versions are newest first; find the insertion point by negated ts
         keys = [-t for t, _ in versions]
         index = bisect.bisect_left(keys, -ts)
@@ -176,6 +180,7 @@ class _Store:
                 del data[fam]
         if not data:
             del table.rows[row]
+            table.row_removed(row)
 
     def _apply_mutations(
         self, table: _Table, batches: Sequence[tuple[bytes, Sequence[Any]]], ts: int | None, puts_first: bool
@@ -268,13 +273,15 @@ class _Store:
             filters = _FilterChain(filter_string)
             if batch is not None and batch < 1:
                 batch = None
-            if reverse:
-                keys = sorted(
-                    (k for k in table.rows if (not start or k <= start) and (not stop or k > stop)),
-                    reverse=True,
-                )
+            ordered = table.sorted_keys()
+            if reverse:  # from start (inclusive) down to stop (exclusive)
+                hi = bisect.bisect_right(ordered, start) if start else len(ordered)
+                lo = bisect.bisect_right(ordered, stop) if stop else 0
+                keys = ordered[lo:hi][::-1]
             else:
-                keys = sorted(k for k in table.rows if (not start or k >= start) and (not stop or k < stop))
+                lo = bisect.bisect_left(ordered, start) if start else 0
+                hi = bisect.bisect_left(ordered, stop) if stop else len(ordered)
+                keys = ordered[lo:hi]
             if prefix:
                 keys = [k for k in keys if k.startswith(prefix)]
             scanner_id = self._next_scanner_id

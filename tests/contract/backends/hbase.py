@@ -16,6 +16,8 @@ from backends.base import ContractBackend
 from featuredao.testing.hbase import HBaseThriftServer
 
 VARIANTS = [("hbase_utf8", "hbase"), ("hbase_binary", "hbase")]
+# Both: sequence reads pipeline Thrift calls, on buffered and on framed transports.
+SEQUENCE_VARIANTS = ["hbase_utf8", "hbase_binary"]
 
 _LAYOUT = {  # variant: (cell encoding, transport, protocol)
     "hbase_utf8": ("utf8", "buffered", "binary"),
