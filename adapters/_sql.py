@@ -28,6 +28,8 @@ from featuredao.dao import BaseDao, Source, StateStore
 from featuredao.errors import Unsupported
 from featuredao.types import FeatureType, FinalRow, Key, RawRows, Row
 
+from ._sql_sequence import SqlSequenceDao
+
 _TALL_ONLY = ("feature_column", "value_column", "event_time_column")
 
 
@@ -436,8 +438,8 @@ class SqlSource(Source):
         return SqlDao(self, view)
 
 
-class SqlDao(BaseDao):
-    """Reads and writes one view's table, wide or tall."""
+class SqlDao(SqlSequenceDao, BaseDao):
+    """Reads and writes one view's table, wide or tall (a sequence view's events: ``_sql_sequence``)."""
 
     source: SqlSource
 
@@ -501,6 +503,9 @@ class SqlDao(BaseDao):
             conn.close()
 
     def _prepare(self) -> None:
+        if self.view.sequence is not None:
+            self._prepare_sequence()
+            return
         self.source.execute(self.statements.create_table())
 
     # -- synchronization hooks (wide layout; a tall table has no row per key to scan) ----------------

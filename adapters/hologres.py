@@ -92,7 +92,7 @@ class HologresSource(SqlSource):
     options_model = HologresOptions
     dialect = POSTGRES
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True)
+                                state=True, sequences=True, sequence_filters=True)
     default_batch_size = 600
     error_map = (
         (psycopg.errors.QueryCanceled, BackendTimeout),

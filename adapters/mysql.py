@@ -190,7 +190,7 @@ class MySQLSource(SqlSource):
     options_model = MySQLOptions
     dialect = MYSQL
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True)
+                                state=True, sequences=True, sequence_filters=True)
     default_batch_size = 1000
     error_map = (
         (pymysql.err.InterfaceError, BackendUnavailable),
@@ -220,6 +220,8 @@ class MySQLSource(SqlSource):
         if self.options.flavor == "mariadb":
             return f"SET STATEMENT max_statement_time={max(timeout_s, 0.001):.3f} FOR {sql}"
         ms = max(int(timeout_s * 1000), 1)
+        if sql.startswith("("):  # a UNION of parenthesized parts (sequence reads): the hint needs a SELECT
+            return f"SELECT /*+ MAX_EXECUTION_TIME({ms}) */ * FROM ({sql}) AS _limited"
         return f"SELECT /*+ MAX_EXECUTION_TIME({ms}) */ {sql.removeprefix('SELECT ')}"
 
     def _run(self, work: Callable[[Connection], Any], timeout_s: float | None) -> Any:

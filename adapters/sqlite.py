@@ -25,6 +25,8 @@ from featuredao.errors import (
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
+from ._sql_sequence import SqliteSequenceDao
+
 # Benchmarks' hand-written baseline keeps one plain connection per database file.
 _raw_connections: dict[str, sqlite3.Connection] = {}
 
@@ -58,7 +60,7 @@ class SqliteSource(Source):
     type_name = "sqlite"
     options_model = SqliteOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True)
+                                state=True, sequences=True, sequence_filters=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: SqliteOptions) -> None:
@@ -151,8 +153,8 @@ class SqliteSource(Source):
             conn.close()
 
 
-class SqliteDao(BaseDao):
-    """Reads and writes one view's wide table."""
+class SqliteDao(SqliteSequenceDao, BaseDao):
+    """Reads and writes one view's wide table (a sequence view's events: ``_sql_sequence``)."""
 
     source: SqliteSource
 
@@ -214,6 +216,9 @@ class SqliteDao(BaseDao):
         return value
 
     def _prepare(self) -> None:
+        if self.view.sequence is not None:
+            self._prepare_sequence()
+            return
         key_type = "INTEGER" if self.view.key_type == "int" else "TEXT"
         cols = ", ".join(f"{quote_identifier(f)} {_SQL_TYPES.get(t, 'TEXT')}"
                          for f, t in self.view.features.items())
