@@ -43,6 +43,15 @@ def _runner(config: str, job: str) -> Any:
     return _engine(config, job)
 
 
+def _spark_runner(config: str, job: str, master: str | None, follow: bool) -> Any:
+    """``--engine spark``: the job's key ranges as Spark tasks (same interface as an engine)."""
+    if follow:
+        raise click.UsageError("--follow runs with the local engine (a Spark job runs one full pass)")
+    from featuredao.sync.spark_engine import SparkSync
+
+    return SparkSync(config, job, master=master)
+
+
 @sync.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--job", required=True, help="The job to run (its name in the config).")
@@ -54,8 +63,13 @@ def _runner(config: str, job: str) -> Any:
 @click.option("--stop-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.0),
               help="After SIGTERM or Ctrl-C, seconds the chunk in flight may take to finish before it is "
                    "abandoned (a second signal abandons it at once).")
+@click.option("--engine", "engine_kind", type=click.Choice(["local", "spark"]), default="local",
+              show_default=True, help="spark: a full job's key ranges run as Spark tasks (extra 'spark').")
+@click.option("--master", default=None,
+              help="Spark master URL for --engine spark, e.g. local[2] (default: spark-submit's, else "
+                   "local[*]).")
 def run(config: str, job: str, follow: bool, interval: float, no_progress: bool, as_json: bool,
-        stop_timeout: float) -> None:
+        stop_timeout: float, engine_kind: str, master: str | None) -> None:
     """Run a job: one cycle (a full pass, or every change so far), or cycles forever with --follow.
 
     Exit 0 when every target is up to date, 1 when a target or the source failed (their checkpoints stay
@@ -101,7 +115,10 @@ def run(config: str, job: str, follow: bool, interval: float, no_progress: bool,
     console = Console(stderr=True)
     show = console.is_terminal and not no_progress
     try:
-        with _runner(config, job) as engine:
+        if master is not None and engine_kind != "spark":
+            raise click.UsageError("--master applies to --engine spark")
+        spark = engine_kind == "spark"
+        with _spark_runner(config, job, master, follow) if spark else _runner(config, job) as engine:
             running.append(engine)
             started = time.perf_counter()
             total = [0]

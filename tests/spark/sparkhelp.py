@@ -43,7 +43,7 @@ def view(name: str, source: str, *, table: str | None = None, **extra: Any) -> d
 
 
 def redis_view(name: str, source: str = "hot") -> dict[str, Any]:
-    return view(name, source, options={"layout": "string", "encoding": "msgpack"})
+    return view(name, source, prefix=f"{name}_", options={"layout": "string", "encoding": "msgpack"})
 
 
 def config_file(tmp_path: Path, sources: dict[str, Any], views: list[dict[str, Any]],
