@@ -84,6 +84,7 @@ from featuredao.errors import (
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
+from ._clickhouse_sequence import ClickHouseSequenceDao
 from ._sql import SqlViewOptions
 
 _CANCEL_GRACE_S = 0.5  # how long a cancelled query may take to end its stream before we drop the Client
@@ -212,7 +213,8 @@ class ClickHouseSource(Source):
     driver_modules = {"clickhouse_driver": "clickhouse-driver"}
     options_model = ClickHouseOptions
     view_options_model = ClickHouseViewOptions
-    capabilities = Capabilities(server_timeout=True, scan=True, changes=True)
+    capabilities = Capabilities(server_timeout=True, scan=True, changes=True, sequences=True,
+                                sequence_filters=True)
     default_batch_size = 1000
 
     def __init__(self, name: str, options: ClickHouseOptions) -> None:
@@ -362,8 +364,9 @@ class _Layout:
     """Read statements per projection (see ``ClickHouseDao._select``)."""
 
 
-class ClickHouseDao(BaseDao):
-    """Reads and writes one view's wide or tall table, as made by ``prepare`` or by another tool."""
+class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
+    """Reads and writes one view's wide or tall table, as made by ``prepare`` or by another tool (a sequence
+    view's events: ``_clickhouse_sequence``)."""
 
     source: ClickHouseSource
 
@@ -617,6 +620,9 @@ class ClickHouseDao(BaseDao):
         return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(layout, rows, 1), strict=True)]
 
     def _prepare(self) -> None:
+        if self.view.sequence is not None:
+            self._prepare_sequence()
+            return
         o = self.options
         key_type = "Int64" if self.view.key_type == "int" else "String"
         if self._tall:
