@@ -8,6 +8,7 @@ background refresh runs (stale-while-revalidate) or when the source fails (stale
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import queue
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachetools import LRUCache
@@ -96,6 +97,18 @@ class _Outcome:
     degraded: list[Degraded]
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One read's keys as the caches answered them, before the store is asked for ``pending``."""
+
+    keys: list[Key]
+    now: float
+    found: dict[Key, Row | None] = field(default_factory=dict)
+    stale: dict[Key, Entry] = field(default_factory=dict)
+    degraded: list[Degraded] = field(default_factory=list)
+    pending: list[Key] = field(default_factory=list)
+
+
 def _packer() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
     # msgpack: compact binary (a float is 9 bytes, not ~18 characters of JSON), keeps int/float/bool
     # apart so rows come back typed, and both directions run in C. It ships with the redis extra.
@@ -151,15 +164,33 @@ class CachedDao(FeatureDao):
         """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""
         started = time.perf_counter()
         deadline = None if timeout_s is None else started + timeout_s
+        look = self._lookup(keys, deadline)
+        outcome = self._load(look.pending, deadline, as_of) if look.pending else None
+        return self._answer(look, outcome, features, started)
+
+    def native_async(self) -> bool:
+        """L1 only (an L2 is read with its blocking client) in front of a DAO that reads on the loop."""
+        return self._l2 is None and self.inner.native_async()
+
+    async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+        """``read_partial`` on the loop, for an L1-only cache in front of a DAO that reads on the loop."""
+        if not self.native_async():
+            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+        started = time.perf_counter()
+        deadline = None if timeout_s is None else started + timeout_s
+        look = self._lookup(keys, deadline)
+        outcome = await self._aload(look.pending, deadline, as_of) if look.pending else None
+        return self._answer(look, outcome, features, started)
+
+    def _lookup(self, keys: Sequence[Key], deadline: float | None) -> _Lookup:
+        """What L1 (and L2) hold, what they hold stale, and what must be read."""
         norm, invalid = normalise(keys, self._norm, self._key_type)
         unique = readable(norm)  # an invalid key is neither cached nor read: it is answered missing
-        now = time.time()
-        found: dict[Key, Row | None] = {}
-        stale: dict[Key, Entry] = {}
-        degraded: list[Degraded] = []
+        look = _Lookup(norm, time.time())
         if invalid:
-            degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
-
+            look.degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
+        now, found, stale = look.now, look.found, look.stale
         pending = self._from_l1(unique, now, found, stale)
         if pending and self._l2 is not None:
             pending = self._from_l2(pending, now, found, stale, deadline)
@@ -172,30 +203,33 @@ class CachedDao(FeatureDao):
                 self._metrics.cache(self.view.name, "l1", "stale", len(revalidate))
                 self._refresh_later(revalidate)
                 pending = [k for k in pending if k not in found]
-        failed: list[Key] = []
-        error: BaseException | None = None
-        if pending:
-            outcome = self._load(pending, deadline, as_of)
+        look.pending = pending
+        return look
+
+    def _answer(self, look: _Lookup, outcome: _Outcome | None, features: Sequence[str] | None,
+                started: float) -> BatchResult:
+        """The cached rows and what the store answered, stale rows where it failed and they may serve."""
+        found, failed, error, degraded = look.found, [], None, look.degraded
+        if outcome is not None:
             degraded.extend(outcome.degraded)
-            for k in pending:
+            for k in look.pending:
                 if k in outcome.failed:
-                    entry = stale.get(k)
-                    if entry is not None and now < entry.fresh_until + self.config.stale_if_error_s:
+                    entry = look.stale.get(k)
+                    if entry is not None and look.now < entry.fresh_until + self.config.stale_if_error_s:
                         found[k] = entry.row
                     else:
                         failed.append(k)
                 else:
                     found[k] = outcome.rows.get(k)
             lost = set(failed)  # a set: with every key failed, a list made this loop quadratic
-            served_stale = [k for k in pending if k in outcome.failed and k not in lost]
+            served_stale = [k for k in look.pending if k in outcome.failed and k not in lost]
             if served_stale:
                 degraded.append(Degraded(self.view.name, Reason.STALE,
                                          f"{len(served_stale)} stale row(s) served: {outcome.error}"))
             if failed:
                 error = outcome.error
-        rows = [self._project(found.get(k), features) for k in norm]
-        result = BatchResult(norm, rows, degraded, time.perf_counter() - started, failed, error)
-        return result
+        rows = [self._project(found.get(k), features) for k in look.keys]
+        return BatchResult(look.keys, rows, degraded, time.perf_counter() - started, failed, error)
 
     def peek(self, keys: Sequence[Key]) -> BatchResult | None:
         """Every key fresh in L1: the whole result at once, without blocking; otherwise None."""
@@ -287,6 +321,56 @@ class CachedDao(FeatureDao):
 
     # -- the source, coalesced -----------------------------------------------------------
     def _load(self, keys: list[Key], deadline: float | None, as_of: float | None = None) -> _Outcome:
+        mine, waits, own = self._claim(keys)
+        merged = _Outcome({}, set(), None, [])
+        if mine:
+            try:
+                left = None if deadline is None else deadline - time.perf_counter()
+                merged = self._loaded(self.inner.read_partial(mine, None, timeout_s=left, as_of=as_of), own)
+            except BaseException as exc:
+                own.set_exception(exc)
+                raise
+            finally:
+                self._unclaim(mine, own)
+        for k, fut in waits.items():
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
+                self._shared(merged, k, fut.result(timeout=left))
+            except FutureTimeout:
+                self._shared(merged, k, None)
+        return merged
+
+    async def _aload(self, keys: list[Key], deadline: float | None, as_of: float | None) -> _Outcome:
+        """``_load`` on the loop: the inner read awaited, reads in flight elsewhere awaited too."""
+        mine, waits, own = self._claim(keys)
+        merged = _Outcome({}, set(), None, [])
+        if mine:
+            try:
+                left = None if deadline is None else deadline - time.perf_counter()
+                res = await self.inner.aread_partial(mine, None, timeout_s=left, as_of=as_of)
+                merged = self._loaded(res, own)
+            except asyncio.CancelledError:
+                # This request gave up (its deadline); the others waiting for these keys have not.
+                own.set_exception(BackendTimeout("the read these keys waited for was given up",
+                                                 view=self.view.name))
+                raise
+            except BaseException as exc:
+                own.set_exception(exc)
+                raise
+            finally:
+                self._unclaim(mine, own)
+        for k, fut in waits.items():
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            waiting: asyncio.Future[_Outcome] = asyncio.wrap_future(fut)
+            try:
+                theirs: _Outcome | None = await asyncio.wait_for(asyncio.shield(waiting), left)
+            except (TimeoutError, BackendTimeout):
+                theirs = None
+            self._shared(merged, k, theirs)
+        return merged
+
+    def _claim(self, keys: list[Key]) -> tuple[list[Key], dict[Key, Future[_Outcome]], Future[_Outcome]]:
+        """The keys this read loads (others wait for the read already loading them)."""
         mine: list[Key] = []
         waits: dict[Key, Future[_Outcome]] = {}
         own: Future[_Outcome] = Future()
@@ -298,39 +382,32 @@ class CachedDao(FeatureDao):
                     self._inflight[k] = own
                 else:
                     waits[k] = other
-        merged = _Outcome({}, set(), None, [])
-        if mine:
-            try:
-                left = None if deadline is None else deadline - time.perf_counter()
-                res = self.inner.read_partial(mine, None, timeout_s=left, as_of=as_of)
-                outcome = _Outcome(dict(zip(res.keys, res.rows, strict=True)), set(res.failed), res.error,
-                                   res.degraded)
-                self._store({k: r for k, r in outcome.rows.items() if k not in outcome.failed})
-                own.set_result(outcome)
-            except BaseException as exc:
-                own.set_exception(exc)
-                raise
-            finally:
-                with self._lock:
-                    for k in mine:
-                        if self._inflight.get(k) is own:
-                            del self._inflight[k]
-            merged = outcome
-        for k, fut in waits.items():
-            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            try:
-                theirs = fut.result(timeout=left)
-            except FutureTimeout:
-                merged.failed.add(k)
-                merged.error = merged.error or BackendTimeout("deadline passed waiting for a shared read",
-                                                              view=self.view.name)
-                continue
-            if k in theirs.failed:
-                merged.failed.add(k)
-                merged.error = merged.error or theirs.error
-            else:
-                merged.rows[k] = theirs.rows.get(k)
-        return merged
+        return mine, waits, own
+
+    def _loaded(self, res: BatchResult, own: Future[_Outcome]) -> _Outcome:
+        outcome = _Outcome(dict(zip(res.keys, res.rows, strict=True)), set(res.failed), res.error,
+                           res.degraded)
+        self._store({k: r for k, r in outcome.rows.items() if k not in outcome.failed})
+        own.set_result(outcome)
+        return outcome
+
+    def _unclaim(self, mine: list[Key], own: Future[_Outcome]) -> None:
+        with self._lock:
+            for k in mine:
+                if self._inflight.get(k) is own:
+                    del self._inflight[k]
+
+    def _shared(self, merged: _Outcome, k: Key, theirs: _Outcome | None) -> None:
+        """Key ``k`` as the read that loaded it answered (None: it did not in time)."""
+        if theirs is None:
+            merged.failed.add(k)
+            merged.error = merged.error or BackendTimeout("deadline passed waiting for a shared read",
+                                                          view=self.view.name)
+        elif k in theirs.failed:
+            merged.failed.add(k)
+            merged.error = merged.error or theirs.error
+        else:
+            merged.rows[k] = theirs.rows.get(k)
 
     def _store(self, rows: Mapping[Key, Row | None]) -> None:
         """Remember rows (and, with negative caching, missing keys) in L1 and L2."""

@@ -37,3 +37,5 @@ class Capabilities:
     sequence_filters: bool = False
     """Applies a sequence's event-type and threshold filters in the store, so its limit counts events
     that pass them (otherwise the core filters ``scan_len`` events read per key)."""
+    async_reads: bool = False
+    """Reads with the driver's asyncio client (``BaseDao._afetch_batch``): ``afetch`` needs no thread."""

@@ -8,6 +8,7 @@ coercion, realignment in input order) happens here, once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -96,6 +97,15 @@ class FeatureDao(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Raise a BackendError when the store cannot serve."""
+
+    def native_async(self) -> bool:
+        """Whether ``aread_partial`` reads without a thread (the driver's own asyncio client)."""
+        return False
+
+    async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+        """``read_partial`` on the running loop, where ``native_async()`` (others raise Unsupported)."""
+        raise Unsupported(f"view {self.view.name!r} has no asyncio read path")
 
     def peek(self, keys: Sequence[Key]) -> BatchResult | None:
         """The whole answer from memory without blocking, if this DAO holds it (a cache's L1)."""
@@ -303,6 +313,10 @@ class BaseDao(SyncHooks, FeatureDao):
         newest first, as tuples in ``query``'s field order (keys without events may be left out)."""
         raise self._unsupported("sequence")
 
+    async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        """``_fetch_batch`` with the driver's asyncio client (adapters with ``capabilities.async_reads``)."""
+        raise self._unsupported("asyncio read")
+
     def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
         """Add one chunk of distinct keys' events (typed tuples in the sequence's field order)."""
         raise self._unsupported("sequence write")
@@ -354,6 +368,50 @@ class BaseDao(SyncHooks, FeatureDao):
                      timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
+        result, unique, fields = self._plan(keys, features, as_of)
+        if not unique:
+            return result  # no round trip for an empty batch
+        size = max(1, self.source.batch_size)
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        deadline = None if timeout_s is None else started + timeout_s
+        return self._assemble(result, unique, fields, chunks, self._run_chunks(chunks, fields, deadline),
+                              started)
+
+    def native_async(self) -> bool:
+        """Table views of adapters with ``capabilities.async_reads`` read on the loop."""
+        return self.source.capabilities.async_reads and self._sequencer is None
+
+    async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+        """``read_partial`` with the driver's asyncio client: chunks concurrently, no thread."""
+        if not self.native_async():
+            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+        started = time.perf_counter()
+        result, unique, fields = self._plan(keys, features, as_of)
+        if not unique:
+            return result
+        size = max(1, self.source.batch_size)
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        outcomes = await asyncio.gather(*(self._acall(c, fields, timeout_s) for c in chunks),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BackendUnavailable):
+                raise outcome  # as the thread path: only an unavailable store is a partial answer
+        parts: list[RawRows | BackendUnavailable] = [o for o in outcomes if not isinstance(o, BaseException)
+                                                     or isinstance(o, BackendUnavailable)]
+        return self._assemble(result, unique, fields, chunks, parts, started)
+
+    async def _acall(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        with self.source.operation(self.view.name):
+            try:
+                return await asyncio.wait_for(self._afetch_batch(keys, fields, timeout_s), timeout_s)
+            except TimeoutError:
+                raise self._timeout() from None
+
+    def _plan(self, keys: Sequence[Key], features: Sequence[str] | None,
+              as_of: float | None) -> tuple[BatchResult, list[Key], list[str]]:
+        """The answer to fill (keys normalised, invalid ones reported), the distinct keys to read, the
+        fields (a sequence view's query)."""
         norm, invalid = normalise(keys, self._norm, self._key_type)
         fields = self._fields(features)
         if self._sequencer is not None:
@@ -363,14 +421,13 @@ class BaseDao(SyncHooks, FeatureDao):
         if invalid:
             result.degraded.append(invalid_keys(self.view.name, self.view.key_type, invalid))
         # A key the view cannot accept is never sent to the store: it is answered missing.
-        unique = readable(norm)
-        if not unique:
-            return result  # no round trip for an empty batch
-        size = max(1, self.source.batch_size)
-        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
-        deadline = None if timeout_s is None else started + timeout_s
+        return result, readable(norm), fields
+
+    def _assemble(self, result: BatchResult, unique: list[Key], fields: list[str], chunks: list[list[Key]],
+                  parts: Iterable[RawRows | BackendUnavailable], started: float) -> BatchResult:
+        """Each chunk's raw rows coerced into the answer, in input order; failed chunks' keys listed."""
         raw: dict[Key, Any] = {}
-        for chunk, part in zip(chunks, self._run_chunks(chunks, fields, deadline), strict=True):
+        for chunk, part in zip(chunks, parts, strict=True):
             if isinstance(part, BackendUnavailable):
                 result.failed.extend(chunk)
                 result.error = result.error or part
@@ -389,7 +446,7 @@ class BaseDao(SyncHooks, FeatureDao):
                 result.degraded.append(Degraded(self.view.name, Reason.ROW_ERROR, found.reason, (key,)))
                 continue
             rows[key] = self._coerce_row(key, found, plan, result.degraded)
-        result.rows = [rows.get(k) for k in norm]
+        result.rows = [rows.get(k) for k in result.keys]
         result.elapsed_s = time.perf_counter() - started
         return result
 

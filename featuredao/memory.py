@@ -9,6 +9,7 @@ deadline with ``BackendTimeout``), ``down`` and ``fail_next`` (injected failures
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -92,7 +93,7 @@ class MemorySource(Source):
     type_name = "memory"
     options_model = MemoryOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True)
+                                state=True, sequences=True, sequence_filters=True, async_reads=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: MemoryOptions) -> None:
@@ -123,12 +124,7 @@ class MemorySource(Source):
 
     def round_trip(self, timeout_s: float | None = None) -> None:
         """Count one round trip; fail it as injected; wait ``latency_s`` (time out past ``timeout_s``)."""
-        with self._lock:
-            self.round_trips += 1
-            if self.down:
-                raise MemoryStoreError(BackendUnavailable, "the memory store is down")
-            if self._failures:
-                raise MemoryStoreError(self._failures.pop(0), "injected failure")
+        self._count()
         latency = self.latency_s
         if latency > 0:
             wait = latency if timeout_s is None else min(latency, max(0.0, timeout_s))
@@ -136,6 +132,27 @@ class MemorySource(Source):
                 raise MemoryStoreError(BackendUnavailable, "interrupted: the source is closing")
             if wait < latency:
                 raise MemoryStoreError(BackendTimeout, f"no answer within {wait:.3f}s")
+
+    async def around_trip(self, timeout_s: float | None = None) -> None:
+        """``round_trip`` on the loop: the latency awaited, not slept."""
+        self._count()
+        latency = self.latency_s
+        if latency > 0:
+            wait = latency if timeout_s is None else min(latency, max(0.0, timeout_s))
+            await asyncio.sleep(wait)
+            if self._closing.is_set():
+                raise MemoryStoreError(BackendUnavailable, "interrupted: the source is closing")
+            if wait < latency:
+                raise MemoryStoreError(BackendTimeout, f"no answer within {wait:.3f}s")
+
+    def _count(self) -> None:
+        """Count one round trip; fail it as injected."""
+        with self._lock:
+            self.round_trips += 1
+            if self.down:
+                raise MemoryStoreError(BackendUnavailable, "the memory store is down")
+            if self._failures:
+                raise MemoryStoreError(self._failures.pop(0), "injected failure")
 
     def _interrupt(self) -> None:
         self._closing.set()  # wakes round trips waiting out their latency
@@ -174,6 +191,13 @@ class MemoryDao(BaseDao):
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         self.source.round_trip(timeout_s)
+        return self._rows_of(keys, fields)
+
+    async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        await self.source.around_trip(timeout_s)
+        return self._rows_of(keys, fields)
+
+    def _rows_of(self, keys: list[Key], fields: list[str]) -> RawRows:
         with self._store.lock:
             rows = self._store.table(self._name)
             return {k: {f: row.get(f) for f in fields} for k in keys if (row := rows.get(k)) is not None}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from enum import StrEnum
@@ -294,21 +295,74 @@ class ResilientDao(FeatureDao):
                  claim: _Claim | None = None) -> BatchResult:
         """One link of the chain: breaker, then bounded jittered retries of what failed."""
         if not breaker.allow():
-            err = CircuitOpen("circuit open: failing fast", source=breaker.name, view=dao.view.name)
-            return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=err)
+            return self._refused(dao, breaker, keys)
         try:
             result = self._retried(dao, keys, ask, deadline)
         except BaseException as exc:
-            # Every call the breaker let through is recorded, or a half-open breaker waits for its probe
-            # forever. A store that answered with an error is up; anything else counts against it.
-            if claim is None or claim.take():
-                if isinstance(exc, BackendQueryError | UsageError):
-                    breaker.success()
-                else:
-                    breaker.failure()
+            self._raised(breaker, exc, claim)
             raise
+        return self._counted(breaker, result, claim)
+
+    def native_async(self) -> bool:
+        """A view without fallbacks whose DAO reads on the loop (a chain runs on the service's threads)."""
+        return not self.fallbacks and self.primary.native_async()
+
+    async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+        """``read_partial`` on the loop: the same breaker and retries, for a view without fallbacks."""
+        if not self.native_async():
+            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        norm, invalid = normalise(keys, self._norm, self._key_type)
+        if not self.breaker.allow():
+            result = self._refused(self.primary, self.breaker, norm)
+        else:
+            try:
+                result = await self._aretried(self.primary, norm, features, as_of, deadline)
+            except BaseException as exc:
+                self._raised(self.breaker, exc, None)
+                raise
+            result = self._counted(self.breaker, result, None)
+        if invalid:
+            result.degraded.insert(0, invalid_keys(self.view.name, self.view.key_type, invalid))
+        return result
+
+    async def _aretried(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
+                        as_of: float | None, deadline: float | None) -> BatchResult:
+        async def attempt(these: Sequence[Key]) -> BatchResult:
+            try:
+                return await dao.aread_partial(these, features, timeout_s=self._left(deadline), as_of=as_of)
+            except BackendUnavailable as exc:
+                return BatchResult(list(these), [None] * len(these), failed=list(these), error=exc)
+
+        result = await attempt(keys)
+        for pause in self._pauses(deadline, result):
+            await asyncio.sleep(pause)
+            result = self._merge_retry(result, await attempt(result.failed))
+            if not self._retriable(result):
+                break
+        return result
+
+    @staticmethod
+    def _refused(dao: FeatureDao, breaker: CircuitBreaker, keys: Sequence[Key]) -> BatchResult:
+        err = CircuitOpen("circuit open: failing fast", source=breaker.name, view=dao.view.name)
+        return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=err)
+
+    @staticmethod
+    def _raised(breaker: CircuitBreaker, exc: BaseException, claim: _Claim | None) -> None:
+        # Every call the breaker let through is recorded, or a half-open breaker waits for its probe
+        # forever. A store that answered with an error is up; anything else counts against it.
+        if claim is None or claim.take():
+            if isinstance(exc, BackendQueryError | UsageError):
+                breaker.success()
+            else:
+                breaker.failure()
+
+    @staticmethod
+    def _counted(breaker: CircuitBreaker, result: BatchResult, claim: _Claim | None) -> BatchResult:
+        """Tell the breaker how the read went (unless the caller gave up on it and counted it already)."""
         if claim is not None and not claim.take():
-            return result  # the caller gave up on this read and counted it already
+            return result
         if not result.failed:
             breaker.success()
         elif isinstance(result.error, Overloaded | CircuitOpen):
@@ -325,20 +379,29 @@ class ResilientDao(FeatureDao):
 
     def _retried(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
                  deadline: float | None) -> BatchResult:
-        attempt = 0
         result = self._attempt(dao, keys, ask, deadline)
-        # A timeout used the time up; an overloaded pool is not helped by asking again.
-        while result.failed and attempt < self.retries.max and \
-                not isinstance(result.error, BackendTimeout | Overloaded):
-            attempt += 1
+        for pause in self._pauses(deadline, result):
+            time.sleep(pause)
+            result = self._merge_retry(result, self._attempt(dao, result.failed, ask, deadline))
+            if not self._retriable(result):
+                break
+        return result
+
+    def _pauses(self, deadline: float | None, first: BatchResult) -> Iterator[float]:
+        """The jittered pause before each retry while one is worth it and fits in the time left."""
+        if not self._retriable(first):
+            return
+        for attempt in range(1, self.retries.max + 1):
             pause = self.retries.backoff_ms / 1000 * attempt * (0.5 + random.random())
             left = self._left(deadline)
             if left is not None and left <= pause:
-                break
-            time.sleep(pause)
-            again = self._attempt(dao, result.failed, ask, deadline)
-            result = self._merge_retry(result, again)
-        return result
+                return
+            yield pause
+
+    @staticmethod
+    def _retriable(result: BatchResult) -> bool:
+        # A timeout used the time up; an overloaded pool is not helped by asking again.
+        return bool(result.failed) and not isinstance(result.error, BackendTimeout | Overloaded)
 
     def _attempt(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
                  deadline: float | None) -> BatchResult:

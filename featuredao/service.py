@@ -84,6 +84,12 @@ class FetchResult:
         return out
 
 
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not merely something it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class FeatureService:
     """What a recommendation service calls: ``fetch`` (threads) or ``await afetch`` (asyncio)."""
 
@@ -209,18 +215,34 @@ class FeatureService:
         started = time.perf_counter()
         try:
             result = task.dao.read_partial(task.keys, timeout_s=max(task.timeout_s, 0.0), as_of=task.as_of)
-            if result.error is not None:
-                if not served_some(result):
-                    raise result.error  # nothing served: the whole view degrades, with its reason
-                # Served in part (a dead cluster node's keys failed, the others' not): the failed keys are
-                # missing with a degraded entry, the rest is served.
-                shown = tuple(result.failed[:20])
-                result.degraded.append(Degraded(task.view.name, reason_of(result.error),
-                                                f"{len(result.failed)} key(s) not served: {result.error}",
-                                                shown))
         except Exception as exc:
             self._metrics.error(task.view.name, reason_of(exc).value)
             raise
+        return self._checked(task, result, started)
+
+    async def _aread(self, task: Part) -> BatchResult:
+        """``_read`` on the loop, for a DAO that reads with the driver's asyncio client."""
+        started = time.perf_counter()
+        try:
+            result = await task.dao.aread_partial(task.keys, timeout_s=max(task.timeout_s, 0.0),
+                                                  as_of=task.as_of)
+        except Exception as exc:
+            self._metrics.error(task.view.name, reason_of(exc).value)
+            raise
+        return self._checked(task, result, started)
+
+    def _checked(self, task: Part, result: BatchResult, started: float) -> BatchResult:
+        """A read's answer, or its error when nothing was served; counted in metrics."""
+        if result.error is not None:
+            if not served_some(result):
+                # Nothing served: the whole view degrades, with its reason.
+                self._metrics.error(task.view.name, reason_of(result.error).value)
+                raise result.error
+            # Served in part (a dead cluster node's keys failed, the others' not): the failed keys are
+            # missing with a degraded entry, the rest is served.
+            result.degraded.append(Degraded(task.view.name, reason_of(result.error),
+                                            f"{len(result.failed)} key(s) not served: {result.error}",
+                                            tuple(result.failed[:20])))
         self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), result.found)
         return result
 
@@ -359,7 +381,8 @@ class FeatureService:
                      context: Mapping[str, Any] | None = None, keys: Mapping[str, Key] | None = None,
                      scene: str | None = None, deadline_ms: float | None = None,
                      strict: bool | None = None) -> FetchResult:
-        """The asyncio twin of ``fetch``: reads run on the service's threads, the loop never blocks."""
+        """The asyncio twin of ``fetch``: a view whose driver has an asyncio client is read on the loop,
+        the others on the service's threads; the loop never blocks."""
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         if not await self._slots.acquire_async(budget * self.settings.admission_wait):
@@ -368,7 +391,7 @@ class FeatureService:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
-                waits = [asyncio.wrap_future(f) for f in self._start(parts, started + budget)]
+                waits = self._astart(parts, started + budget)
                 outcomes: list[BatchResult | BaseException | None] = []
                 for part, fut in zip(parts, waits, strict=True):
                     wait = self._wait_s(part, started, budget, begun)
@@ -377,12 +400,38 @@ class FeatureService:
                     except TimeoutError:
                         fut.cancel()
                         outcomes.append(None)
+                    except asyncio.CancelledError:
+                        if fut.cancelled() and not _cancelling():
+                            outcomes.append(None)  # the part was stopped (close): not this request
+                        else:
+                            raise
                     except Exception as exc:
                         outcomes.append(exc)
                 self._absorb(request, parts, outcomes)
         finally:
             self._slots.release()
         return self._result(request, ctx, started, strict)
+
+    def _astart(self, parts: list[Part], deadline: float) -> list[asyncio.Future[BatchResult]]:
+        """Parts whose DAO reads on the loop run as tasks (L1 answers at once); the rest on threads."""
+        native = {id(p) for p in parts if p.dao.native_async()}
+        threaded = iter(self._start([p for p in parts if id(p) not in native], deadline))
+        out: list[asyncio.Future[BatchResult]] = []
+        for part in parts:
+            if id(part) not in native:
+                out.append(asyncio.wrap_future(next(threaded)))
+                continue
+            started = time.perf_counter()
+            hit = part.dao.peek(part.keys)
+            if hit is not None:
+                self._metrics.read(part.view.name, time.perf_counter() - started, len(part.keys), hit.found)
+                done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+                done.set_result(hit)
+                out.append(done)
+            else:
+                part.timeout_s = min(part.timeout_s, deadline - started)
+                out.append(asyncio.ensure_future(self._aread(part)))
+        return out
 
     def _shed_request(self, request: Request, plan: list[list[FeatureDao]], budget: float,
                       ctx: dict[str, FeatureValue], started: float, strict: bool | None) -> FetchResult:
