@@ -41,6 +41,8 @@ from featuredao.errors import (
 )
 from featuredao.types import Key, RawRows, Row, RowFailure
 
+from ._tablestore_sequence import TableStoreSequenceMixin
+
 
 @contextmanager
 def _without_codec_notices() -> Iterator[None]:
@@ -156,7 +158,7 @@ class TableStoreSource(Source):
     type_name = "tablestore"
     driver_modules = {"tablestore": "tablestore"}
     options_model = TableStoreOptions
-    capabilities = Capabilities()
+    capabilities = Capabilities(sequences=True, sequence_filters=True)
     default_batch_size = BATCH_GET_MAX_ROWS
 
     def __init__(self, name: str, options: TableStoreOptions) -> None:
@@ -249,8 +251,9 @@ def _encode(value: Any) -> Any:
     return value
 
 
-class TableStoreDao(BaseDao):
-    """Reads and writes one view's table, 100 rows per request."""
+class TableStoreDao(TableStoreSequenceMixin, BaseDao):
+    """Reads and writes one view's table, 100 rows per request (a sequence view: see
+    ``adapters._tablestore_sequence``)."""
 
     source: TableStoreSource
 
@@ -259,6 +262,8 @@ class TableStoreDao(BaseDao):
         self._table = view.table
         self._key = view.key
         self._lists = {f for f, t in view.features.items() if t.is_list}
+        if view.sequence is not None:
+            self._sequence_layout()
 
     # -- reads -----------------------------------------------------------------------------
     def _batch_get(self, keys: list[Key], fields: list[str]) -> list[Any]:
@@ -303,19 +308,24 @@ class TableStoreDao(BaseDao):
             out[key] = RowFailure(f"{code}: {message}".strip(": "))
         return out
 
-    def raw_reader(self) -> Callable[[list[Key], list[str]], object]:
-        """OTSClient by hand: BatchGetRow per 100 keys in turn, JSON lists decoded, rows as dicts by key."""
+    def _raw_client(self) -> Any:
+        """The benchmark baseline's own plain client for this endpoint (no retries)."""
         kwargs = self.source.client_kwargs()
         kwargs["retry_policy"] = ots.NoRetryPolicy()
         ident = (kwargs["end_point"], kwargs["instance_name"], kwargs.get("region"))
+        with _raw_lock:
+            client = _raw_clients.get(ident)
+            if client is None:
+                client = _raw_clients[ident] = ots.OTSClient(**kwargs)
+            return client
+
+    def raw_reader(self) -> Callable[[list[Key], list[str]], object]:
+        """OTSClient by hand: BatchGetRow per 100 keys in turn, JSON lists decoded, rows as dicts by key."""
         table, key = self._table, self._key
         lists = self._lists
 
         def read(keys: list[Key], fields: list[str]) -> object:
-            with _raw_lock:
-                client = _raw_clients.get(ident)
-                if client is None:
-                    client = _raw_clients[ident] = ots.OTSClient(**kwargs)
+            client = self._raw_client()
             wanted = [f for f in fields if f in lists]
             out: dict[Key, dict[str, Any]] = {}
             for i in range(0, len(keys), BATCH_GET_MAX_ROWS):
@@ -339,18 +349,20 @@ class TableStoreDao(BaseDao):
 
     # -- writes ----------------------------------------------------------------------------
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
+        self._put_rows([(key, [(self._key, key)], [(f, _encode(v)) for f, v in row.items() if v is not None])
+                        for key, row in rows])
+
+    def _put_rows(self, rows: list[tuple[Key, list[tuple[str, Any]], list[tuple[str, Any]]]]) -> None:
+        """Whole-row puts of ``(key, primary key, attribute columns)``, 200 per BatchWriteRow."""
         for i in range(0, len(rows), BATCH_WRITE_MAX_ROWS):
             self._write_part(rows[i:i + BATCH_WRITE_MAX_ROWS])
 
-    def _write_part(self, rows: list[tuple[Key, Row]]) -> None:
+    def _write_part(self, rows: list[tuple[Key, list[tuple[str, Any]], list[tuple[str, Any]]]]) -> None:
         pending = rows
         for attempt in range(self.source.options.row_retries + 1):
             # IGNORE: a put replaces the whole row whether or not it exists (features left out vanish).
             condition = ots.Condition(ots.RowExistenceExpectation.IGNORE)
-            items = [ots.PutRowItem(ots.Row([(self._key, key)],
-                                            [(f, _encode(v)) for f, v in row.items() if v is not None]),
-                                    condition)
-                     for key, row in pending]
+            items = [ots.PutRowItem(ots.Row(pk, attrs), condition) for _, pk, attrs in pending]
             request = ots.BatchWriteRowRequest()
             request.add(ots.TableInBatchWriteRowItem(self._table, items))
             results = self.source.client().batch_write_row(request).get_put_by_table(self._table)
@@ -359,7 +371,7 @@ class TableStoreDao(BaseDao):
                 return
             codes = {r.error_code for _, r in failed}
             if _MISSING_TABLE in codes or attempt == self.source.options.row_retries:
-                (key, _), first = failed[0]
+                (key, _, _), first = failed[0]
                 kind = _kind_for_code(first.error_code, None)
                 what = (f"table {self._table!r} does not exist" if first.error_code == _MISSING_TABLE
                         else f"{len(failed)} of {len(rows)} rows were not written after {attempt + 1} "
@@ -370,7 +382,11 @@ class TableStoreDao(BaseDao):
             pending = [row for row, _ in failed]
 
     def _prepare(self) -> None:
-        """Create the table with the view's key as its only primary-key column (exists already: fine)."""
+        """Create the table with the view's key as its only primary-key column (a sequence view: its events
+        table); one that exists already is fine."""
+        if self.view.sequence is not None:
+            self._prepare_sequence()
+            return
         key_type = "INTEGER" if self.view.key_type == "int" else "STRING"
         meta = ots.TableMeta(self._table, [(self._key, key_type)])
         options = ots.TableOptions(time_to_live=-1, max_version=1)

@@ -117,8 +117,9 @@ def test_ground_truth_through_the_cli(server: HBaseThriftServer, raw: Any, tmp_p
     by_user["tie-用户"].append({"item_id": 99, "event": "buy", "ts": NOW - 31, "play_time": 5.0})
     load(raw, table, by_user)
     config = tmp_path / "seq.json"
-    config.write_text(json.dumps({"sources": {"hb": source(server)}, "views": [view(table, SPEC)]}),
-                      encoding="utf-8")
+    # Deadlines far above a read's time: this checks what is read, on a machine that may be busy.
+    config.write_text(json.dumps({"sources": {"hb": source(server)}, "service": {"deadline_ms": 10_000},
+                                  "views": [view(table, SPEC, timeout_ms=10_000)]}), encoding="utf-8")
     for user, evs in by_user.items():
         got = fetch_json(config, user, NOW)
         want = expected(distinct(evs), SPEC, NOW)

@@ -18,7 +18,9 @@ What it implements
 * APIs: CreateTable, DeleteTable, ListTable, DescribeTable, UpdateTable, PutRow, UpdateRow (put,
   delete one version, delete all versions, increment), DeleteRow, GetRow (columns_to_get,
   max_versions, time_range, column filter), BatchGetRow, BatchWriteRow (per-row results),
-  GetRange (FORWARD/BACKWARD, INF_MIN/INF_MAX, limit, next_start_primary_key).
+  GetRange (FORWARD/BACKWARD, INF_MIN/INF_MAX, limit, column filter, next_start_primary_key; as the
+  service, a response also ends once 5,000 rows or about 4 MB were scanned, rows the filter dropped
+  included, so it may carry fewer rows than the limit, or none, and a next start key).
 * Row existence conditions (IGNORE/EXPECT_EXIST/EXPECT_NOT_EXIST) and column conditions
   (single/composite, EXIST/NOT_EXIST, regex value transfer rules) for writes and read filters.
 * Multi-version cells with millisecond timestamps, per-table ``max_versions``, TTL (read side),

@@ -21,6 +21,7 @@ from featuredao.testing.tablestore.store import _ReadSpec, _Store
 BATCH_GET_MAX_ROWS = 100
 BATCH_WRITE_MAX_ROWS = 200
 GET_RANGE_MAX_ROWS = 5000
+GET_RANGE_MAX_BYTES = 4 * 1024 * 1024
 _TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _PK_TYPES = {pb.INTEGER: "INTEGER", pb.STRING: "STRING", pb.BINARY: "BINARY", pb.PK_BOOLEAN: "BOOLEAN"}
 _PK_TYPE_ENUM = {v: k for k, v in _PK_TYPES.items()}
@@ -429,10 +430,16 @@ class _ApiHandlers:
                 raise _param_invalid("Begin key must more than end key in BACKWARD.")
             rows: list[tuple[list[tuple[str, PKValue]], list[tuple[str, ColumnValue, int | None]]]] = []
             next_pk: PK | None = None
-            for pk in self._store.scan(table, start, end, forward):
-                if len(rows) >= limit:
+            scanned_bytes = 0
+            for scanned, pk in enumerate(self._store.scan(table, start, end, forward)):
+                # As the service: a response ends at ``limit`` rows, or once 5,000 rows or 4 MB were
+                # scanned, rows a filter dropped included (then possibly with no row at all); either way
+                # ``next_start_primary_key`` says where to go on.
+                full = scanned >= GET_RANGE_MAX_ROWS or scanned_bytes >= GET_RANGE_MAX_BYTES
+                if len(rows) >= limit or full:
                     next_pk = pk
                     break
+                scanned_bytes += _row_size(pk, table.rows[pk])
                 cells = self._store.read(table, pk, spec)
                 if cells is not None:
                     rows.append((self._store.pk_pairs(table, pk), cells))
@@ -441,3 +448,15 @@ class _ApiHandlers:
                 resp.next_start_primary_key = pbuf.encode_primary_key(self._store.pk_pairs(table, next_pk))
         self._consumed(resp.consumed, read=max(1, math.ceil(len(resp.rows) / 4096)))
         return resp
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(value) if isinstance(value, bytes | bytearray) else 8
+
+
+def _row_size(pk: PK, row: dict[str, Any]) -> int:
+    """A stored row's data size as the service counts it (near enough): key values, names and cells."""
+    return sum(_size(v) for v in pk) + sum(len(name) + sum(_size(v) for _, v in versions)
+                                           for name, versions in row.items())
