@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from itertools import count
 from typing import Any
@@ -27,7 +27,8 @@ from redis.crc import key_slot
 
 from featuredao.config import CircuitBreakerConfig
 from featuredao.dao import KeyValueStore
-from featuredao.errors import BackendTimeout, CircuitOpen, Closed, Overloaded
+from featuredao.errors import BackendError, BackendTimeout, CircuitOpen, Closed, Overloaded
+from featuredao.types import Key
 
 from ._redis_codecs import _detail
 
@@ -655,6 +656,30 @@ class ClusterRouter:
                 log.debug("source %s: closing a node's pool: %s", self.name, _detail(exc))
         for executor in executors:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Lost:
+    """Keys a cluster read or upsert could not serve, and why: what ``read_partial`` and ``upsert`` report
+    for the nodes that failed while the others answered."""
+
+    __slots__ = ("_lock", "detail", "error", "keys")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the chunks of one read may report from several threads
+        self.keys: list[Key] = []
+        self.error: BackendError | None = None
+        self.detail = ""
+        """The first error's message without the source and view (they are said once)."""
+
+    def add(self, keys: Iterable[Key], error: BackendError, detail: str) -> None:
+        with self._lock:
+            self.keys.extend(keys)
+            if self.error is None:
+                self.error, self.detail = error, detail
+
+
+NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
+"""Per cluster node (``host:port``): why it failed and the keys it failed."""
 
 
 class RedisKeyValue(KeyValueStore):

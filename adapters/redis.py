@@ -20,6 +20,10 @@ On a Redis Cluster (``"cluster": true``) keys go through :class:`~._redis_kv.Clu
 node, a breaker per node, a slot map that follows failovers, optional replica reads. A node that fails
 costs only its own keys: ``read_partial`` lists them in ``failed`` and ``upsert`` raises
 :class:`PartialWrite` after writing the rest.
+
+Sequence views (``"kind": "sequence"``) keep one sorted set per key, scored by event time, each event a
+msgpack array; ``key_template`` and ``ttl_s`` apply to them, the layout options do not (see
+:mod:`._redis_sequence`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from featuredao.config import CircuitBreakerConfig, StrictModel, View
-from featuredao.dao import BaseDao, Capabilities, Source
+from featuredao.dao import Capabilities, Source
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -51,6 +55,7 @@ from featuredao.errors import (
     BackendTimeout,
     BackendUnavailable,
     Closed,
+    ConfigError,
     FeatureDaoError,
     Overloaded,
 )
@@ -68,7 +73,8 @@ from ._redis_codecs import (
     _text_converter,
     _TextStep,
 )
-from ._redis_kv import ClusterRouter, RedisKeyValue, Routed
+from ._redis_kv import ClusterRouter, NodeFailures, RedisKeyValue, Routed, _Lost
+from ._redis_sequence import RedisSequences
 
 _HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 
@@ -173,7 +179,7 @@ class RedisSource(Source):
     driver_modules = {"redis": "redis", "msgpack": "msgpack"}
     options_model = RedisOptions
     view_options_model = RedisViewOptions
-    capabilities = Capabilities(create=False, key_value=True, delete=True)
+    capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True)
     default_batch_size = 100
     error_map = (
         (rexc.AuthenticationError, BackendAuthError),
@@ -347,31 +353,7 @@ class PartialWrite(BackendUnavailable):
         self.written = written
 
 
-class _Lost:
-    """Keys a cluster read or upsert could not serve, and why: what ``read_partial`` and ``upsert`` report
-    for the nodes that failed while the others answered."""
-
-    __slots__ = ("_lock", "detail", "error", "keys")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # the chunks of one read may report from several threads
-        self.keys: list[Key] = []
-        self.error: BackendError | None = None
-        self.detail = ""
-        """The first error's message without the source and view (they are said once)."""
-
-    def add(self, keys: Iterable[Key], error: BackendError, detail: str) -> None:
-        with self._lock:
-            self.keys.extend(keys)
-            if self.error is None:
-                self.error, self.detail = error, detail
-
-
-NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
-"""Per cluster node (``host:port``): why it failed and the keys it failed."""
-
-
-class RedisDao(BaseDao):
+class RedisDao(RedisSequences):
     """Reads and writes one view's keys in its layout.
 
     On a cluster, keys are grouped per node and a node that fails fails only its own keys: ``read_partial``
@@ -380,10 +362,14 @@ class RedisDao(BaseDao):
     """
 
     source: RedisSource
+    options: RedisViewOptions
 
     def __init__(self, source: RedisSource, view: View) -> None:
         super().__init__(source, view)
         opts: RedisViewOptions = view.options if view.options is not None else RedisViewOptions()
+        if view.sequence is not None and opts.model_fields_set & {"layout", "encoding", "delimiter"}:
+            raise ConfigError(f"view {view.name!r}: a sequence view's events are a sorted set per key; "
+                              "layout, encoding and delimiter do not apply (key_template and ttl_s do)")
         self.options = opts
         self._format = opts.format
         template = opts.key_template.replace("{table}", view.table)
@@ -693,9 +679,11 @@ class RedisDao(BaseDao):
     def _raise_wrongtype(self, exc: rexc.ResponseError) -> None:
         """Name the view and layout, never the key: redis-py's message quotes the whole command."""
         if "WRONGTYPE" in str(exc):
+            expects = "a sorted set (sequence view)" if self.view.sequence is not None else \
+                f"the {self._format!r} layout expects"
             raise BackendQueryError(
                 f"WRONGTYPE: keys of view {self.view.name!r} ({self.options.key_template!r}) hold another "
-                f"Redis type than the {self._format!r} layout expects",
+                f"Redis type than {expects}",
                 source=self.source.name, view=self.view.name) from exc
 
     # -- writes ----------------------------------------------------------------------------------------
@@ -704,20 +692,31 @@ class RedisDao(BaseDao):
         :class:`PartialWrite` lists the keys of the nodes that did not (after every chunk was tried)."""
         if not self.source.is_cluster:
             return super().upsert(rows)
-        lost = _Lost()
-        self._local.lost = lost
-        try:
-            count = super().upsert(rows)
-        finally:
-            self._local.lost = None
+        count, lost = self._collect_lost(lambda: super(RedisDao, self).upsert(rows))
         if lost.keys:
             raise self._partial_write(lost, count)
         return count
 
-    def _partial_write(self, lost: _Lost, count: int) -> PartialWrite:
-        failure = PartialWrite(f"{len(lost.keys)} of {count} key(s) not written: {lost.detail}",
-                               failed=lost.keys, written=count - len(lost.keys), source=self.source.name,
-                               view=self.view.name)
+    def _collect_lost(self, write: Callable[[], int]) -> tuple[int, _Lost]:
+        """Run a cluster write whose chunks put the keys of failed nodes in one ``_Lost`` (every chunk
+        is tried), and return its count with them."""
+        lost = _Lost()
+        self._local.lost = lost
+        try:
+            count = write()
+        finally:
+            self._local.lost = None
+        return count, lost
+
+    def _partial_write(self, lost: _Lost, count: int, events_lost: int | None = None) -> PartialWrite:
+        """The failure of a write of ``count`` keys (of ``count`` events, with ``events_lost`` given)."""
+        if events_lost is None:
+            message, written = f"{len(lost.keys)} of {count} key(s) not written", count - len(lost.keys)
+        else:
+            message = f"{len(lost.keys)} key(s) ({events_lost} of {count} event(s)) not written"
+            written = count - events_lost
+        failure = PartialWrite(f"{message}: {lost.detail}", failed=lost.keys, written=written,
+                               source=self.source.name, view=self.view.name)
         failure.__cause__ = lost.error
         return failure
 

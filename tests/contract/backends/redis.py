@@ -18,6 +18,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 
 VARIANTS = [(f"redis_{name}", "redis") for name in LAYOUTS] + \
     [(f"redis_cluster_{name}", "redis_cluster") for name in LAYOUTS]
+# A sequence view's layout (a sorted set per key) does not depend on the table layouts: one variant each.
+SEQUENCE_VARIANTS = ["redis_msgpack", "redis_cluster_msgpack"]
 
 
 def make(variant: str, request: pytest.FixtureRequest) -> ContractBackend:

@@ -1,0 +1,282 @@
+"""The Redis adapter's sequence views: one sorted set per key, scored by event time, members packed.
+
+Layout: the key is the view's ``key_template`` (``{table}:{key}`` by default, so a Redis Cluster hashes
+each user to one slot); each event is one member, a msgpack array of the event's fields in the order
+``sequence.fields`` declares them, scored by its time (``time_field``, in ``time_unit``).
+
+* **An array, not a map**: it is a third of the bytes of a map with field names, unpacks straight into
+  the tuple the core wants (no per-field lookup), and the order is the view's config. A field added at
+  the end of ``fields`` later reads as null (its type's zero) in older members; a field dropped from the
+  end is ignored; reordering or removing fields in the middle needs the keys rewritten.
+* **Identical events are one member**: a sorted set holds a member once, so appending an event whose
+  every field (time included) equals a stored one changes nothing. That makes appends idempotent, which
+  a replayed sync pass or a retried write relies on; an event differs from another as soon as one field
+  differs (a second click on the same item a second later is another member). A source whose genuinely
+  repeated events must count twice needs a field telling them apart (an event id, a time in ms).
+* **Reads**: per key ``ZREVRANGEBYSCORE key until since LIMIT 0 limit`` (``+inf`` without ``until``),
+  all keys of a chunk in one pipeline: one round trip on a server; on a cluster, one pipeline per node,
+  the nodes in parallel, and a node that fails fails only its keys (the table views' path,
+  ``ClusterRouter.execute``). Event-type and threshold filters cannot be expressed in a score range, so
+  ``sequence_filters`` is off: the core reads ``scan_len`` events per key and filters them.
+* **Ties**: events with the same time are ordered by Redis by member bytes (reversed), not by the core's
+  order (item, then the other fields, highest first). The core re-sorts what it gets, so the answer is
+  the core's order; only when equal times straddle the ``limit`` boundary may the store keep a different
+  one of them than the core's order would.
+* **Writes**: per key one ``ZADD`` with all its events, then ``retain``: ``max_len`` with
+  ``ZREMRANGEBYRANK key 0 -(max_len+1)`` (the newest N stay), ``max_age_s`` with ``ZREMRANGEBYSCORE`` of
+  everything older than the newest time in the appended events minus ``max_age_s``. Relative to the
+  events, not the clock: a backfill of old events, or a replay at a past ``request_time``, is not trimmed
+  away on arrival; a late event older than a stored newer one is trimmed by the key's next append.
+  ``ttl_s`` expires a key that gets no event for that long. On a server the chunk is one ``MULTI``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
+import redis.exceptions as rexc
+
+from featuredao.dao import BaseDao
+from featuredao.errors import BackendUnavailable
+from featuredao.sequence import Event, SequenceQuery
+from featuredao.types import FeatureValue, Key
+
+from ._redis_kv import ClusterRouter, NodeFailures, Routed, _Lost
+
+log = logging.getLogger("featuredao")
+
+_unpack = msgpack.unpackb
+_pack = msgpack.packb
+_BAD_MEMBER = (ValueError, TypeError, msgpack.UnpackException)
+
+
+class _Server(Protocol):
+    """What the mixin uses of ``RedisSource``."""
+
+    @property
+    def is_cluster(self) -> bool: ...
+    def client(self) -> Any: ...
+    def router(self) -> ClusterRouter: ...
+
+
+class _SequenceOptions(Protocol):
+    """What the mixin uses of ``RedisViewOptions``."""
+
+    @property
+    def key_template(self) -> str: ...
+    @property
+    def ttl_s(self) -> int | None: ...
+
+
+class RedisSequences(BaseDao):
+    """Sequence reads and appends of :class:`~.redis.RedisDao` (a mixin: see the module's docstring)."""
+
+    if TYPE_CHECKING:  # what RedisDao provides (typed here without importing its module: no cycle)
+        options: _SequenceOptions
+        _local: threading.local
+        _reads: dict[int, _Lost]
+
+        def _redis_keys(self, keys: Iterable[Key]) -> list[str]: ...
+        def _failed_keys(self, routed: Routed, keys: Sequence[Key]) -> dict[str, tuple[BaseException,
+                                                                                       list[Key]]]: ...
+        def _lose(self, failures: NodeFailures, lost: _Lost | None) -> None: ...
+        def _cluster_write(self, keys: list[Key], rkeys: list[str],
+                           commands: list[list[tuple[Any, ...]]]) -> None: ...
+        def _collect_lost(self, write: Callable[[], int]) -> tuple[int, _Lost]: ...
+        def _partial_write(self, lost: _Lost, count: int,
+                           events_lost: int | None = None) -> BackendUnavailable: ...
+        def _raise_wrongtype(self, exc: rexc.ResponseError) -> None: ...
+
+    @property
+    def _server(self) -> _Server:
+        return cast(_Server, self.source)
+
+    @functools.cached_property
+    def _stored_fields(self) -> list[str]:
+        """The fields of a member's array, in order: the view's ``sequence.fields``."""
+        return list(self.view.sequence.fields) if self.view.sequence is not None else []
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def _fetch_events(self, keys: list[Key], query: SequenceQuery,
+                      timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
+        window = _window(query)
+        if self._server.is_cluster:
+            return self._cluster_events(keys, query, window, timeout_s)
+        rkeys = self._redis_keys(keys)
+        client: Any = self._server.client()
+        try:
+            if len(rkeys) == 1:  # no pipeline object for a single key
+                replies = [client.execute_command("ZREVRANGEBYSCORE", rkeys[0], *window)]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for rk in rkeys:
+                    pipe.execute_command("ZREVRANGEBYSCORE", rk, *window)
+                replies = pipe.execute()
+        except rexc.ResponseError as exc:
+            self._raise_wrongtype(exc)
+            raise
+        return self._decode_events(keys, replies, query)
+
+    def _cluster_events(self, keys: list[Key], query: SequenceQuery, window: tuple[Any, ...],
+                        timeout_s: float | None) -> dict[Key, list[Event]]:
+        """Each node's keys in one pipeline; keys of failed nodes go to the read's ``_Lost`` (or fail it)."""
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        encoded = [rk.encode() for rk in self._redis_keys(keys)]
+        commands = [(("ZREVRANGEBYSCORE", rk, *window),) for rk in encoded]
+        routed = self._server.router().execute(encoded, commands, deadline=deadline, read=True)
+        served: list[Key] = []
+        replies: list[Any] = []
+        for key, reply in zip(keys, routed.replies, strict=True):
+            if reply is not None:
+                if isinstance(reply[0], rexc.ResponseError):
+                    self._raise_wrongtype(reply[0])
+                    raise reply[0]
+                served.append(key)
+                replies.append(reply[0])
+        failures = self._failed_keys(routed, keys)
+        if failures:
+            # Without a _Lost (callers other than read_partial): all or nothing.
+            self._lose(failures, self._reads.get(id(keys)))
+        return self._decode_events(served, replies, query)
+
+    def _decode_events(self, keys: list[Key], replies: list[list[bytes]],
+                       query: SequenceQuery) -> dict[Key, list[Event]]:
+        """Each key's members unpacked into event tuples in ``query``'s order (keys without events are
+        left out)."""
+        stored = self._stored_fields
+        width = len(stored)
+        if query != stored:  # the core asks for every field in the declared order; any other is picked
+            pick = itemgetter(*map(stored.index, query))
+            return {k: [tuple(pick(e)) if len(query) > 1 else (pick(e),) for e in evs]
+                    for k, evs in self._decode_events(keys, replies, SequenceQuery(
+                        stored, time_field=query.time_field, since=query.since, until=query.until,
+                        limit=query.limit)).items()}
+        out: dict[Key, list[Event]] = {}
+        for key, members in zip(keys, replies, strict=True):
+            if not members:
+                continue
+            try:
+                events: list[Event] = list(map(tuple, map(_unpack, members)))
+                # One C pass proves every member an array of the view's width (the common case).
+                if len(set(map(len, events))) == 1 and len(events[0]) == width:
+                    out[key] = events
+                    continue
+            except _BAD_MEMBER:
+                pass
+            out[key] = self._repair(key, members, width)
+        return out
+
+    def _repair(self, key: Key, members: list[bytes], width: int) -> list[Event]:
+        """Members one by one: a shorter array (a field added since) is padded with nulls, a longer one cut;
+        a member that is not a msgpack array is skipped, with a warning."""
+        events: list[Event] = []
+        bad = 0
+        for member in members:
+            try:
+                value = _unpack(member)
+            except _BAD_MEMBER:
+                value = None
+            if type(value) is not list:
+                bad += 1
+                continue
+            events.append(tuple(value[:width]) + (None,) * (width - len(value)))
+        if bad:
+            log.warning("view %s key %r: %d stored event(s) are not msgpack arrays, skipped",
+                        self.view.name, key, bad)
+        return events
+
+    def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object] | None:
+        """redis-py by hand (standalone): the same ZREVRANGEBYSCORE per key, pipelined (a direct call for
+        one key), each member unpacked, one list per field, rows in key order (None: no events)."""
+        if self._server.is_cluster:
+            return None
+        fields = list(self.view.features)
+
+        def read(keys: list[Key], query: SequenceQuery) -> object:
+            top = "+inf" if query.until is None else query.until
+            bottom = "-inf" if query.since is None else query.since
+            client = self._server.client()
+            rkeys = self._redis_keys(keys)
+            if len(rkeys) == 1:
+                replies = [client.zrevrangebyscore(rkeys[0], top, bottom, start=0, num=query.limit)]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for rk in rkeys:
+                    pipe.zrevrangebyscore(rk, top, bottom, start=0, num=query.limit)
+                replies = pipe.execute()
+            out: list[dict[str, list[Any]] | None] = []
+            for members in replies:
+                if not members:
+                    out.append(None)
+                    continue
+                columns = zip(*[msgpack.unpackb(m) for m in members], strict=True)
+                out.append(dict(zip(fields, map(list, columns), strict=True)))
+            return out
+
+        return read
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
+        """Like ``BaseDao.append``; on a cluster the keys of every node that answers are written, and
+        :class:`~.redis.PartialWrite` lists the keys of the nodes that did not (after every chunk)."""
+        if not self._server.is_cluster or self.view.sequence is None:
+            return super().append(events)
+        given = list(events)
+        count, lost = self._collect_lost(lambda: BaseDao.append(self, given))
+        if not lost.keys:
+            return count
+        failed = set(lost.keys)
+        raise self._partial_write(lost, count, sum(1 for key, _ in given if self._norm(key) in failed))
+
+    def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
+        keys = [k for k, _ in events]
+        rkeys = self._redis_keys(keys)
+        commands = [self._event_commands(rk, added) for rk, (_, added) in zip(rkeys, events, strict=True)]
+        if self._server.is_cluster:
+            self._cluster_write(keys, rkeys, commands)  # WRONGTYPE and failed nodes handled there
+            return
+        # MULTI makes a chunk atomic on one server.
+        pipe = self._server.client().pipeline(transaction=True)
+        for key_commands in commands:
+            for args in key_commands:
+                pipe.execute_command(*args)
+        try:
+            pipe.execute()
+        except rexc.ResponseError as exc:
+            self._raise_wrongtype(exc)
+            raise
+
+    def _event_commands(self, rk: str, events: list[Event]) -> list[tuple[Any, ...]]:
+        """ZADD of one key's events, then its trims and expiry (all of one key, so one slot)."""
+        spec = self.view.sequence
+        assert spec is not None
+        at = self._stored_fields.index(spec.time_field)
+        scored: list[Any] = []
+        for event in events:
+            scored.append(event[at])
+            scored.append(_pack(event))
+        commands: list[tuple[Any, ...]] = [("ZADD", rk, *scored)]
+        retain = spec.retain
+        if retain is not None and retain.max_age_s is not None:
+            scale = 1000.0 if spec.time_unit == "ms" else 1.0
+            cutoff = float(max(e[at] for e in events)) - retain.max_age_s * scale
+            commands.append(("ZREMRANGEBYSCORE", rk, "-inf", f"({cutoff!r}"))
+        if retain is not None and retain.max_len is not None:
+            commands.append(("ZREMRANGEBYRANK", rk, 0, -(retain.max_len + 1)))
+        if self.options.ttl_s:
+            commands.append(("EXPIRE", rk, self.options.ttl_s))
+        return commands
+
+
+def _window(query: SequenceQuery) -> tuple[Any, ...]:
+    """The arguments after the key: newest bound, oldest bound, the limit."""
+    top = "+inf" if query.until is None else repr(float(query.until))
+    bottom = "-inf" if query.since is None else repr(float(query.since))
+    return (top, bottom, "LIMIT", 0, query.limit)

@@ -1,0 +1,252 @@
+"""Redis sequence views on real servers: ground truth through the CLI, layout, retain, cluster nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
+import pytest
+import redis
+from featuredao.adapters.redis import PartialWrite
+from redis.cluster import ClusterNode
+from redis.cluster import RedisCluster as RawCluster
+from redis.crc import key_slot
+from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected
+
+from featuredao import factory
+from featuredao.dao import BaseDao
+from featuredao.errors import BackendQueryError, CircuitOpen, ConfigError
+from featuredao.testing.servers import RedisCluster, RedisServer
+
+NOW = 1_700_000_000
+ORDER = list(FIELDS)  # a member is a msgpack array of the fields in this order
+
+
+@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.redis_cluster)])
+def store(request: pytest.FixtureRequest) -> Iterator[tuple[dict[str, Any], Any]]:
+    """A source config and a raw redis-py client of the same server or cluster."""
+    if request.param == "standalone":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client: Any = redis.Redis(host=server.host, port=server.port, password=server.password)
+        source: dict[str, Any] = {"type": "redis", "host": server.host, "port": server.port}
+        if server.password:
+            source["password"] = server.password
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        nodes = [f"{h}:{p}" for h, p in cluster.startup_nodes]
+        client = RawCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+        source = {"type": "redis", "cluster": True, "startup_nodes": nodes}
+    yield source, client
+    client.close()
+
+
+def view(table: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    # A generous timeout: a CLI process reads the cluster's slot map on its first read, on a busy machine.
+    return {"name": "click_seq", "entity": "user", "kind": "sequence", "source": "r", "table": table,
+            "key": "user_id", "prefix": "click_", "timeout_ms": 5000, "sequence": spec, **extra}
+
+
+def build(source: dict[str, Any], spec: dict[str, Any], **extra: Any) -> tuple[factory.Runtime, BaseDao, str]:
+    table = f"seq{secrets.token_hex(4)}"
+    runtime = factory.build({"sources": {"r": source}, "views": [view(table, spec, **extra)]})
+    return runtime, runtime.daos["click_seq"], table
+
+
+def load(client: Any, table: str, by_user: dict[str, list[dict[str, Any]]]) -> None:
+    """Events as the documented layout, with the raw driver: one ZADD per user."""
+    for user, evs in by_user.items():
+        if evs:
+            client.zadd(f"{table}:{user}", {msgpack.packb([e[f] for f in ORDER]): e["ts"] for e in evs})
+
+
+def fetch_json(config: Path, user: str, request_time: float) -> dict[str, Any]:
+    """``cli_fetch``; while ``python -m featuredao`` has no ``__main__``, the same command through the CLI
+    module."""
+    if importlib.util.find_spec("featuredao.__main__") is not None:
+        return cli_fetch(config, user, request_time)
+    done = subprocess.run([sys.executable, "-m", "featuredao.cli", "fetch", str(config), "--user", user,
+                           "--context", f"request_time={request_time}", "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
+
+
+def distinct(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Identical events are one member of the sorted set (documented): the truth sees them once too."""
+    return [dict(zip(ORDER, t, strict=True)) for t in dict.fromkeys(tuple(e[f] for f in ORDER) for e in evs)]
+
+
+def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_path: Path) -> None:
+    source, client = store
+    table = f"truth{secrets.token_hex(4)}"
+    users = [f"u{i}" for i in range(8)] + ["用户-ü", "ユーザー:7", "emoji 🎧", "Ω"]
+    # Fewer window events per user (at most 60) than the read's limit (4 x max_len = 80): the store never
+    # has to choose among events tied at its limit, where its tie order is not the core's (documented).
+    by_user = events(16, users, 60, NOW)
+    # A tie the store orders otherwise: equal times, where member bytes sort -1 (0xff) above 300 (0xcd..)
+    # above 2, and "click" above "buy"; the core's order is by item (300, 2, -1), then the other fields.
+    tie = [{"item_id": item, "event": ev, "ts": NOW - 30, "play_time": play}
+           for item, ev, play in ((-1, "click", 3.0), (2, "buy", 4.0), (300, "click", 2.5), (300, "buy", 9.0),
+                                  (2, "click", 2.0))]
+    by_user["tie-用户"] = [*tie, {"item_id": 5, "event": "buy", "ts": NOW - 31, "play_time": 5.0}]
+    load(client, table, by_user)
+    config = tmp_path / "seq.json"
+    config.write_text(json.dumps({"sources": {"r": source}, "service": {"deadline_ms": 10_000},
+                                  "views": [view(table, SPEC)]}), encoding="utf-8")
+    for user, evs in by_user.items():
+        got = fetch_json(config, user, NOW)
+        want = expected(distinct(evs), SPEC, NOW)
+        assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, user
+        assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
+    assert fetch_json(config, "tie-用户", NOW)["user"]["click_item_id"] == [300, 2, -1, 5]
+
+
+def test_no_filters_read_the_newest_of_the_window_across_users(store: tuple[dict[str, Any], Any]) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "item_field": "item_id", "event_field": "event", "fields": FIELDS,
+            "max_len": 7, "window_s": 3000}
+    runtime, dao, table = build(source, spec)
+    try:
+        users = [f"ü-{i}" for i in range(150)]  # more than one chunk (batch_size 100)
+        by_user = events(3, users, 25, NOW)
+        load(client, table, by_user)
+        rows = dao.read(users, as_of=NOW)
+        for user, row in zip(users, rows, strict=True):
+            want = expected(distinct(by_user[user]), spec, NOW, prefix="")
+            assert (row or {f: [] for f in FIELDS}) == want, user
+    finally:
+        runtime.close()
+
+
+def test_appends_store_the_documented_members_once(store: tuple[dict[str, Any], Any]) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 10}
+    runtime, dao, table = build(source, spec)
+    try:
+        evs = [("ü", {"item_id": 1, "event": "click", "ts": NOW - 5, "play_time": 1.5}),
+               ("ü", {"item_id": 2, "ts": NOW - 1})]
+        assert dao.append(evs) == 2
+        assert dao.append(evs[:1]) == 1  # the same event again: the same member, nothing added
+        stored = client.zrange(f"{table}:ü", 0, -1, withscores=True)
+        assert [(msgpack.unpackb(m), s) for m, s in stored] == [([1, "click", NOW - 5, 1.5], NOW - 5),
+                                                                ([2, "", NOW - 1, 0.0], NOW - 1)]
+        assert dao.read(["ü"], as_of=NOW)[0] == {"item_id": [2, 1], "event": ["", "click"],
+                                                  "ts": [NOW - 1, NOW - 5], "play_time": [0.0, 1.5]}
+    finally:
+        runtime.close()
+
+
+def test_retain_trims_on_append(store: tuple[dict[str, Any], Any]) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "time_unit": "ms", "fields": {"item_id": "int", "ts": "int"}, "max_len": 50,
+            "retain": {"max_len": 5, "max_age_s": 10}}
+    runtime, dao, table = build(source, spec, options={"ttl_s": 600})
+    rk = f"{table}:u"
+
+    def stored() -> list[int]:
+        return [m[0] for m in map(msgpack.unpackb, client.zrevrange(rk, 0, -1))]
+
+    try:
+        ms = NOW * 1000
+        dao.append(("u", {"item_id": i, "ts": ms - 1000 * i}) for i in range(3))
+        dao.append([("u", {"item_id": 9, "ts": ms - 9_500})])
+        # Older than the stored newest minus 10 s, but the age is counted from the newest event of the
+        # append (documented): a late event stays until the key's next append.
+        dao.append([("u", {"item_id": 20, "ts": ms - 20_000})])
+        assert stored() == [0, 1, 2, 9, 20]
+        dao.append([("u", {"item_id": 100, "ts": ms + 5000})])  # 10 s before it: ms - 5000
+        assert stored() == [100, 0, 1, 2]
+        dao.append(("u", {"item_id": 200 + i, "ts": ms + 5001 + i}) for i in range(3))  # at most 5
+        assert stored() == [202, 201, 200, 100, 0]
+        assert 0 < client.ttl(rk) <= 600
+    finally:
+        runtime.close()
+
+
+def test_older_and_foreign_members(store: tuple[dict[str, Any], Any],
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 10}
+    runtime, dao, table = build(source, spec)
+    try:
+        older = msgpack.packb([1, "click", NOW - 3])  # written before play_time was added
+        longer = msgpack.packb([2, "buy", NOW - 2, 1.0, "gone"])  # written before a last field was dropped
+        client.zadd(f"{table}:u", {older: NOW - 3, longer: NOW - 2, b"not msgpack \xc1": NOW - 1,
+                                   msgpack.packb({"a": 1}): NOW})
+        row = dao.read(["u"], as_of=NOW)[0]
+        assert row == {"item_id": [2, 1], "event": ["buy", "click"], "ts": [NOW - 2, NOW - 3],
+                       "play_time": [1.0, 0.0]}
+        assert "2 stored event(s) are not msgpack arrays" in caplog.text
+    finally:
+        runtime.close()
+
+
+def test_wrongtype_and_layout_options(store: tuple[dict[str, Any], Any]) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "fields": {"ts": "int"}}
+    runtime, dao, table = build(source, spec)
+    try:
+        client.set(f"{table}:s", b"x")
+        for call in (lambda: dao.read(["s"]), lambda: dao.append([("s", {"ts": 1})])):
+            with pytest.raises(BackendQueryError) as info:
+                call()
+            assert "sorted set" in str(info.value) and f"{table}:s" not in str(info.value)
+    finally:
+        runtime.close()
+    with pytest.raises(ConfigError, match="layout, encoding and delimiter do not apply"):
+        build(source, spec, options={"layout": "string", "encoding": "msgpack"})
+
+
+def test_raw_sequence_reader_reads_what_the_dao_reads(redis_server: RedisServer) -> None:
+    source = {"type": "redis", "host": redis_server.host, "port": redis_server.port}
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 5, "window_s": 50}
+    runtime, dao, _ = build(source, spec)
+    try:
+        dao.append((u, {"item_id": i, "event": "e", "ts": NOW - 10 * i, "play_time": 0.5})
+                   for u in ("a", "b") for i in range(9))
+        raw = dao.raw_sequence_reader()
+        assert raw is not None
+        query = dao.sequence_query(NOW)
+        for keys in (["b", "none", "a"], ["a"]):
+            assert raw(keys, query) == list(dao.read(keys, as_of=NOW))
+    finally:
+        runtime.close()
+
+
+@pytest.mark.redis_cluster
+def test_a_failed_cluster_node_costs_only_its_keys(redis_cluster: RedisCluster) -> None:
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]
+    source = {"type": "redis", "cluster": True, "startup_nodes": nodes,
+              "node_breaker": {"failure_threshold": 1, "reset_timeout_s": 600}}
+    spec = {"time_field": "ts", "fields": {"n": "int", "ts": "int"}, "max_len": 3}
+    runtime, dao, table = build(source, spec)
+    try:
+        users = [f"用户{i}" for i in range(60)]
+        dao.append((u, {"n": i, "ts": NOW - i}) for i, u in enumerate(users))
+        router = runtime.sources["r"].router()  # type: ignore[attr-defined]
+        owner = router.slot_map().owner
+        down = owner[key_slot(f"{table}:{users[0]}".encode())]
+        router.breaker(down).failure()  # open: its keys fail fast, the others are read and written
+        lost = [u for u in users if owner[key_slot(f"{table}:{u}".encode())] == down]
+        assert 0 < len(lost) < len(users)
+        result = dao.read_partial(users, as_of=NOW)
+        assert sorted(result.failed) == sorted(lost) and isinstance(result.error, CircuitOpen)
+        assert down in str(result.error)
+        assert [r["n"] if r else None for r in result.rows] == \
+            [None if u in lost else [i] for i, u in enumerate(users)]
+        with pytest.raises(PartialWrite) as info:
+            dao.append((u, {"n": 100 + i, "ts": NOW}) for i, u in enumerate(users))
+        assert sorted(info.value.failed) == sorted(lost) and info.value.written == len(users) - len(lost)
+        served = [u for u in users if u not in lost]
+        assert [r["n"] if r else None for r in dao.read(served, as_of=NOW)] == \
+            [[100 + users.index(u), users.index(u)] for u in served]
+    finally:
+        runtime.close()
