@@ -1,13 +1,15 @@
-"""Sync benchmark: a full pass of N rows x 20 features from each source into Redis, rows/s and peak memory.
+"""Sync benchmark: a full pass of N rows x 20 features from each source into Redis, rows/s and peak memory,
+with the job's ``parallelism`` 1 (one process) and 2 (two worker processes over key ranges).
 
 Sources: the embedded SQLite, MySQL (a throwaway MariaDB), PostgreSQL (the hologres adapter) and
 ClickHouse, each started by the benchmark (``--sources`` picks some). Starts its own throwaway Redis.
 For each source and size, a fresh process seeds the SQLite source, and another fresh
 process runs one full pass of ``SyncEngine`` (msgpack string layout in Redis) and reports wall time,
 rows/s and its peak RSS (``ru_maxrss``) next to the RSS it had before the pass: memory is bounded by the
-chunk size, so the peak should not grow with the row count.
+chunk size, so the peak should not grow with the row count. With parallelism N the same table is synced
+again by N spawned workers (split points included in the time); the largest worker's peak RSS is shown.
 
-    .venv/bin/python benchmarks/bench_sync.py [--sizes 50000,200000] [--batch 2000] \\
+    .venv/bin/python benchmarks/bench_sync.py [--sizes 50000,200000] [--batch 2000] [--parallelism 1,2] \\
         [--sources sqlite,mysql,postgres,clickhouse] [--out benchmarks/results/sync.md]
 
 ``--cdc`` measures the change feeds instead (mysql: MariaDB's binlog; postgres: a wal2json slot), on a
@@ -62,7 +64,7 @@ def start_server(kind: str) -> Any:
 
 
 def make_config(directory: Path, port: int, batch: int, offline: dict[str, Any] | None = None,
-                table: str = "items") -> Path:
+                table: str = "items", parallelism: int = 1, name: str = "bench.json") -> Path:
     cfg = {
         "sources": {"offline": offline or {"type": "sqlite", "path": "offline.db"},
                     "online": {"type": "redis", "port": port, "batch_size": 1000, "pool_size": 2,
@@ -74,9 +76,10 @@ def make_config(directory: Path, port: int, batch: int, offline: dict[str, Any] 
              "key_type": "int", "features": FEATURES, "prefix": "on_",
              "options": {"layout": "string", "encoding": "msgpack"}},
         ],
-        "sync": [{"name": "publish", "from": "items_offline", "to": ["items_online"], "batch_size": batch}],
+        "sync": [{"name": "publish", "from": "items_offline", "to": ["items_online"], "batch_size": batch,
+                  "parallelism": parallelism}],
     }
-    path = directory / "bench.json"
+    path = directory / name
     path.write_text(json.dumps(cfg))
     return path
 
@@ -104,17 +107,22 @@ def seed(path: Path, rows: int) -> None:
 
 def run_pass(path: Path) -> dict[str, Any]:
     from featuredao.sync.engine import SyncEngine
+    from featuredao.sync.parallel import ParallelRun
 
-    with SyncEngine.from_file(path, "publish") as engine:
+    parallel = json.loads(path.read_text())["sync"][0]["parallelism"] > 1
+    with ParallelRun(path, "publish") if parallel else SyncEngine.from_file(path, "publish") as run:
+        engine = run.engine if isinstance(run, ParallelRun) else run
         engine.runtime.daos["items_offline"].read([0])  # connections and imports before the baseline
         before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
-        report = engine.run()
+        report = run.run()
         elapsed = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if parallel else 0
     assert report.ok and report.failed == 0, report
     return {"rows": report.written, "seconds": elapsed, "rows_per_s": report.written / elapsed,
-            "rss_before_mb": before_kb / 1024, "rss_peak_mb": peak_kb / 1024}
+            "rss_before_mb": before_kb / 1024, "rss_peak_mb": peak_kb / 1024,
+            "rss_worker_peak_mb": workers_kb / 1024}
 
 
 def _sql(kind: str, server: Any) -> Any:
@@ -245,6 +253,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="50000,200000")
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--parallelism", default="1,2", help="the job's parallelism values to measure")
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cdc", action="store_true", help="measure the change feeds (see above)")
@@ -272,37 +281,50 @@ def main() -> None:
                     directory = Path(tmp) / f"{kind}-{size}"
                     directory.mkdir()
                     offline = {**offline, "batch_size": 1000} if kind != "sqlite" else offline
-                    path = make_config(directory, server.port, args.batch, offline, f"items_{size}")
-                    subprocess.run([sys.executable, __file__, "--child", "seed", str(path), str(size)],
-                                   check=True)
-                    server.command("FLUSHALL")
-                    out = subprocess.run([sys.executable, __file__, "--child", "run", str(path)], check=True,
-                                         capture_output=True, text=True)
-                    result = {"source": kind, "size": size,
-                              **json.loads(out.stdout.strip().splitlines()[-1])}
-                    keys = server.command("DBSIZE")
-                    assert keys == size, f"Redis holds {keys} keys, expected {size}"
-                    print(result, flush=True)
-                    results.append(result)
+                    seeded = False
+                    for par in (int(p) for p in args.parallelism.split(",")):
+                        path = make_config(directory, server.port, args.batch, offline, f"items_{size}", par,
+                                           f"bench-p{par}.json")
+                        if not seeded:
+                            seed_cmd = [sys.executable, __file__, "--child", "seed", str(path), str(size)]
+                            subprocess.run(seed_cmd, check=True)
+                            seeded = True
+                        server.command("FLUSHALL")
+                        out = subprocess.run([sys.executable, __file__, "--child", "run", str(path)],
+                                             check=True, capture_output=True, text=True)
+                        result = {"source": kind, "size": size, "parallelism": par,
+                                  **json.loads(out.stdout.strip().splitlines()[-1])}
+                        keys = server.command("DBSIZE")
+                        assert keys == size, f"Redis holds {keys} keys, expected {size}"
+                        print(result, flush=True)
+                        results.append(result)
             finally:
                 if db is not None:
                     db.stop()
     lines = [
         "# Sync benchmark: full pass from each source into Redis (msgpack string layout)",
         "",
-        f"`benchmarks/bench_sync.py --sizes {args.sizes} --batch {args.batch} --sources {args.sources}`; "
+        f"`benchmarks/bench_sync.py --sizes {args.sizes} --batch {args.batch} "
+        f"--parallelism {args.parallelism} --sources {args.sources}`; "
         f"{os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, load average "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. 20 features per row (12 float, 4 int, "
-        "2 str, 4 tags, a 16-float embedding). One process per size; peak RSS is the process's high-water "
-        "mark (ru_maxrss), taken before and after the pass.",
+        "2 str, 4 tags, a 16-float embedding). One process per size and parallelism; peak RSS is the "
+        "process's high-water mark (ru_maxrss), taken before and after the pass, and with parallelism the "
+        "largest worker's (ru_maxrss of the children). x p1: rows/s over parallelism 1's.",
         "",
-        "| source | rows | seconds | rows/s | RSS before pass (MB) | peak RSS (MB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| source | rows | parallelism | seconds | rows/s | x p1 | RSS before pass (MB) | peak RSS (MB) | "
+        "worker peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    base = {(r["source"], r["size"]): r["rows_per_s"] for r in results if r["parallelism"] == 1}
     for r in results:
-        lines.append(f"| {r['source']} | {r['size']:,} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} | "
-                     f"{r['rss_before_mb']:.1f} | {r['rss_peak_mb']:.1f} |")
+        one = base.get((r["source"], r["size"]))
+        ratio = f"{r['rows_per_s'] / one:.2f}" if one else "-"
+        worker = f"{r['rss_worker_peak_mb']:.1f}" if r["parallelism"] > 1 else "-"
+        lines.append(f"| {r['source']} | {r['size']:,} | {r['parallelism']} | {r['seconds']:.2f} | "
+                     f"{r['rows_per_s']:,.0f} | {ratio} | {r['rss_before_mb']:.1f} | "
+                     f"{r['rss_peak_mb']:.1f} | {worker} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
