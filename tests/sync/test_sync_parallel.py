@@ -30,6 +30,8 @@ from synchelp import (
 )
 
 from featuredao import build
+from featuredao.config import load
+from featuredao.errors import ConfigError
 from featuredao.sync.engine import SyncEngine
 from featuredao.sync.partitions import Range, load_plan, plan_pass, ranges, split_points
 from featuredao.testing.servers import RedisServer
@@ -340,3 +342,23 @@ def test_clickhouse_windowed_scan_syncs_newest_versions(tmp_path: Path, redis_se
     report_json = _run(path)  # two workers, each scanning its range in windows
     assert report_json["read"] == len(keys) and report_json["failed_ranges"] == {}
     assert_same(path, "items", "copy", keys)
+
+
+def test_parallelism_is_validated_with_paths() -> None:
+    def issues(**job: Any) -> dict[str, str]:
+        cfg = {"sources": {"src": {"type": "sqlite", "path": "src.db"},
+                           "dst": {"type": "sqlite", "path": "d.db"}},
+               "views": [view("items", "src", "items"), view("copy", "dst", "items", prefix="c_")],
+               "sync": [{"name": "j", "from": "items", "to": ["copy"], **job}]}
+        with pytest.raises(ConfigError) as info:
+            load(cfg)
+        return {i.path: i.message for i in info.value.issues}
+
+    assert "$.sync[0].parallelism" in issues(parallelism=0)
+    assert "$.sync[0].parallelism" in issues(parallelism="two")
+    assert "one ordered stream" in issues(mode="cdc", parallelism=2)["$.sync[0].parallelism"]
+    ok = load({"sources": {"src": {"type": "sqlite", "path": "src.db"}},
+               "views": [view("items", "src", "items"), view("copy", "src", "copy", prefix="c_")],
+               "sync": [{"name": "j", "from": "items", "to": ["copy"], "mode": "incremental",
+                         "watermark": "updated_at", "parallelism": 4}]})
+    assert ok.sync[0].parallelism == 4
