@@ -207,8 +207,14 @@ def test_wrongtype_and_layout_options(store: tuple[dict[str, Any], Any]) -> None
 
 def test_raw_sequence_reader_reads_what_the_dao_reads(redis_server: RedisServer) -> None:
     source = {"type": "redis", "host": redis_server.host, "port": redis_server.port}
-    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 5, "window_s": 50}
-    runtime, dao, _ = build(source, spec)
+    # With a join, the view's features include the joined ones: the members hold the event fields only.
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 5, "window_s": 50,
+            "join": {"view": "items", "features": ["category"]}}
+    items = {"name": "items", "entity": "item", "source": "r", "table": f"items{secrets.token_hex(4)}",
+             "key": "id", "key_type": "int", "features": {"category": "str"}}
+    events_view = view(f"raw{secrets.token_hex(4)}", spec)
+    runtime = factory.build({"sources": {"r": source}, "views": [events_view, items]})
+    dao = runtime.daos["click_seq"]
     try:
         dao.append((u, {"item_id": i, "event": "e", "ts": NOW - 10 * i, "play_time": 0.5})
                    for u in ("a", "b") for i in range(9))
