@@ -103,70 +103,74 @@ class SequenceStatements:
         return quote_identifier(name, self.dialect.quote)
 
     # -- reads ---------------------------------------------------------------------------------------
-    def conditions(self, query: SequenceQuery) -> tuple[str, list[Any]]:
-        """The window and the pushed filters after ``key = ?``, with their parameters."""
-        m = self.dialect.mark
-        sql, params = "", list[Any]()
+    def bound(self, query: SequenceQuery) -> list[Any]:
+        """The parameters of the window and the pushed filters (after the key, before the limit)."""
+        params: list[Any] = []
         since, until = query.since, query.until
-        if self.int_time:
-            # Whole bounds for an integer column: the same rows, and the index is used as it is.
-            since = None if since is None else math.ceil(since)
-            until = None if until is None else math.floor(until)
         if since is not None:
-            sql, params = f"{sql} AND {self.time} >= {m}", [since]
+            # Whole bounds for an integer column: the same rows, and the index is used as it is.
+            params.append(math.ceil(since) if self.int_time else since)
         if until is not None:
-            sql, params = f"{sql} AND {self.time} <= {m}", [*params, until]
+            params.append(math.floor(until) if self.int_time else until)
+        if query.events and query.event_field:
+            if self.dialect.plan == "lateral":
+                params.append(list(query.events))
+            else:
+                params.extend(query.events)
+        params.extend(low for _, low in query.minimum)
+        return params
+
+    def _conditions(self, query: SequenceQuery) -> str:
+        """The window and the pushed filters after ``key = ?`` (parameters: :meth:`bound`)."""
+        m = self.dialect.mark
+        sql = ""
+        if query.since is not None:
+            sql = f"{sql} AND {self.time} >= {m}"
+        if query.until is not None:
+            sql = f"{sql} AND {self.time} <= {m}"
         if query.events and query.event_field:
             field = self.quote(query.event_field)
             if self.dialect.plan == "lateral":
-                sql, params = f"{sql} AND {field} = ANY({m})", [*params, list(query.events)]
+                sql = f"{sql} AND {field} = ANY({m})"
             else:
                 sql = f"{sql} AND {field} IN ({', '.join([m] * len(query.events))})"
-                params = [*params, *query.events]
-        for name, low in query.minimum:
-            sql, params = f"{sql} AND {self.quote(name)} >= {m}", [*params, low]
-        return sql, params
-
-    def _shape(self, query: SequenceQuery) -> tuple[Any, ...]:
-        return (query.since is None, query.until is None, len(query.events or ()),
-                tuple(name for name, _ in query.minimum))
-
-    def one_key(self, query: SequenceQuery) -> str:
-        """Parameters: key, conditions, limit: the key's newest events, the key first in each row."""
-        shape = ("one", *self._shape(query))
-        sql = self._cache.get(shape)
-        if sql is None:
-            m = self.dialect.mark
-            cond, _ = self.conditions(query)
-            sql = self._cache[shape] = (f"SELECT {self.key}, {self.columns} FROM {self.table} "
-                                        f"WHERE {self.key} = {m}{cond} ORDER BY {self.order} LIMIT {m}")
+        for name, _ in query.minimum:
+            sql = f"{sql} AND {self.quote(name)} >= {m}"
         return sql
 
-    def lateral(self, query: SequenceQuery) -> str:
-        """PostgreSQL, parameters: keys (one array), conditions, limit."""
-        shape = ("lateral", *self._shape(query))
+    def statement(self, kind: Literal["one", "fields", "lateral"], query: SequenceQuery) -> str:
+        """The statement of a kind for this shape of query, built once. Parameters: the key (``one``,
+        ``fields``) or the keys as one array (``lateral``), then :meth:`bound`, then the limit. Rows are
+        (key, field...), or the fields alone for ``fields``."""
+        shape = (kind, query.since is None, query.until is None, len(query.events or ()),
+                 tuple(name for name, _ in query.minimum))
         sql = self._cache.get(shape)
         if sql is None:
-            cond, _ = self.conditions(query)
-            key_type = self.dialect.key_types[self.view.key_type].split()[0]
-            inner = ", ".join(f"_fde.{self.quote(f)}" for f in self.fields)
-            sql = self._cache[shape] = (
-                f"SELECT _fdk.k, {inner} FROM unnest(%s::{key_type}[]) AS _fdk(k) CROSS JOIN LATERAL "
-                f"(SELECT {self.columns} FROM {self.table} WHERE {self.key} = _fdk.k{cond} "
-                f"ORDER BY {self.order} LIMIT %s) AS _fde")
+            m, cond = self.dialect.mark, self._conditions(query)
+            if kind == "lateral":
+                key_type = self.dialect.key_types[self.view.key_type].split()[0]
+                inner = ", ".join(f"_fde.{self.quote(f)}" for f in self.fields)
+                sql = (f"SELECT _fdk.k, {inner} FROM unnest({m}::{key_type}[]) AS _fdk(k) CROSS JOIN LATERAL "
+                       f"(SELECT {self.columns} FROM {self.table} WHERE {self.key} = _fdk.k{cond} "
+                       f"ORDER BY {self.order} LIMIT {m}) AS _fde")
+            else:
+                cols = self.columns if kind == "fields" else f"{self.key}, {self.columns}"
+                sql = (f"SELECT {cols} FROM {self.table} WHERE {self.key} = {m}{cond} "
+                       f"ORDER BY {self.order} LIMIT {m}")
+            self._cache[shape] = sql
         return sql
 
     def select(self, keys: Sequence[Key], query: SequenceQuery) -> tuple[str, list[Any]]:
         """The one statement reading a chunk of keys (lateral or union plans), with its parameters."""
-        _, cond = self.conditions(query)
+        bound = self.bound(query)
         if len(keys) == 1:
-            return self.one_key(query), [keys[0], *cond, query.limit]
+            return self.statement("one", query), [keys[0], *bound, query.limit]
         if self.dialect.plan == "lateral":
-            return self.lateral(query), [list(keys), *cond, query.limit]
-        part = f"({self.one_key(query)})"
+            return self.statement("lateral", query), [list(keys), *bound, query.limit]
+        part = f"({self.statement('one', query)})"
         params: list[Any] = []
         for key in keys:
-            params.extend((key, *cond, query.limit))
+            params.extend((key, *bound, query.limit))
         return " UNION ALL ".join([part] * len(keys)), params
 
     # -- writes and layout ---------------------------------------------------------------------------
@@ -325,14 +329,15 @@ class SqliteSequenceDao:
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
                       timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
         st = self._seq
-        sql = st.one_key(query)
-        _, cond = st.conditions(query)
+        sql = st.statement("fields", query)
+        bound, limit = st.bound(query), query.limit
         out: dict[Key, list[Event]] = {}
         with self.source.connection(timeout_s) as conn:
+            run = conn.execute
             for key in keys:
-                rows = conn.execute(sql, [key, *cond, query.limit]).fetchall()
+                rows = run(sql, (key, *bound, limit)).fetchall()
                 if rows:
-                    out[key] = [r[1:] for r in rows]
+                    out[key] = rows
         return out
 
     def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
