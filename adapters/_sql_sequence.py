@@ -10,14 +10,15 @@ stops after n index entries, with no sort, and the index covers the read (no tab
 order by code point: SQLite's BINARY collation, ``utf8mb4_bin`` on MySQL, ``COLLATE "C"`` on PostgreSQL.
 Duplicate events are kept (no primary key over the fields; SQLite's rowid, InnoDB's hidden row id).
 
-Plans, per dialect (measured with 100 users of 1,000 events, newest 100 each):
+Plans, per dialect (measured with 1 and 100 users of 1,000 events, newest 100 each; a ``(key, time)`` index
+alone sorts each key's window events: 3-18x slower):
 
 * PostgreSQL: ``unnest(keys) CROSS JOIN LATERAL (... WHERE key = k ORDER BY ... LIMIT n)``: one index-only
   backward scan per key, and one statement text for every batch (prepared on the server). A single key
   sends the inner statement alone (planning the lateral join costs more than reading one user).
-  ``ROW_NUMBER() OVER (PARTITION BY key ...)`` reads and sorts every event of the window: 10x slower.
+  ``ROW_NUMBER() OVER (PARTITION BY key ...)`` reads and sorts every event of the window: 4-10x slower.
 * MariaDB/MySQL: a ``UNION ALL`` of per-key ``(SELECT ... WHERE key = %s ORDER BY ... LIMIT n)``
-  (MariaDB has no LATERAL): each part reads n index entries. The window function was 5-10x slower.
+  (MariaDB has no LATERAL): each part reads n index entries. The window function was 4-13x slower.
 * SQLite: the per-key statement run for each key of the chunk on one borrowed connection (an embedded
   store has no round trip to save; the statement is compiled once and cached).
 
