@@ -227,6 +227,32 @@ def test_raw_sequence_reader_reads_what_the_dao_reads(redis_server: RedisServer)
         runtime.close()
 
 
+def test_a_batch_costs_one_round_trip_per_chunk(store: tuple[dict[str, Any], Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    source, _ = store
+    spec = {"time_field": "ts", "fields": {"n": "int", "ts": "int"}, "max_len": 2}
+    runtime, dao, _ = build({**source, "batch_size": 100, "pool_size": 1}, spec)
+    try:
+        users = [f"ü{i}" for i in range(250)]
+        dao.append((u, {"n": i, "ts": NOW - j}) for i, u in enumerate(users) if i % 2 == 0 for j in range(3))
+        dao.read(users[:3], as_of=NOW)  # a cluster reads its slot map on the first batch
+        sent: list[int] = []
+        real = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: Any, command: Any, check_health: bool = True) -> None:
+            sent.append(1)
+            real(self, command, check_health)
+
+        # The real driver still talks to the server; this only counts what it sends.
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        rows = dao.read(users, as_of=NOW)
+        # Three chunks: one pipeline each on a server; one per chunk and node (3 masters) on the cluster.
+        assert len(sent) == (9 if source.get("cluster") else 3)
+        assert [r["n"] if r else None for r in rows] == [[i, i] if i % 2 == 0 else None for i in range(250)]
+    finally:
+        runtime.close()
+
+
 @pytest.mark.redis_cluster
 def test_a_failed_cluster_node_costs_only_its_keys(redis_cluster: RedisCluster) -> None:
     nodes = [f"{h}:{p}" for h, p in redis_cluster.startup_nodes]
