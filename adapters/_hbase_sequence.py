@@ -45,6 +45,7 @@ _SEPARATOR = b"\x00"
 _WINDOW = 128
 """Most Thrift calls in flight on one connection."""
 _MAX_CACHING = 10_000
+_PUTS_PER_CALL = 1000
 
 
 def pipelined(client: Any, api: str, calls: Sequence[dict[str, Any]],
@@ -103,7 +104,8 @@ class HBaseSequenceMixin:
         self._seq = _Layout(
             columns={f: family + f.encode() for f in fields},
             encode=[encoders[FeatureType(t)] for t in types],
-            decode={f: decoders[FeatureType(t)] for f, t in zip(fields, types, strict=True)},
+            decode={f: _column_decoder(self.view.options.encoding, t, decoders[FeatureType(t)])
+                    for f, t in zip(fields, types, strict=True)},
             order=encoder([spec.fields[f] for f in ordered]), positions=positions,
             time_kind=spec.fields[spec.time_field])
 
@@ -124,8 +126,9 @@ class HBaseSequenceMixin:
         rows = dict(self._event_row(key, e) for key, added in events for e in added)
 
         def send(conn: Any) -> None:
-            # One mutateRows call; transaction=True: nothing is sent if building it fails half-way.
-            with conn.table(self.view.table).batch(transaction=True) as batch:
+            # mutateRows of at most _PUTS_PER_CALL rows, each call well within the socket timeout; rows
+            # are idempotent, so a chunk that fails part-way can simply be appended again.
+            with conn.table(self.view.table).batch(batch_size=_PUTS_PER_CALL) as batch:
                 for row_key, cells in rows.items():
                     batch.put(row_key, cells)
 
@@ -167,12 +170,9 @@ class HBaseSequenceMixin:
         out: dict[Key, list[Event]] = {}
         for key, rows in zip(ranges, found, strict=True):
             if rows:
-                events = []
-                for r in rows:
-                    cells = r.columns
-                    events.append(tuple([None if (cell := cells.get(c)) is None else dec(cell.value)
-                                         for _, c, dec in read]))
-                out[key] = events
+                # Column by column: a whole column decodes in one C-level call when its cells are sound.
+                cells = [r.columns for r in rows]
+                out[key] = list(zip(*[dec(_values(cells, c)) for _, c, dec in read], strict=True))
         return out
 
     def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object]:
@@ -237,14 +237,50 @@ class _Layout:
     __slots__ = ("columns", "decode", "encode", "order", "positions", "time_kind")
 
     def __init__(self, columns: dict[str, bytes], encode: list[Callable[[Any], Any]],
-                 decode: dict[str, Callable[[Any], Any]], order: Callable[[Sequence[Any]], bytes],
-                 positions: list[int], time_kind: str) -> None:
+                 decode: dict[str, Callable[[list[bytes | None]], list[Any]]],
+                 order: Callable[[Sequence[Any]], bytes], positions: list[int], time_kind: str) -> None:
         self.columns = columns
         self.encode = encode
         self.decode = decode
         self.order = order
         self.positions = positions
         self.time_kind = time_kind
+
+
+def _values(cells: list[dict[bytes, Any]], column: bytes) -> list[bytes | None]:
+    """One column's raw values across rows (None where a row lacks the cell)."""
+    try:
+        return [row[column].value for row in cells]
+    except KeyError:
+        return [None if (cell := row.get(column)) is None else cell.value for row in cells]
+
+
+def _column_decoder(encoding: str, kind: str,
+                    one: Callable[[bytes], Any]) -> Callable[[list[bytes | None]], list[Any]]:
+    """A column's decoder: the whole column at once, or cell by cell with ``one`` (the table view's
+    decoder: an odd cell stays bytes, a missing one None) when a cell is odd or missing."""
+    def by_cell(raws: list[bytes | None]) -> list[Any]:
+        return [None if r is None else one(r) for r in raws]
+
+    if encoding == "binary" and kind != "str":
+        code = "q" if kind == "int" else "d"
+
+        def packed(raws: list[bytes | None]) -> list[Any]:
+            if None in raws or set(map(len, raws)) != {8}:  # type: ignore[arg-type]
+                return by_cell(raws)
+            return list(struct.unpack(f">{len(raws)}{code}", b"".join(raws)))  # type: ignore[arg-type]
+
+        return packed
+    plain: dict[str, Callable[[Any], Any]] = {"int": int, "float": float, "str": bytes.decode}
+    fast = plain[kind]
+
+    def text(raws: list[bytes | None]) -> list[Any]:
+        try:
+            return list(map(fast, raws))
+        except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+            return by_cell(raws)
+
+    return text
 
 
 def _prefix(key: Key) -> bytes | None:

@@ -223,3 +223,22 @@ def test_raw_sequence_reader_reads_what_the_dao_reads(server: HBaseThriftServer)
         assert [g and {f: g[f] for f in FIELDS} for g in got] == rows
     finally:
         runtime.close()
+
+
+def test_cells_written_by_other_tools(server: HBaseThriftServer, raw: Any) -> None:
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 10}
+    runtime, dao, table = build(server, spec)
+    try:
+        good = {"item_id": 1, "event": "e", "ts": NOW - 1, "play_time": 1.0}
+        odd = {"item_id": 2, "event": "e", "ts": NOW - 2, "play_time": 1.0}
+        short = {"item_id": 3, "event": "e", "ts": NOW - 3, "play_time": 1.0}
+        dao.append([("u", good)])
+        # An int cell that is not a number drops its event; a missing cell reads as its type's zero.
+        raw.table(table).put(row_key("u", odd), {b"f:item_id": b"two", b"f:event": b"e",
+                                                  b"f:ts": str(NOW - 2).encode(), b"f:play_time": b"1.0"})
+        raw.table(table).put(row_key("u", short), {b"f:item_id": b"3", b"f:ts": str(NOW - 3).encode()})
+        (row,) = dao.read(["u"], as_of=NOW).rows
+        assert row is not None and row["item_id"] == [1, 3] and row["event"] == ["e", ""]
+        assert row["play_time"] == [1.0, 0.0]
+    finally:
+        runtime.close()

@@ -16,7 +16,9 @@ with thriftpy2's processor, transports and protocols:
   ``Connection(transport="framed", protocol="compact")``).
 
 Every client connection is served on its own daemon thread; there is no idle
-timeout, so pooled happybase connections stay usable.  All data lives in
+timeout, so pooled happybase connections stay usable.  Calls a client pipelines
+(sends before reading earlier answers) are answered one after the other, in
+order, as HBase's thread-pool server does.  All data lives in
 memory, guarded by one lock.
 
 **This is a local development/test server, not a replacement for HBase.**  It
@@ -95,7 +97,7 @@ Known differences from HBase
   normalises some values, e.g. ``timeToLive`` ``-1`` is reported as
   ``2147483647``).
 * One region per table; ``caching`` is ignored; scanners are a snapshot of
-  the row keys at open time (values are read at ``scannerGetList`` time) and
+  the row keys at open time (found by bisection in the table's sorted keys) (values are read at ``scannerGetList`` time) and
   are never expired by the server.
 * ``getRowsWithColumnsTs`` applies the timestamp even without columns (HBase
   ignores it then; happybase works around that bug).
