@@ -114,15 +114,23 @@ def run_pass(path: Path) -> dict[str, Any]:
         engine = run.engine if isinstance(run, ParallelRun) else run
         engine.runtime.daos["items_offline"].read([0])  # connections and imports before the baseline
         before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cpu_before = _cpu_s()
         started = time.perf_counter()
         report = run.run()
         elapsed = time.perf_counter() - started
+        cpu = _cpu_s() - cpu_before
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if parallel else 0
     assert report.ok and report.failed == 0, report
     return {"rows": report.written, "seconds": elapsed, "rows_per_s": report.written / elapsed,
             "rss_before_mb": before_kb / 1024, "rss_peak_mb": peak_kb / 1024,
-            "rss_worker_peak_mb": workers_kb / 1024}
+            "rss_worker_peak_mb": workers_kb / 1024, "cpu_s": cpu, "load": os.getloadavg()[0]}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the workers): what the sync itself cost."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _sql(kind: str, server: Any) -> Any:
@@ -289,7 +297,7 @@ def main() -> None:
                             seed_cmd = [sys.executable, __file__, "--child", "seed", str(path), str(size)]
                             subprocess.run(seed_cmd, check=True)
                             seeded = True
-                        server.command("FLUSHALL")
+                        server.command("FLUSHALL", timeout=120)
                         out = subprocess.run([sys.executable, __file__, "--child", "run", str(path)],
                                              check=True, capture_output=True, text=True)
                         result = {"source": kind, "size": size, "parallelism": par,
@@ -311,11 +319,13 @@ def main() -> None:
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. 20 features per row (12 float, 4 int, "
         "2 str, 4 tags, a 16-float embedding). One process per size and parallelism; peak RSS is the "
         "process's high-water mark (ru_maxrss), taken before and after the pass, and with parallelism the "
-        "largest worker's (ru_maxrss of the children). x p1: rows/s over parallelism 1's.",
+        "largest worker's (ru_maxrss of the children). x p1: rows/s over parallelism 1's. rows/CPU s: rows "
+        "over the CPU seconds of the sync's own processes (parent and workers, servers excluded), which a "
+        "busy machine changes far less than wall time; load: the 1-minute load average after the pass.",
         "",
-        "| source | rows | parallelism | seconds | rows/s | x p1 | RSS before pass (MB) | peak RSS (MB) | "
-        "worker peak RSS (MB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| source | rows | parallelism | seconds | rows/s | x p1 | rows/CPU s | load | "
+        "RSS before pass (MB) | peak RSS (MB) | worker peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {(r["source"], r["size"]): r["rows_per_s"] for r in results if r["parallelism"] == 1}
     for r in results:
@@ -323,7 +333,8 @@ def main() -> None:
         ratio = f"{r['rows_per_s'] / one:.2f}" if one else "-"
         worker = f"{r['rss_worker_peak_mb']:.1f}" if r["parallelism"] > 1 else "-"
         lines.append(f"| {r['source']} | {r['size']:,} | {r['parallelism']} | {r['seconds']:.2f} | "
-                     f"{r['rows_per_s']:,.0f} | {ratio} | {r['rss_before_mb']:.1f} | "
+                     f"{r['rows_per_s']:,.0f} | {ratio} | {r['rows'] / r['cpu_s']:,.0f} | {r['load']:.1f} | "
+                     f"{r['rss_before_mb']:.1f} | "
                      f"{r['rss_peak_mb']:.1f} | {worker} |")
     text = "\n".join(lines) + "\n"
     print(text)
