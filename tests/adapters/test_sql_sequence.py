@@ -254,3 +254,23 @@ def test_int_keys_and_a_float_time_in_milliseconds(store: Store) -> None:
         assert rows[1] == {"item": ["x"], "at": [at - 5]} and rows[2] is None
     finally:
         runtime.close()
+
+
+@pytest.mark.mysql
+def test_the_mysql_flavor_keeps_its_time_limit_on_a_union(mariadb_server: MariaDbServer) -> None:
+    """MySQL 8's hint needs a leading SELECT: the union is wrapped (MariaDB reads the hint as a comment)."""
+    m = mariadb_server
+    source = {"type": "mysql", "host": m.host, "port": m.port, "user": m.user, "password": m.password,
+              "database": m.database, "flavor": "mysql"}
+    spec = {"time_field": "ts", "item_field": "item_id", "fields": {"item_id": "int", "ts": "int"},
+            "max_len": 2}
+    runtime = factory.build({"sources": {"db": source},
+                             "views": [view(f"flavor_{secrets.token_hex(4)}", spec)]})
+    try:
+        dao = runtime.daos["click_seq"]
+        dao.prepare()
+        dao.append((u, {"item_id": i, "ts": NOW - i}) for u in ("a", "b") for i in range(4))
+        assert dao.read(["a", "b", "c"], timeout_s=5.0, as_of=NOW).rows == [
+            {"item_id": [0, 1], "ts": [NOW, NOW - 1]}, {"item_id": [0, 1], "ts": [NOW, NOW - 1]}, None]
+    finally:
+        runtime.close()
