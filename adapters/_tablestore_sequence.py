@@ -224,7 +224,8 @@ class TableStoreSequenceMixin:
         return results
 
     def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object]:
-        """OTSClient by hand: GetRange BACKWARD per key on a thread pool of its own, one list per field."""
+        """OTSClient by hand: GetRange BACKWARD per key on a thread pool of its own, the query's filter as
+        a composite condition, one list per field (an int time field)."""
         ots = _ots()
         client_of = self._raw_client  # type: ignore[attr-defined]
         opts = self.source.options
@@ -234,6 +235,7 @@ class TableStoreSequenceMixin:
             if pool is None:
                 pool = _raw_pools[ident] = ThreadPoolExecutor(opts.pool_size)
         table, key_col, time_col = self._table, self._key, self._seq_time
+        types = self._seq_types
 
         def read(keys: list[Key], query: SequenceQuery) -> object:
             client = client_of()
@@ -241,6 +243,23 @@ class TableStoreSequenceMixin:
             wanted = [f for f in fields if f != time_col]
             high = ots.INF_MAX if query.until is None else math.floor(query.until)
             low = ots.INF_MIN if query.since is None else math.ceil(query.since)
+            # The same filter the adapter pushes: event types OR-ed, thresholds on the column's type.
+            parts: list[Any] = []
+            if query.events and query.event_field:
+                either = ots.CompositeColumnCondition(ots.LogicalOperator.OR)
+                for e in query.events:
+                    either.add_sub_condition(ots.SingleColumnCondition(
+                        query.event_field, e, ots.ComparatorType.EQUAL, pass_if_missing="" in query.events))
+                parts.append(either)
+            for f, v in query.minimum:
+                value = math.ceil(v) if types[f] == "int" else float(v)
+                parts.append(ots.SingleColumnCondition(f, value, ots.ComparatorType.GREATER_EQUAL,
+                                                       pass_if_missing=v <= 0))
+            column_filter = None
+            if parts:
+                column_filter = ots.CompositeColumnCondition(ots.LogicalOperator.AND)
+                for c in parts:
+                    column_filter.add_sub_condition(c)
 
             def one(key: Key) -> dict[str, list[Any]] | None:
                 start: Any = [(key_col, key), (time_col, high), (TIE, ots.INF_MAX)]
@@ -250,7 +269,7 @@ class TableStoreSequenceMixin:
                 while start is not None and n < query.limit:
                     _, start, rows, _ = client.get_range(table, ots.Direction.BACKWARD, start, end,
                                                          columns_to_get=wanted, limit=query.limit - n,
-                                                         max_version=1)
+                                                         column_filter=column_filter, max_version=1)
                     for row in rows:
                         cells = {c[0]: c[1] for c in row.attribute_columns}
                         cells[time_col] = row.primary_key[1][1]

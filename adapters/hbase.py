@@ -1,5 +1,7 @@
 """The HBase adapter over happybase (Thrift1): one row per key, one column per feature in one family.
 
+Sequence views (a row per event, read by pipelined scans) are described in ``adapters._hbase_sequence``.
+
 Layout: the HBase table is ``view.table`` (with the source's optional ``table_prefix`` and
 ``table_prefix_separator``, happybase's own prefixing; ``"ns"`` + ``":"`` selects a namespace), the
 column of feature ``x`` is ``<column_family>:x``. Row keys are the UTF-8 bytes of a str key; int keys

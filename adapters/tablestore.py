@@ -1,5 +1,8 @@
 """The TableStore (OTS) adapter over the ``tablestore`` SDK: one wide row per key, BatchGetRow/BatchWriteRow.
 
+Sequence views (a row per event, GetRange BACKWARD per key) are described in
+``adapters._tablestore_sequence``.
+
 Layout: the table's only primary-key column is the view's ``key`` (STRING for ``key_type`` "str",
 INTEGER for "int"); every feature is an attribute column of the same name, one version kept
 (``max_version=1`` on create and on every read). Encodings: int as INTEGER, float as DOUBLE, str as

@@ -202,12 +202,13 @@ def test_int_keys_float_times_and_many_keys_at_once(server: TableStoreServer) ->
 
 
 def test_raw_sequence_reader_reads_what_the_dao_reads(server: TableStoreServer) -> None:
-    spec = {"time_field": "ts", "item_field": "item_id", "fields": FIELDS, "max_len": 6, "window_s": 500}
+    spec = {"time_field": "ts", "item_field": "item_id", "event_field": "event", "fields": FIELDS,
+            "max_len": 4, "window_s": 500, "events": ["e", "f"], "min": {"play_time": 0.5}}
     runtime, dao, _ = build(server, spec)
     try:
         users = ["ü", "b", "nobody"]
-        dao.append((u, {"item_id": j, "event": "e", "ts": NOW - 60 * j, "play_time": 0.5})
-                   for u in users[:2] for j in range(12))
+        dao.append((u, {"item_id": j, "event": "efx"[j % 3], "ts": NOW - 30 * j, "play_time": j % 4 / 2})
+                   for u in users[:2] for j in range(20))
         assert dao._sequencer is not None
         query = dao._sequencer.query(NOW, True)
         reader = dao.raw_sequence_reader()
@@ -215,5 +216,6 @@ def test_raw_sequence_reader_reads_what_the_dao_reads(server: TableStoreServer) 
         got: Any = reader(users, query)
         rows = dao.read(users, as_of=NOW).rows
         assert [g and {f: g[f] for f in FIELDS} for g in got] == rows
+        assert rows[0] is not None and rows[0]["item_id"] == [1, 3, 6, 7]  # filtered in the store
     finally:
         runtime.close()

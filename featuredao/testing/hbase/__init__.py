@@ -97,8 +97,9 @@ Known differences from HBase
   normalises some values, e.g. ``timeToLive`` ``-1`` is reported as
   ``2147483647``).
 * One region per table; ``caching`` is ignored; scanners are a snapshot of
-  the row keys at open time (found by bisection in the table's sorted keys) (values are read at ``scannerGetList`` time) and
-  are never expired by the server.
+  the row keys at open time, found by bisection in the table's sorted keys
+  (values are read at ``scannerGetList`` time), and are never expired by the
+  server.
 * ``getRowsWithColumnsTs`` applies the timestamp even without columns (HBase
   ignores it then; happybase works around that bug).
 * Increments and appends write their new cell at ``max(now, latest version's
