@@ -66,17 +66,19 @@ def pipelined(client: Any, api: str, calls: Sequence[dict[str, Any]],
 
 def scan_all(client: Any, table: bytes, scans: list[Any], limit: int,
              answered: tuple[type[BaseException], ...]) -> list[list[Any]]:
-    """The rows of each scan (at most ``limit``), opened, read and closed in three pipelined phases."""
+    """The rows of each scan (at most ``limit``), opened, read and closed in three pipelined phases.
+
+    A call the server answered with an error fails the read after every opened scanner is closed; any
+    other exception means a broken connection (the pool replaces it): nothing more is sent on it.
+    """
     opened = pipelined(client, "scannerOpenWithScan",
                        [{"tableName": table, "scan": s, "attributes": {}} for s in scans], answered)
     ids = [i for i in opened if not isinstance(i, BaseException)]
-    got: list[Any] = []
-    try:
-        if len(ids) == len(scans):
-            got = pipelined(client, "scannerGetList", [{"id": i, "nbRows": limit} for i in ids], answered)
-    finally:
-        if ids:
-            pipelined(client, "scannerClose", [{"id": i} for i in ids], answered)
+    got = []
+    if len(ids) == len(scans):
+        got = pipelined(client, "scannerGetList", [{"id": i, "nbRows": limit} for i in ids], answered)
+    if ids:
+        pipelined(client, "scannerClose", [{"id": i} for i in ids], answered)
     failed = [r for r in (*opened, *got) if isinstance(r, BaseException)]
     if failed:
         raise failed[0]
