@@ -130,7 +130,9 @@ class HBaseSequenceMixin:
         def send(conn: Any) -> None:
             # mutateRows of at most _PUTS_PER_CALL rows, each call well within the socket timeout; rows
             # are idempotent, so a chunk that fails part-way can simply be appended again.
-            with conn.table(self.view.table).batch(batch_size=_PUTS_PER_CALL) as batch:
+            # happybase counts a batch in cells, one per field of a row.
+            per_call = _PUTS_PER_CALL * len(self._seq.columns)
+            with conn.table(self.view.table).batch(batch_size=per_call) as batch:
                 for row_key, cells in rows.items():
                     batch.put(row_key, cells)
 
