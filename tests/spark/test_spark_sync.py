@@ -137,6 +137,37 @@ def test_spark_full_job_killed_and_resumed(tmp_path: Path, mariadb_server: Maria
     assert json.loads(third.stdout.strip().splitlines()[-1])["written"] == N
 
 
+def test_a_target_down_fails_the_run_and_the_next_run_completes(tmp_path: Path) -> None:
+    redis = RedisServer().start()
+    port = redis.port
+    job = {"name": "full", "from": "items", "to": ["hot_items"], "batch_size": 500, "parallelism": 2,
+           "retry_backoff_s": 0.1}
+    sources = {"src": {"type": "sqlite", "path": "src.db"}, "hot": redis_source(redis)}
+    path = config_file(tmp_path, sources, [view("items", "src", table="items"), redis_view("hot_items")],
+                       [job], name="down.json")
+    keys = list(range(1, 3001))
+    runtime = build(path)
+    try:
+        runtime.daos["items"].prepare()  # type: ignore[attr-defined]
+        runtime.daos["items"].upsert((i, features(i)) for i in keys)
+    finally:
+        runtime.close()
+    redis.stop()
+    try:
+        failed = run_sync(path)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        report = json.loads(failed.stdout.strip().splitlines()[-1])
+        assert report["written"] == 0 and set(report["down"]) == {"hot_items@0", "hot_items@1"}
+        assert checkpoints(tmp_path / "down.sync.db", "full")["@pass"]["phase"] == "scan"
+        redis = RedisServer(port=port).start()  # the same address: the config is unchanged
+        second = run_sync(path)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert json.loads(second.stdout.strip().splitlines()[-1])["written"] == len(keys)
+        assert contents(path, "hot_items", keys) == {i: features(i) for i in keys}
+    finally:
+        redis.stop()
+
+
 def test_engine_spark_runs_full_jobs_only(tmp_path: Path) -> None:
     path = config_file(tmp_path, {"src": {"type": "sqlite", "path": "src.db"}},
                        [view("items", "src", table="items"), view("copy", "src", table="copy", prefix="c_")],

@@ -23,6 +23,7 @@ from sparkhelp import (
     view,
 )
 
+import featuredao.spark
 from featuredao import UsageError
 from featuredao.config import load
 from featuredao.spark import ColumnMismatch, write_view
@@ -53,7 +54,11 @@ def redis_keys(server: RedisServer, table: str) -> int:
 
 
 @pytest.mark.redis
-def test_parquet_into_redis(spark: Any, parquet: Path, tmp_path: Path, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("transfer", ["arrow", "rows"])
+def test_parquet_into_redis(spark: Any, parquet: Path, tmp_path: Path, redis_server: RedisServer,
+                            transfer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrow batches where pyarrow and pandas are installed, else pickled Rows: both paths, same result.
+    monkeypatch.setattr(featuredao.spark, "_has_arrow", lambda: transfer == "arrow")
     path = config_file(tmp_path, {"hot": redis_source(redis_server)}, [redis_view("items")])
     df = spark.read.parquet(str(parquet))
     result = write_view(df, path, "items", batch_size=400, dead_letter=tmp_path / "dlq")
