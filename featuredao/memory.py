@@ -23,7 +23,7 @@ from pydantic import Field
 from featuredao.config import StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
 from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
-from featuredao.sequence import Event, SequenceQuery
+from featuredao.sequence import Event, SequenceQuery, order_key
 from featuredao.types import Key, RawRows, Row
 
 _ERRORS: dict[str, type[BackendError]] = {
@@ -223,6 +223,8 @@ class MemoryDao(BaseDao):
         t = query.index(query.time_field)
         e = query.index(query.event_field) if query.events and query.event_field else None
         minimum = [(query.index(f), low) for f, low in query.minimum]
+        assert self.view.sequence is not None
+        order = order_key(self.view.sequence)
         with self._store.lock:
             table = self._events()
             out = {}
@@ -232,7 +234,7 @@ class MemoryDao(BaseDao):
                         and (query.until is None or ev[t] <= query.until)
                         and (e is None or ev[e] in query.events)  # type: ignore[operator]
                         and all(ev[i] >= low for i, low in minimum)]
-                kept.sort(key=lambda ev: ev[t], reverse=True)
+                kept.sort(key=order, reverse=True)  # the documented order, ties included
                 if kept:
                     out[key] = kept[:query.limit]
             return out

@@ -13,7 +13,7 @@ the other fields), so every store answers alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -53,6 +53,16 @@ class SequenceQuery(list[str]):
                 f"limit={self.limit}, events={self.events!r}, minimum={self.minimum!r})")
 
 
+def order_key(spec: SequenceConfig) -> Callable[[Event], Any]:
+    """The sort key of events (tuples in ``spec.fields`` order): sorted by it, highest first, they are in
+    the documented order: time, then item, then every other field (a total order)."""
+    fields = list(spec.fields)
+    t = fields.index(spec.time_field)
+    item = fields.index(spec.item_field) if spec.item_field else None
+    rest = [i for i in range(len(fields)) if i not in (t, item)]
+    return itemgetter(t, *([] if item is None else [item]), *rest)
+
+
 class Sequencer:
     """One sequence view's reading rules: the query it sends and how it finishes what comes back."""
 
@@ -66,10 +76,7 @@ class Sequencer:
         self._scale = 1000.0 if spec.time_unit == "ms" else 1.0
         position = {f: i for i, f in enumerate(self.fields)}
         self._time = position[spec.time_field]
-        item = position.get(spec.item_field) if spec.item_field else None
-        # Ties on time: item first, then every other field, highest first (a total, documented order).
-        rest = [i for i in range(len(self.fields)) if i not in (self._time, item)]
-        self._order = itemgetter(self._time, *([] if item is None else [item]), *rest)
+        self._order = order_key(spec)
         self._dedupe = position[spec.dedupe] if spec.dedupe else None
         self._event = position[spec.event_field] if spec.event_field else None
         self._events = frozenset(spec.events) if spec.events is not None else None
