@@ -13,15 +13,17 @@ each user to one slot); each event is one member, a msgpack array of the event's
   a replayed sync pass or a retried write relies on; an event differs from another as soon as one field
   differs (a second click on the same item a second later is another member). A source whose genuinely
   repeated events must count twice needs a field telling them apart (an event id, a time in ms).
-* **Reads**: per key ``ZREVRANGEBYSCORE key until since LIMIT 0 limit`` (``+inf`` without ``until``),
+* **Reads**: per key ``ZREVRANGEBYSCORE key until since LIMIT 0 limit+1`` (``+inf`` without ``until``),
   all keys of a chunk in one pipeline: one round trip on a server; on a cluster, one pipeline per node,
   the nodes in parallel, and a node that fails fails only its keys (the table views' path,
   ``ClusterRouter.execute``). Event-type and threshold filters cannot be expressed in a score range, so
   ``sequence_filters`` is off: the core reads ``scan_len`` events per key and filters them.
-* **Ties**: events with the same time are ordered by Redis by member bytes (reversed), not by the core's
-  order (item, then the other fields, highest first). The core re-sorts what it gets, so the answer is
-  the core's order; only when equal times straddle the ``limit`` boundary may the store keep a different
-  one of them than the core's order would.
+* **Ties**: Redis orders members of one score by their bytes (reversed), not by the core's order (item,
+  then the other fields, highest first). The core re-sorts what it gets; what the store must get right is
+  which events of one time the limit keeps. The one event read beyond the limit shows where the limit
+  cuts through events of one time: for those keys only, one more pipelined ``ZREVRANGEBYSCORE key t t``
+  reads every event of that time, and the ones first in the core's order are kept, as on every store.
+  Without such a cut (the usual case) a read is one round trip.
 * **Writes**: per key one ``ZADD`` with all its events, then ``retain``: ``max_len`` with
   ``ZREMRANGEBYRANK key 0 -(max_len+1)`` (the newest N stay), ``max_age_s`` with ``ZREMRANGEBYSCORE`` of
   everything older than the newest time in the appended events minus ``max_age_s``. Relative to the
@@ -105,33 +107,90 @@ class RedisSequences(BaseDao):
         """The fields of a member's array, in order: the view's ``sequence.fields``."""
         return list(self.view.sequence.fields) if self.view.sequence is not None else []
 
+    @functools.cached_property
+    def _tie_order(self) -> Callable[[Event], Any] | None:
+        """The core's order of events with one time: the item field, then the other fields (None: the
+        time is the only field, so two members cannot share it)."""
+        spec = self.view.sequence
+        assert spec is not None
+        stored = self._stored_fields
+        item = [stored.index(spec.item_field)] if spec.item_field else []
+        rest = [i for i, f in enumerate(stored) if f not in (spec.time_field, spec.item_field)]
+        return itemgetter(*item, *rest) if item or rest else None
+
     # -- reads -----------------------------------------------------------------------------------------
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
                       timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
-        window = _window(query)
-        if self._server.is_cluster:
-            return self._cluster_events(keys, query, window, timeout_s)
-        rkeys = self._redis_keys(keys)
-        client: Any = self._server.client()
-        try:
-            if len(rkeys) == 1:  # no pipeline object for a single key
-                replies = [client.execute_command("ZREVRANGEBYSCORE", rkeys[0], *window)]
-            else:
-                pipe = client.pipeline(transaction=False)
-                for rk in rkeys:
-                    pipe.execute_command("ZREVRANGEBYSCORE", rk, *window)
-                replies = pipe.execute()
-        except rexc.ResponseError as exc:
-            self._raise_wrongtype(exc)
-            raise
-        return self._decode_events(keys, replies, query)
-
-    def _cluster_events(self, keys: list[Key], query: SequenceQuery, window: tuple[Any, ...],
-                        timeout_s: float | None) -> dict[Key, list[Event]]:
-        """Each node's keys in one pipeline; keys of failed nodes go to the read's ``_Lost`` (or fail it)."""
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        encoded = [rk.encode() for rk in self._redis_keys(keys)]
-        commands = [(("ZREVRANGEBYSCORE", rk, *window),) for rk in encoded]
+        lost = self._reads.get(id(keys)) if self._server.is_cluster else None
+        top = "+inf" if query.until is None else repr(float(query.until))
+        bottom = "-inf" if query.since is None else repr(float(query.since))
+        limit = query.limit
+        # One event beyond the limit tells whether the limit cuts through events of one time.
+        served, replies = self._ranges(keys, ("ZREVRANGEBYSCORE", top, bottom, "LIMIT", 0, limit + 1),
+                                       deadline, lost)
+        events = self._decode_events(served, replies)
+        at = self._stored_fields.index(query.time_field)
+        cut: dict[Key, Any] = {}
+        for key, evs in events.items():
+            if len(evs) > limit:
+                if limit and evs[limit][at] == evs[limit - 1][at] and self._tie_order is not None:
+                    cut[key] = evs[limit][at]
+                else:
+                    del evs[limit:]
+        if cut:
+            self._settle_ties(events, cut, limit, at, deadline, lost)
+        if query != self._stored_fields:  # the core asks for every field in the declared order
+            pick = itemgetter(*map(self._stored_fields.index, query))
+            return {k: [tuple(pick(e)) if len(query) > 1 else (pick(e),) for e in evs]
+                    for k, evs in events.items()}
+        return events
+
+    def _settle_ties(self, events: dict[Key, list[Event]], cut: dict[Key, Any], limit: int, at: int,
+                     deadline: float | None, lost: _Lost | None) -> None:
+        """Where the limit cuts through events of one time, read every event of that time (one more round
+        trip, for those keys only) and keep the ones first in the core's order, as every store does.
+
+        Redis orders members of one score by their bytes, which is not the core's order."""
+        keys = list(cut)
+        served, replies = self._ranges(keys, ("ZREVRANGEBYSCORE",), deadline, lost,
+                                       [(repr(float(t)), repr(float(t))) for t in cut.values()])
+        tied = self._decode_events(served, replies)
+        for key in keys:
+            if key not in served:
+                del events[key]  # its node failed this time: the key is in the read's lost keys
+                continue
+            evs = events[key]
+            newer = [e for e in evs if e[at] != cut[key]]
+            same = list(tied.get(key, ()))
+            try:
+                same.sort(key=self._tie_order, reverse=True)
+            except TypeError:  # values of foreign writers that do not compare: the store's order
+                events[key] = evs[:limit]
+                continue
+            events[key] = (newer + same)[:limit]
+
+    def _ranges(self, keys: list[Key], command: tuple[Any, ...], deadline: float | None, lost: _Lost | None,
+                extra: list[tuple[Any, ...]] | None = None) -> tuple[list[Key], list[list[bytes]]]:
+        """One read per key (``command`` with the key after its name, then ``extra`` of that key): a
+        pipeline on a server; on a cluster one per node, keys of failed nodes going to ``lost`` (without
+        one, failing the read). Returns the keys served and their replies."""
+        name, *args = command
+        rkeys = self._redis_keys(keys)
+        if not self._server.is_cluster:
+            client: Any = self._server.client()
+            try:
+                if len(rkeys) == 1:  # no pipeline object for a single key
+                    return keys, [client.execute_command(name, rkeys[0], *(extra[0] if extra else ()), *args)]
+                pipe = client.pipeline(transaction=False)
+                for i, rk in enumerate(rkeys):
+                    pipe.execute_command(name, rk, *(extra[i] if extra else ()), *args)
+                return keys, pipe.execute()
+            except rexc.ResponseError as exc:
+                self._raise_wrongtype(exc)
+                raise
+        encoded = [rk.encode() for rk in rkeys]
+        commands = [((name, rk, *(extra[i] if extra else ()), *args),) for i, rk in enumerate(encoded)]
         routed = self._server.router().execute(encoded, commands, deadline=deadline, read=True)
         served: list[Key] = []
         replies: list[Any] = []
@@ -144,22 +203,13 @@ class RedisSequences(BaseDao):
                 replies.append(reply[0])
         failures = self._failed_keys(routed, keys)
         if failures:
-            # Without a _Lost (callers other than read_partial): all or nothing.
-            self._lose(failures, self._reads.get(id(keys)))
-        return self._decode_events(served, replies, query)
+            self._lose(failures, lost)
+        return served, replies
 
-    def _decode_events(self, keys: list[Key], replies: list[list[bytes]],
-                       query: SequenceQuery) -> dict[Key, list[Event]]:
-        """Each key's members unpacked into event tuples in ``query``'s order (keys without events are
+    def _decode_events(self, keys: list[Key], replies: list[list[bytes]]) -> dict[Key, list[Event]]:
+        """Each key's members unpacked into event tuples of the stored fields (keys without events are
         left out)."""
-        stored = self._stored_fields
-        width = len(stored)
-        if query != stored:  # the core asks for every field in the declared order; any other is picked
-            pick = itemgetter(*map(stored.index, query))
-            return {k: [tuple(pick(e)) if len(query) > 1 else (pick(e),) for e in evs]
-                    for k, evs in self._decode_events(keys, replies, SequenceQuery(
-                        stored, time_field=query.time_field, since=query.since, until=query.until,
-                        limit=query.limit)).items()}
+        width = len(self._stored_fields)
         out: dict[Key, list[Event]] = {}
         for key, members in zip(keys, replies, strict=True):
             if not members:
@@ -283,9 +333,3 @@ class RedisSequences(BaseDao):
             commands.append(("EXPIRE", rk, self.options.ttl_s))
         return commands
 
-
-def _window(query: SequenceQuery) -> tuple[Any, ...]:
-    """The arguments after the key: newest bound, oldest bound, the limit."""
-    top = "+inf" if query.until is None else repr(float(query.until))
-    bottom = "-inf" if query.since is None else repr(float(query.since))
-    return (top, bottom, "LIMIT", 0, query.limit)

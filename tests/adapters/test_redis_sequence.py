@@ -88,8 +88,6 @@ def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_pat
     source, client = store
     table = f"truth{secrets.token_hex(4)}"
     users = [f"u{i}" for i in range(8)] + ["用户-ü", "ユーザー:7", "emoji 🎧", "Ω"]
-    # Fewer window events per user (at most 60) than the read's limit (4 x max_len = 80): the store never
-    # has to choose among events tied at its limit, where its tie order is not the core's (documented).
     by_user = events(16, users, 60, NOW)
     # A tie the store orders otherwise: equal times, where member bytes sort -1 (0xff) above 300 (0xcd..)
     # above 2, and "click" above "buy"; the core's order is by item (300, 2, -1), then the other fields.
@@ -97,6 +95,10 @@ def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_pat
            for item, ev, play in ((-1, "click", 3.0), (2, "buy", 4.0), (300, "click", 2.5), (300, "buy", 9.0),
                                   (2, "click", 2.0))]
     by_user["tie-用户"] = [*tie, {"item_id": 5, "event": "buy", "ts": NOW - 31, "play_time": 5.0}]
+    # More events at one time than the read's limit (4 x max_len = 80): the limit cuts inside the tie, and
+    # member bytes put the 100 negative items (0xd0.., 0xe0..0xff) above the positive ones, unlike the core.
+    cut = [{"item_id": i, "event": "click", "ts": NOW - 40, "play_time": 7.0} for i in range(-100, 20)]
+    by_user["cut-用户"] = [*cut, {"item_id": 99, "event": "buy", "ts": NOW, "play_time": 3.0}]
     load(client, table, by_user)
     config = tmp_path / "seq.json"
     config.write_text(json.dumps({"sources": {"r": source}, "service": {"deadline_ms": 10_000},
@@ -107,6 +109,7 @@ def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_pat
         assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, user
         assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
     assert fetch_json(config, "tie-用户", NOW)["user"]["click_item_id"] == [300, 2, -1, 5]
+    assert fetch_json(config, "cut-用户", NOW)["user"]["click_item_id"] == [99, *range(19, 0, -1)]
 
 
 def test_no_filters_read_the_newest_of_the_window_across_users(store: tuple[dict[str, Any], Any]) -> None:
@@ -122,6 +125,53 @@ def test_no_filters_read_the_newest_of_the_window_across_users(store: tuple[dict
         for user, row in zip(users, rows, strict=True):
             want = expected(distinct(by_user[user]), spec, NOW, prefix="")
             assert (row or {f: [] for f in FIELDS}) == want, user
+    finally:
+        runtime.close()
+
+
+def test_a_limit_cutting_through_one_time_keeps_the_core_order(store: tuple[dict[str, Any], Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    source, client = store
+    spec = {"time_field": "ts", "item_field": "item_id", "event_field": "event", "fields": FIELDS,
+            "max_len": 3}
+    runtime, dao, table = build({**source, "socket_timeout_ms": 10_000}, spec)
+    try:
+        # Per user: newer events (one each), events of one time, older events (one each). Member bytes put
+        # negative items first among events of one time; the core puts the highest items first.
+        # "a": the limit (3) cuts the tie; "d": the tie fills the limit and more.
+        shape = {"a": (1, [(-1, "x"), (-2, "x"), (-3, "x"), (300, "x"), (5, "x"), (5, "y")], 0),
+                 "b": (0, [(-1, "x"), (7, "x")], 0),  # a tie within the limit
+                 "c": (1, [(-1, "x"), (9, "x")], 2),  # the limit ends where the tie ends: no cut
+                 "d": (0, [(-1, "x"), (-2, "x"), (-3, "x"), (-4, "x"), (1, "x"), (3, "x"), (2, "x")], 0)}
+        stored: dict[str, list[dict[str, Any]]] = {}
+        for user, (new, same, old) in shape.items():
+            stored[user] = [{"item_id": 1000 + n, "event": "z", "ts": NOW - n, "play_time": 1.0}
+                            for n in range(new)]
+            stored[user] += [{"item_id": i, "event": e, "ts": NOW - 5, "play_time": 1.0} for i, e in same]
+            stored[user] += [{"item_id": 2000 + n, "event": "o", "ts": NOW - 9 - n, "play_time": 1.0}
+                             for n in range(old)]
+        load(client, table, stored)
+        sent: list[int] = []
+        real = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: Any, command: Any, check_health: bool = True) -> None:
+            sent.append(1)
+            real(self, command, check_health)
+
+        # The same read first: the slot map and every connection it needs are there before counting.
+        dao.read(["a", "b", "c", "d"], as_of=NOW)
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        a, b, c, d = rows = dao.read(["a", "b", "c", "d"], as_of=NOW)
+        assert a is not None and b is not None and c is not None and d is not None
+        assert list(zip(a["item_id"], a["event"], strict=True)) == [(1000, "z"), (300, "x"), (5, "y")]
+        assert b["item_id"] == [7, -1] and c["item_id"] == [1000, 9, -1] and d["item_id"] == [3, 2, 1]
+        for user, row in zip("abcd", rows, strict=True):
+            assert row == expected(distinct(stored[user]), {**spec, "window_s": None}, NOW, prefix=""), user
+        # Only the keys whose limit cuts a tie ("a", "d") cost a second round trip (one per node at most).
+        if source.get("cluster"):
+            assert len(sent) <= 3 + 2
+        else:
+            assert len(sent) == 2
     finally:
         runtime.close()
 
@@ -231,11 +281,13 @@ def test_a_batch_costs_one_round_trip_per_chunk(store: tuple[dict[str, Any], Any
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     source, _ = store
     spec = {"time_field": "ts", "fields": {"n": "int", "ts": "int"}, "max_len": 2}
-    runtime, dao, _ = build({**source, "batch_size": 100, "pool_size": 1}, spec)
+    # A long socket timeout: on a busy machine a timed-out connection would reconnect and send more.
+    runtime, dao, _ = build({**source, "batch_size": 100, "pool_size": 1, "socket_timeout_ms": 10_000}, spec)
     try:
         users = [f"ü{i}" for i in range(250)]
         dao.append((u, {"n": i, "ts": NOW - j}) for i, u in enumerate(users) if i % 2 == 0 for j in range(3))
-        dao.read(users[:3], as_of=NOW)  # a cluster reads its slot map on the first batch
+        # The same read first: the slot map and every connection it needs are there before counting.
+        dao.read(users, as_of=NOW)
         sent: list[int] = []
         real = redis.connection.AbstractConnection.send_packed_command
 
