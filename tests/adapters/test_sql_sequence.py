@@ -274,3 +274,28 @@ def test_the_mysql_flavor_keeps_its_time_limit_on_a_union(mariadb_server: MariaD
             {"item_id": [0, 1], "ts": [NOW, NOW - 1]}, {"item_id": [0, 1], "ts": [NOW, NOW - 1]}, None]
     finally:
         runtime.close()
+
+
+@pytest.mark.hologres
+def test_a_read_limit_kept_by_the_session_never_limits_other_work(postgres_server: PostgresServer) -> None:
+    """A read's ``statement_timeout`` stays on its pooled connection for the next read of the same limit;
+    a read without a deadline, a write or DDL on that connection run with the connect-time default."""
+    pg = postgres_server
+    source = {"type": "hologres", "host": pg.host, "port": pg.port, "user": pg.user, "password": pg.password,
+              "database": pg.dbname, "sslmode": "disable", "pool_size": 1, "read_timeout_ms": 4000}
+    runtime = factory.build({"sources": {"db": source},
+                             "views": [view(f"limit_{secrets.token_hex(4)}", {**SPEC, "max_len": 3})]})
+    try:
+        src: Any = runtime.daos["click_seq"].source
+        assert src.fetch("SHOW statement_timeout", (), 0.5)[0][0] == "500ms"
+        assert src.fetch("SHOW statement_timeout", (), 0.5)[0][0] == "500ms"  # kept: the statement alone
+        assert src.fetch("SHOW statement_timeout", (), None)[0][0] == "4s"
+        src.fetch("SELECT 1", (), 0.05)
+        src.execute("SELECT pg_sleep(0.3)")  # DDL-like work: not cancelled at the read's 50 ms
+        src.fetch("SELECT 1", (), 0.05)
+        src.write("SELECT pg_sleep(%s)", [(0.3,)])
+        with pytest.raises(Exception, match="statement timeout"):
+            src.fetch("SELECT pg_sleep(0.3)", (), 0.05)
+        assert src.fetch("SHOW statement_timeout", (), 2.0)[0][0] == "2s"  # a failed read set it again
+    finally:
+        runtime.close()
