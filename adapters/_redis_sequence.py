@@ -4,8 +4,8 @@ Layout: the key is the view's ``key_template`` (``{table}:{key}`` by default, so
 each user to one slot); each event is one member, a msgpack array of the event's fields in the order
 ``sequence.fields`` declares them, scored by its time (``time_field``, in ``time_unit``).
 
-* **An array, not a map**: it is a third of the bytes of a map with field names, unpacks straight into
-  the tuple the core wants (no per-field lookup), and the order is the view's config. A field added at
+* **An array, not a map**: less than half the bytes of a map with field names, it unpacks straight into
+  the tuple the core wants (no per-field lookup), and its order is the view's config. A field added at
   the end of ``fields`` later reads as null (its type's zero) in older members; a field dropped from the
   end is ignored; reordering or removing fields in the middle needs the keys rewritten.
 * **Identical events are one member**: a sorted set holds a member once, so appending an event whose
@@ -28,7 +28,8 @@ each user to one slot); each event is one member, a msgpack array of the event's
   ``ZREMRANGEBYRANK key 0 -(max_len+1)`` (the newest N stay), ``max_age_s`` with ``ZREMRANGEBYSCORE`` of
   everything older than the newest time in the appended events minus ``max_age_s``. Relative to the
   events, not the clock: a backfill of old events, or a replay at a past ``request_time``, is not trimmed
-  away on arrival; a late event older than a stored newer one is trimmed by the key's next append.
+  away on arrival; a late event already too old for a stored newer one stays until an append of newer
+  events trims it.
   ``ttl_s`` expires a key that gets no event for that long. On a server the chunk is one ``MULTI``.
 """
 
@@ -134,8 +135,9 @@ class RedisSequences(BaseDao):
         cut: dict[Key, Any] = {}
         for key, evs in events.items():
             if len(evs) > limit:
-                if limit and evs[limit][at] == evs[limit - 1][at] and self._tie_order is not None:
-                    cut[key] = evs[limit][at]
+                t = evs[limit][at]
+                if t == evs[limit - 1][at] and type(t) in (int, float) and self._tie_order is not None:
+                    cut[key] = t
                 else:
                     del evs[limit:]
         if cut:
@@ -257,6 +259,7 @@ class RedisSequences(BaseDao):
         one key), each member unpacked, one list per field, rows in key order (None: no events)."""
         if self._server.is_cluster:
             return None
+
         def read(keys: list[Key], query: SequenceQuery) -> object:
             fields = list(query)  # members hold every field of the view, in this order
             top = "+inf" if query.until is None else query.until
