@@ -48,7 +48,7 @@ import redis.exceptions as rexc
 
 from featuredao.dao import BaseDao
 from featuredao.errors import BackendUnavailable
-from featuredao.sequence import Event, SequenceQuery
+from featuredao.sequence import Event, SequenceQuery, order_key
 from featuredao.types import FeatureValue, Key
 
 from ._redis_kv import ClusterRouter, NodeFailures, Routed, _Lost
@@ -109,15 +109,10 @@ class RedisSequences(BaseDao):
         return list(self.view.sequence.fields) if self.view.sequence is not None else []
 
     @functools.cached_property
-    def _tie_order(self) -> Callable[[Event], Any] | None:
-        """The core's order of events with one time: the item field, then the other fields (None: the
-        time is the only field, so two members cannot share it)."""
-        spec = self.view.sequence
-        assert spec is not None
-        stored = self._stored_fields
-        item = [stored.index(spec.item_field)] if spec.item_field else []
-        rest = [i for i, f in enumerate(stored) if f not in (spec.time_field, spec.item_field)]
-        return itemgetter(*item, *rest) if item or rest else None
+    def _order(self) -> Callable[[Event], Any]:
+        """The core's sort key of stored events (highest first: the documented order)."""
+        assert self.view.sequence is not None
+        return order_key(self.view.sequence)
 
     # -- reads -----------------------------------------------------------------------------------------
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
@@ -136,7 +131,7 @@ class RedisSequences(BaseDao):
         for key, evs in events.items():
             if len(evs) > limit:
                 t = evs[limit][at]
-                if t == evs[limit - 1][at] and type(t) in (int, float) and self._tie_order is not None:
+                if t == evs[limit - 1][at] and type(t) in (int, float):
                     cut[key] = t
                 else:
                     del evs[limit:]
@@ -166,7 +161,7 @@ class RedisSequences(BaseDao):
             newer = [e for e in evs if e[at] != cut[key]]
             same = list(tied.get(key, ()))
             try:
-                same.sort(key=self._tie_order, reverse=True)
+                same.sort(key=self._order, reverse=True)
             except TypeError:  # values of foreign writers that do not compare: the store's order
                 events[key] = evs[:limit]
                 continue
