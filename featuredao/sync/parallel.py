@@ -6,23 +6,28 @@ starts one worker per range not finished yet, and once every range is done runs 
 its range's checkpoints are its own, so a worker that dies (SIGKILL, out of memory) loses at most its
 chunk in flight, and the next run of the job resumes that range where its checkpoint stands.
 
-Workers are started with multiprocessing's ``spawn`` context: a fresh interpreter that loads the config
-file and opens its own connections. A forked child would inherit the parent's connection pools, sockets
-and background threads mid-state (and ``fork`` from a process with threads is unsafe); spawning also
-keeps the same path for every platform. Functions named by ``compute`` steps or conflicts must therefore
-be registered by a module the job ``imports``. Each worker reports over its own pipe (never a shared
-queue, whose lock a killed worker could take with it).
+A worker is a subprocess ``python -m featuredao.sync.parallel CONFIG JOB RANGE``: a fresh interpreter
+that loads the config file and opens its own connections. A forked child would inherit the parent's
+connection pools, sockets and background threads mid-state (``fork`` from a process with threads is
+unsafe), and multiprocessing's ``spawn`` re-runs the caller's main script in every child (a script
+without an ``if __name__ == "__main__"`` guard would start workers recursively). Functions named by
+``compute`` steps or conflicts must therefore be registered by a module the job ``imports``. Each worker
+reports JSON lines on its own stdout pipe (never a shared queue, whose lock a killed worker could take
+with it); its stderr is the parent's.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
+import selectors
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +66,20 @@ class ParallelReport(CycleReport):
                 f"{t}: {e}" for t, e in other.down.items())
 
 
-def _worker(config: str, job: str, range_id: int, conn: Connection) -> None:
-    """One range in a spawned process; SIGTERM finishes the chunk in flight, then the worker exits."""
+def worker_main(argv: list[str]) -> None:
+    """One range in this process (``CONFIG JOB RANGE``); SIGTERM finishes the chunk in flight, then exits."""
+    config, job, range_id = argv[0], argv[1], int(argv[2])
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    out = sys.stdout
 
-    def progress(rows: int) -> None:
-        conn.send(("rows", rows))
+    def say(kind: str, value: Any) -> None:
+        out.write(json.dumps([kind, value], default=str) + "\n")
+        out.flush()
 
-    report = run_range(config, job, range_id, stop=stop, on_progress=progress)
-    conn.send(("done", asdict(report)))
-    conn.close()
+    report = run_range(config, job, range_id, stop=stop, on_progress=lambda rows: say("rows", rows))
+    say("done", asdict(report))
 
 
 class ParallelRun:
@@ -82,7 +89,7 @@ class ParallelRun:
         self.path = Path(path)
         self.engine = SyncEngine.from_file(self.path, job, metrics=metrics)
         self.job = self.engine.job
-        self._procs: list[Any] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> ParallelRun:
@@ -101,13 +108,13 @@ class ParallelRun:
         with self._lock:
             procs = list(self._procs)
         for p in procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
 
-    def worker_pids(self) -> dict[int, int]:
-        """The running workers' process ids by range id."""
+    def worker_pids(self) -> list[int]:
+        """The running workers' process ids."""
         with self._lock:
-            return {int(p.name.rsplit("-", 1)[1]): p.pid for p in self._procs if p.is_alive()}
+            return [p.pid for p in self._procs if p.poll() is None]
 
     def run(self, *, follow: bool = False, interval_s: float = 5.0, stop: threading.Event | None = None,
             on_progress: Callable[[int], None] | None = None,
@@ -139,46 +146,50 @@ class ParallelRun:
 
     def _run_workers(self, todo: list[int], stop: threading.Event,
                      on_progress: Callable[[int], None] | None, report: ParallelReport) -> None:
-        ctx = mp.get_context("spawn")
-        readers: dict[Any, int] = {}
-        procs: dict[int, Any] = {}
-        for rid in todo:
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(str(self.path), self.job.name, rid, writer),
-                               name=f"featuredao-sync-{self.job.name}-{rid}")
-            proc.start()
-            writer.close()  # the parent's copy: the pipe ends (EOF) when the worker's does
-            readers[reader] = rid
-            procs[rid] = proc
-        with self._lock:
-            self._procs = list(procs.values())
+        procs: dict[int, subprocess.Popen[bytes]] = {}
+        sel = selectors.DefaultSelector()
+        buffers: dict[int, bytes] = {}
         finished: dict[int, CycleReport] = {}
-        asked_stop = 0.0
         try:
-            while readers:
+            for rid in todo:
+                proc = subprocess.Popen([sys.executable, "-m", "featuredao.sync.parallel", str(self.path),
+                                         self.job.name, str(rid)], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE)
+                assert proc.stdout is not None
+                procs[rid] = proc
+                buffers[rid] = b""
+                sel.register(proc.stdout, selectors.EVENT_READ, rid)
+            with self._lock:
+                self._procs = list(procs.values())
+            asked_stop = 0.0
+            while sel.get_map():
                 if stop.is_set() and not asked_stop:
                     asked_stop = time.monotonic()
                     for p in procs.values():
-                        p.terminate()  # SIGTERM: the worker finishes its chunk in flight, then exits
+                        if p.poll() is None:
+                            p.terminate()  # SIGTERM: the worker finishes its chunk in flight, then exits
                 if asked_stop and time.monotonic() - asked_stop > _TERM_GRACE_S:
                     self.abandon()
-                for ready in wait(list(readers), timeout=0.2):
-                    pipe: Any = ready
-                    rid = readers[pipe]
-                    try:
-                        kind, value = pipe.recv()
-                    except (EOFError, OSError):
-                        del readers[pipe]  # the worker ended (after its report, or killed)
-                        pipe.close()
+                for key, _ in sel.select(timeout=0.2):
+                    rid = key.data
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:  # the worker ended (after its report, or killed)
+                        sel.unregister(key.fileobj)
                         continue
-                    if kind == "rows":
-                        if on_progress is not None:
-                            on_progress(int(value))
-                    else:
-                        finished[rid] = CycleReport(**value)
+                    *lines, buffers[rid] = (buffers[rid] + chunk).split(b"\n")
+                    for line in lines:
+                        kind, value = json.loads(line)
+                        if kind == "rows":
+                            if on_progress is not None:
+                                on_progress(int(value))
+                        else:
+                            finished[rid] = CycleReport(**value)
         finally:
+            sel.close()
             for p in procs.values():
-                p.join()
+                p.wait()
+                if p.stdout is not None:
+                    p.stdout.close()
             with self._lock:
                 self._procs = []
         for rid, proc in procs.items():
@@ -186,6 +197,10 @@ class ParallelRun:
             if got is not None:
                 report.add(got, rid)
             elif not stop.is_set():
-                code = proc.exitcode
+                code = proc.returncode
                 why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 report.failed_ranges[rid] = f"worker of range {rid} ended without finishing ({why})"
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

@@ -252,7 +252,7 @@ def _workers(pid: int) -> list[int]:
             cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+        if b"featuredao.sync.parallel" in cmd:
             out.append(int(child))
     return out
 
