@@ -19,8 +19,9 @@ each user to one slot); each event is one member, a msgpack array of the event's
   ``ClusterRouter.execute``). Event-type and threshold filters cannot be expressed in a score range, so
   ``sequence_filters`` is off: the core reads ``scan_len`` events per key and filters them.
 * **Ties**: Redis orders members of one score by their bytes (reversed), not by the core's order (item,
-  then the other fields, highest first). The core re-sorts what it gets; what the store must get right is
-  which events of one time the limit keeps. The one event read beyond the limit shows where the limit
+  then the other fields, highest first): each key's events are sorted into that order after the read
+  (in C, on nearly sorted data), and what the read must get right is which events of one time the limit
+  keeps. The one event read beyond the limit shows where the limit
   cuts through events of one time: for those keys only, one more pipelined ``ZREVRANGEBYSCORE key t t``
   reads every event of that time, and the ones first in the core's order are kept, as on every store.
   Without such a cut (the usual case) a read is one round trip.
@@ -35,6 +36,7 @@ each user to one slot); each event is one member, a msgpack array of the event's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -137,6 +139,11 @@ class RedisSequences(BaseDao):
                     del evs[limit:]
         if cut:
             self._settle_ties(events, cut, limit, at, deadline, lost)
+        for evs in events.values():
+            # Members of one score come in byte order: sorted, the answer is in the documented order
+            # (values of foreign writers that do not compare stay in the store's order).
+            with contextlib.suppress(TypeError):
+                evs.sort(key=self._order, reverse=True)
         if query != self._stored_fields:  # the core asks for every field in the declared order
             pick = itemgetter(*map(self._stored_fields.index, query))
             return {k: [tuple(pick(e)) if len(query) > 1 else (pick(e),) for e in evs]

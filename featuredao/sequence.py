@@ -12,6 +12,7 @@ the other fields), so every store answers alike.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
@@ -82,6 +83,7 @@ class Sequencer:
         self._events = frozenset(spec.events) if spec.events is not None else None
         self._minimum = tuple((position[f], v) for f, v in spec.min.items())
         self._converters = tuple(coercer(FeatureType(t)) for t in self._types)
+        self._exact = tuple(_EXACT[t] for t in self._types)
 
     def query(self, as_of: float | None, filters_in_store: bool) -> SequenceQuery:
         """What to ask the store for a request at ``as_of`` (epoch seconds; None: now, no upper bound)."""
@@ -100,12 +102,26 @@ class Sequencer:
                              minimum=tuple(spec.min.items()) if pushed else ())
 
     def finish(self, raw: Mapping[Key, Sequence[Event]], query: SequenceQuery) -> dict[Key, Any]:
-        """Each key's events as one list per field; keys with no event left are absent (missing)."""
+        """Each key's events as one list per field; keys with no event left are absent (missing).
+
+        The store answered in the documented order within the window (the adapter contract): unless
+        filters or dedupe are left to the core, a key's typed columns are cut at ``max_len`` as they are.
+        """
         out: dict[Key, Any] = {}
+        rework = self._dedupe is not None or (query.events is None and self._events is not None) or \
+            (not query.minimum and bool(self._minimum))
+        cap, fields, exact = self.spec.max_len, self.fields, self._exact
         for key, events in raw.items():
-            kept = self.arrange(self._filter(self._typed(events), query))
-            if kept:
-                out[key] = self.row(kept)
+            if not events:
+                continue
+            columns = list(zip(*events, strict=True))
+            # One C-level pass per column: a store's typed answer needs no per-value Python work.
+            if rework or not all(set(map(type, c)) <= {t} for c, t in zip(columns, exact, strict=True)):
+                kept = self.arrange(self._filter(self._typed(events), query))
+                if kept:
+                    out[key] = self.row(kept)
+                continue
+            out[key] = FinalRow(zip(fields, [list(c[:cap]) for c in columns], strict=True))
         return out
 
     def arrange(self, events: list[Event]) -> list[Event]:
@@ -159,7 +175,7 @@ class Sequencer:
         columns = list(zip(*events, strict=True))
         changed = False
         for i, (column, kind) in enumerate(zip(columns, self._types, strict=True)):
-            if all(type(v) is _EXACT[kind] for v in column):
+            if set(map(type, column)) <= {_EXACT[kind]}:
                 continue
             changed = True
             convert, zero = self._converters[i], ZERO[kind]
@@ -178,9 +194,11 @@ class Sequencer:
         """The window, event types and thresholds, applied again (a store may have applied some)."""
         since, until = query.since, query.until
         t, ev, allowed, minimum = self._time, self._event, self._events, self._minimum
-        if since is None and until is None and allowed is None and not minimum:
-            return events
-        return [e for e in events
-                if (since is None or e[t] >= since) and (until is None or e[t] <= until)
-                and (allowed is None or ev is None or e[ev] in allowed)
-                and all(e[i] >= low for i, low in minimum)]
+        if since is not None or until is not None:
+            low, high = -math.inf if since is None else since, math.inf if until is None else until
+            events = [e for e in events if low <= e[t] <= high]
+        if allowed is not None and ev is not None:
+            events = [e for e in events if e[ev] in allowed]
+        for i, floor in minimum:
+            events = [e for e in events if e[i] >= floor]
+        return events
