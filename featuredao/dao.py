@@ -309,8 +309,9 @@ class BaseDao(SyncHooks, FeatureDao):
 
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
                       timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
-        """A sequence view's read of one chunk: per key, at most ``query.limit`` events of the window,
-        newest first, as tuples in ``query``'s field order (keys without events may be left out)."""
+        """A sequence view's read of one chunk: per key, at most ``query.limit`` events of the window in the
+        documented order (``featuredao.sequence.order_key``, highest first: newest first, ties included),
+        as tuples in ``query``'s field order; keys without events may be left out."""
         raise self._unsupported("sequence")
 
     async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
