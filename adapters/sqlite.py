@@ -23,7 +23,7 @@ from featuredao.errors import (
     BackendUnavailable,
     Overloaded,
 )
-from featuredao.types import FeatureType, Key, RawRows, Row
+from featuredao.types import FeatureType, FinalRow, Key, RawRows, Row
 
 from ._sql_sequence import SqliteSequenceDao
 
@@ -163,13 +163,24 @@ class SqliteDao(SqliteSequenceDao, BaseDao):
         self._table = quote_identifier(view.table)
         self._key = quote_identifier(view.key)
         self._json = {f for f, t in view.features.items() if t.is_list}
+        self._exact: dict[tuple[str, ...], tuple[type[Any], ...]] = {}
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         cols = ", ".join([self._key, *(quote_identifier(f) for f in fields)])
         sql = f"SELECT {cols} FROM {self._table} WHERE {self._key} IN ({', '.join('?' * len(keys))})"
         with self.source.connection(timeout_s) as conn:
             rows = conn.execute(sql, keys).fetchall()
-        return {r[0]: dict(zip(fields, r[1:], strict=True)) for r in rows}
+        exact = self._exact.get(tuple(fields))
+        if exact is None:
+            # Rows whose every value has its feature's exact type need no coercion: compared in C per row
+            # (a NULL is NoneType, so it never matches). Booleans and lists come back as ints and JSON text.
+            kinds = [self.view.features[f] for f in fields]
+            plain = all(k.python in (int, float, str) for k in kinds)
+            exact = self._exact[tuple(fields)] = (self._key_type, *(k.python for k in kinds)) if plain else ()
+        if not exact:
+            return {r[0]: dict(zip(fields, r[1:], strict=True)) for r in rows}
+        return {r[0]: (FinalRow if tuple(map(type, r)) == exact else dict)(zip(fields, r[1:], strict=True))
+                for r in rows}
 
     def raw_reader(self) -> Callable[[list[Key], list[str]], object]:
         """sqlite3 by hand: one IN query, JSON lists decoded, rows as dicts by key."""
