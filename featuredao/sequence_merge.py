@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from itertools import repeat
 from typing import Any
 
 from featuredao.dao import FeatureDao
@@ -136,21 +137,26 @@ class JoinedSequences(_Wrapper):
             if seq is not None:
                 items: Any = seq.get(self._item_field) or ()
                 distinct.update(dict.fromkeys(items))
-        found: dict[Any, Any] = {}
+        # Per joined feature, item -> value (items it lacks, or holds null for, are absent): each row's
+        # list is then one C-level map of dict.get with the default.
+        columns: list[dict[Any, Any]] = [{} for _ in self._features]
         if distinct:
             left = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
             try:
                 if left is not None and left <= 0:
                     raise TimeoutError("no time left for the join")
                 joined = self.items.read_partial(list(distinct), self._features, timeout_s=left)
-                found = {k: r for k, r in zip(distinct, joined.rows, strict=True) if r is not None}
+                for column, name in zip(columns, self._features, strict=True):
+                    column.update((k, v) for k, r in zip(distinct, joined.rows, strict=True)
+                                  if r is not None and (v := r.get(name)) is not None)
                 if joined.error is not None:
                     result.degraded.append(Degraded(self.items.view.name, reason_of(joined.error),
                                                     f"joined into {self.view.name}: {joined.error}"))
             except Exception as exc:
                 result.degraded.append(Degraded(self.items.view.name, reason_of(exc),
                                                 f"joined into {self.view.name}: {exc}; defaults used"))
-        pairs = list(zip(self._features, self._defaults, strict=True))
+        lookups = [(name, column.get, default)
+                   for name, column, default in zip(self._features, columns, self._defaults, strict=True)]
         rows: list[Any] = []
         for read in result.rows:
             if read is None:
@@ -159,10 +165,8 @@ class JoinedSequences(_Wrapper):
             # A new row: the one read may be held by a cache.
             row: dict[str, Any] = dict(read)
             ids: Any = row.get(self._item_field) or ()
-            sides = [found.get(item) for item in ids]
-            for name, default in pairs:
-                row[name] = [default if side is None or side.get(name) is None else side[name]
-                             for side in sides]
+            for name, get, default in lookups:
+                row[name] = list(map(get, ids, repeat(default, len(ids))))
             rows.append(row)
         result.rows = rows
         return _projected(result, features)
