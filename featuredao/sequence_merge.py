@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import repeat
+from operator import methodcaller
 from typing import Any
 
 from featuredao.dao import FeatureDao
@@ -146,9 +147,14 @@ class JoinedSequences(_Wrapper):
                 if left is not None and left <= 0:
                     raise TimeoutError("no time left for the join")
                 joined = self.items.read_partial(list(distinct), self._features, timeout_s=left)
-                for column, name in zip(columns, self._features, strict=True):
-                    column.update((k, v) for k, r in zip(distinct, joined.rows, strict=True)
-                                  if r is not None and (v := r.get(name)) is not None)
+                present = [(k, r) for k, r in zip(distinct, joined.rows, strict=True) if r is not None]
+                if present:
+                    served, found = zip(*present, strict=True)
+                    for column, name in zip(columns, self._features, strict=True):
+                        column.update(zip(served, map(methodcaller("get", name), found), strict=True))
+                        if None in column.values():  # a null feature takes the default, like a missing item
+                            for k in [k for k, v in column.items() if v is None]:
+                                del column[k]
                 if joined.error is not None:
                     result.degraded.append(Degraded(self.items.view.name, reason_of(joined.error),
                                                     f"joined into {self.view.name}: {joined.error}"))
