@@ -573,6 +573,12 @@ class BaseDao(SyncHooks, FeatureDao):
             self._store_call(self._append_batch, items[i:i + size])
         return count
 
+    def sequencer_event(self, values: Mapping[str, Any]) -> Event:
+        """One event of this sequence view, typed as ``append`` types it (raises CoercionError)."""
+        if self._sequencer is None:
+            raise UsageError(f"view {self.view.name!r} is a table view")
+        return self._sequencer.event(values)
+
     def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
         unknown = set(values) - set(self.view.features)
         if unknown:

@@ -288,9 +288,15 @@ def _check_job(model: JobModel, loc: tuple[int | str, ...], views: Mapping[str, 
             if version not in target.features:
                 issue(("conflict", "version"), f"target view {target.name!r} does not hold this field",
                       version)
+    for j, target in targets:
+        if target.sequence is not None and (deletes or strategy != "source_wins"):
+            issue(("to", j), "a sequence view takes events: appended, never deleted (no cdc, "
+                             "delete_missing or conflict strategy)", target.name)
     if fields is not None:
         for j, target in targets:
-            lacking = [f for f in target.features if f not in fields]
+            # A sequence view's events come from its fields, keyed by the record's field named like its key.
+            needed = [target.key, *target.sequence.fields] if target.sequence is not None else target.features
+            lacking = [f for f in needed if f not in fields]
             if lacking:
                 issue(("to", j), f"target features {lacking} are not produced by the source after the "
                                  "transforms (rename or compute them)", target.name)

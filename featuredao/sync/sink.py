@@ -52,6 +52,8 @@ class Sink:
     def apply(self, items: Sequence[Item], dead: list[dict[str, Any]]) -> tuple[int, int, list[Key]]:
         """Write and delete; return (written, deleted, keys written or deleted). Records that cannot be
         written go to ``dead``; BackendError means the target cannot take the chunk now."""
+        if self.view.sequence is not None:
+            return self._append(items, dead)
         latest: dict[Key, tuple[Row | None, Item]] = {}
         present = [it.row for it in items if it.row is not None]
         rows, errors = typed_many(present, self.coercions)
@@ -90,6 +92,32 @@ class Sink:
         touched = [k for k, _, _ in upserts] + deletes
         self._invalidate(touched)
         return written, len(deletes), touched
+
+    def _append(self, items: Sequence[Item], dead: list[dict[str, Any]]) -> tuple[int, int, list[Key]]:
+        """A sequence target: each record is one event of the key in its field named like the view's key.
+
+        Events are appended (a record deleted at the source is not taken back); a chunk written again after
+        a restart appends its events again where the store keeps duplicates (see README)."""
+        assert self.view.sequence is not None
+        fields = list(self.view.sequence.fields)
+        events: list[tuple[Key, dict[str, Any]]] = []
+        for it in items:
+            if it.row is None:
+                continue
+            try:
+                key = self.norm(it.row.get(self.view.key))
+                event = {f: it.row.get(f) for f in fields}
+                self.dao.sequencer_event(event)  # typed once here: a bad record is a dead letter
+            except (CoercionError, TypeError, ValueError) as exc:
+                dead.append(self._dead(it, "coerce", f"{type(exc).__name__}: {exc}"))
+                continue
+            events.append((key, event))
+        if not events:
+            return 0, 0, []
+        written = self.dao.append(events)
+        touched = list(dict.fromkeys(k for k, _ in events))
+        self._invalidate(touched)
+        return written, 0, touched
 
     def _dead(self, it: Item, stage: str, reason: str) -> dict[str, Any]:
         return {"job": self.job.name, "target": self.name, "stage": stage, "reason": reason, "key": it.key,
