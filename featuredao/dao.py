@@ -41,7 +41,8 @@ from featuredao.lifecycle import Gate
 from featuredao.ports import Change as Change
 from featuredao.ports import KeyValueStore as KeyValueStore
 from featuredao.ports import StateStore as StateStore
-from featuredao.sequence import Event, SequenceQuery, Sequencer
+from featuredao.sequence import SequenceQuery, Sequencer
+from featuredao.sequence_hooks import SequenceHooks
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -286,8 +287,10 @@ def invalid_keys(view: str, key_type: str, shown: list[str]) -> Degraded:
                     "not read", tuple(shown[:20]))
 
 
-class BaseDao(SyncHooks, FeatureDao):
+class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
     """Shared batch logic; a backend implements ``_fetch_batch`` and ``_write_batch`` for one chunk."""
+
+    source: Source
 
     def __init__(self, source: Source, view: View) -> None:
         self.source = source
@@ -307,20 +310,9 @@ class BaseDao(SyncHooks, FeatureDao):
         """Write one chunk of distinct keys (whole rows, already coerced)."""
         raise self._unsupported("write")
 
-    def _fetch_events(self, keys: list[Key], query: SequenceQuery,
-                      timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
-        """A sequence view's read of one chunk: per key, at most ``query.limit`` events of the window in the
-        documented order (``featuredao.sequence.order_key``, highest first: newest first, ties included),
-        as tuples in ``query``'s field order; keys without events may be left out."""
-        raise self._unsupported("sequence")
-
     async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         """``_fetch_batch`` with the driver's asyncio client (adapters with ``capabilities.async_reads``)."""
         raise self._unsupported("asyncio read")
-
-    def _append_batch(self, events: list[tuple[Key, list[Event]]]) -> None:
-        """Add one chunk of distinct keys' events (typed tuples in the sequence's field order)."""
-        raise self._unsupported("sequence write")
 
     def prepare(self) -> None:
         """Create the table or keyspace the view needs, if the store has such a thing."""
@@ -335,17 +327,6 @@ class BaseDao(SyncHooks, FeatureDao):
 
     def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
         """The same read written by hand with the raw driver (a benchmark baseline), if any."""
-        return None
-
-    def sequence_query(self, as_of: float | None = None) -> SequenceQuery:
-        """What this sequence view asks its store for a request at ``as_of`` (None: now)."""
-        if self._sequencer is None:
-            raise UsageError(f"view {self.view.name!r} is not a sequence view")
-        return self._sequencer.query(as_of, self.source.capabilities.sequence_filters)
-
-    def raw_sequence_reader(self) -> Callable[[list[Key], SequenceQuery], object] | None:
-        """A sequence view's read written by hand with the raw driver (a benchmark baseline), if any:
-        per key, the newest ``query.limit`` events of the window as one list per field."""
         return None
 
     @property
@@ -556,28 +537,6 @@ class BaseDao(SyncHooks, FeatureDao):
         for i in range(0, len(items), size):
             self._store_call(self._write_batch, items[i:i + size])
         return len(items)
-
-    def append(self, events: Iterable[tuple[Key, Mapping[str, FeatureValue]]]) -> int:
-        """Add events to a sequence view, ``(key, {field: value})`` each, typed first; return the count."""
-        if self._sequencer is None:
-            raise UsageError(f"view {self.view.name!r} is a table view: write rows with upsert()")
-        self._check_writable()
-        grouped: dict[Key, list[Event]] = {}
-        count = 0
-        for key, values in events:
-            grouped.setdefault(self._norm(key), []).append(self._sequencer.event(values))
-            count += 1
-        items = list(grouped.items())
-        size = self._batch_size
-        for i in range(0, len(items), size):
-            self._store_call(self._append_batch, items[i:i + size])
-        return count
-
-    def sequencer_event(self, values: Mapping[str, Any]) -> Event:
-        """One event of this sequence view, typed as ``append`` types it (raises CoercionError)."""
-        if self._sequencer is None:
-            raise UsageError(f"view {self.view.name!r} is a table view")
-        return self._sequencer.event(values)
 
     def _check_row(self, key: Key, values: Mapping[str, FeatureValue]) -> Row:
         unknown = set(values) - set(self.view.features)

@@ -31,11 +31,12 @@ def config(shared: str, **service: Any) -> dict[str, Any]:
         "sources": {"mem": {"type": "memory", "shared": shared}},
         "views": [
             {"name": "users", "entity": "user", "source": "mem", "table": "users", "key": "id",
-             "features": FEATURES, "prefix": "u_"},
+             "features": FEATURES, "prefix": "u_", "timeout_ms": 5000},
             {"name": "items", "entity": "item", "source": "mem", "table": "items", "key": "id",
-             "key_type": "int", "features": FEATURES, "defaults": {"a": -1}},
+             "key_type": "int", "features": FEATURES, "defaults": {"a": -1}, "timeout_ms": 5000},
         ],
-        "service": service,
+        # Generous: these tests are about keys; a loaded machine must not turn a read into a timeout.
+        "service": {"deadline_ms": 5000, **service},
     }
 
 
