@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from featuredao.errors import ArgumentTypeError, InvalidKeyError, UnknownView, UsageError
-from featuredao.service import FeatureService, FetchResult
+from featuredao.service import REQUEST_TIME, FeatureService, FetchResult
 from featuredao.types import BatchResult, Key
 
 FETCH_FIELDS = ("scene", "user_id", "item_ids", "keys", "context", "deadline_ms", "strict")
@@ -172,8 +172,13 @@ def parse_fetch(doc: Mapping[str, Any], shape: RequestShape, max_keys: int) -> F
     if context is not None:
         if not isinstance(context, dict):
             raise ApiError(f"context must be an object of name -> value, not {_kind(context)}", "context")
-        for name in context:
-            if name not in shape.context:
+        for name, value in context.items():
+            if name == REQUEST_TIME and name not in shape.context:
+                # Always accepted (where sequence windows end): epoch seconds.
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ApiError(f"request_time must be epoch seconds (a number), not {_kind(value)}",
+                                   f"context.{name}")
+            elif name not in shape.context:
                 raise ApiError(f"unknown context feature {name!r}; known: "
                                f"{_known(shape.context, 'none declared')}", f"context.{name}")
     strict = doc.get("strict")
