@@ -410,6 +410,11 @@ class SqlSource(Source):
     def fetch(self, sql: str, params: Sequence[Any], timeout_s: float | None) -> Sequence[Sequence[Any]]:
         """Run one read statement (cancelled on the server when ``timeout_s`` runs out); return its rows."""
 
+    async def afetch(self, sql: str, params: Sequence[Any],
+                     timeout_s: float | None) -> Sequence[Sequence[Any]]:
+        """``fetch`` with the driver's asyncio client (adapters with ``capabilities.async_reads``)."""
+        raise Unsupported(f"adapter {self.type_name!r} has no asyncio reads")
+
     @abstractmethod
     def write(self, sql: str, params: list[tuple[Any, ...]]) -> None:
         """Run one statement for many parameter rows, atomically."""
@@ -452,6 +457,11 @@ class SqlDao(SqlSequenceDao, BaseDao):
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         st = self.statements
         rows = self.source.fetch(st.select(fields), st.params(keys, fields), timeout_s)
+        return st.decode(rows, fields)
+
+    async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        st = self.statements
+        rows = await self.source.afetch(st.select(fields), st.params(keys, fields), timeout_s)
         return st.decode(rows, fields)
 
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:

@@ -35,7 +35,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -58,17 +57,17 @@ from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
     BackendUnavailable,
+    Closed,
     Overloaded,
 )
 
+from ._pg_async import RESET_TIMEOUT as _RESET_TIMEOUT
+from ._pg_async import SET_TIMEOUT as _SET_TIMEOUT
+from ._pg_async import UNKNOWN as _UNKNOWN
+from ._pg_async import AsyncReads, PgSource, async_pools, limit_ms, limit_statement
 from ._sql import POSTGRES, SqlDao, SqlSource, SqlSourceOptions
 
 _T = TypeVar("_T")
-_SET_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
-_SET_SESSION_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"
-_RESET_TIMEOUT = "RESET statement_timeout"
-_UNKNOWN = -1
-"""A connection's session limit after a failed read: set it again before relying on it."""
 _FEED_READ_S = 1.0
 """A change-feed read that has made progress returns after about this long (the job reads on)."""
 _POLL_S = 0.05
@@ -101,7 +100,7 @@ class HologresSource(SqlSource):
     options_model = HologresOptions
     dialect = POSTGRES
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True)
+                                state=True, sequences=True, sequence_filters=True, async_reads=True)
     default_batch_size = 600
     error_map = (
         (psycopg.errors.QueryCanceled, BackendTimeout),
@@ -121,7 +120,7 @@ class HologresSource(SqlSource):
         # Set by every connection attempt of the pool: the last failure, None after a success.
         self._connect_error: BaseException | None = None
         self._healthy = False
-        self._busy: set[psycopg.Connection[Any]] = set()
+        self._busy: set[Any] = set()  # borrowed connections, sync or asyncio
         self._busy_lock = threading.Lock()
         n = options.pool_size
         # Nothing connects before the first read: open=False, opened in _pool_ready().
@@ -129,8 +128,12 @@ class HologresSource(SqlSource):
             connection_class=self._connection_class(), kwargs=self._connect_kwargs, min_size=n,
             max_size=n, open=False, name=f"featuredao-{name}",
             # Give up retrying soon, so a read after an outage starts a fresh attempt at once.
-            reconnect_timeout=max(5.0, 2 * options.connect_timeout_ms / 1000),
+            reconnect_timeout=self._reconnect_timeout_s(),
         )
+        self._async: AsyncReads | None = None
+
+    def _reconnect_timeout_s(self) -> float:
+        return max(5.0, 2 * self.options.connect_timeout_ms / 1000)
 
     def _connect_kwargs(self) -> dict[str, Any]:
         # A callable: the password is read when connecting and never kept in the pool.
@@ -159,12 +162,40 @@ class HologresSource(SqlSource):
                 try:
                     conn = super().connect(conninfo, **kwargs)
                 except Exception as exc:
-                    source._connect_error, source._healthy = exc, False
+                    source.connected(exc)
                     raise
-                source._connect_error, source._healthy = None, True
+                source.connected(None)
                 return conn
 
         return RecordingConnection
+
+    def connected(self, error: BaseException | None) -> None:
+        """Record how a connection attempt of a pool (sync or asyncio) went: ``error``, None if it worked."""
+        self._connect_error, self._healthy = error, error is None
+
+    def getconn_wait(self, left: float) -> float:
+        """How long one wait for a pooled connection lasts, with ``left`` seconds to go: until a connection
+        has worked, short steps, to fail fast on a refused one."""
+        return max(left if self._healthy else min(left, _POLL_S), 0.001)
+
+    def no_connection(self, exc: BaseException, deadline: float) -> None:
+        """After a wait for a pooled connection ran out: raise why (the last connect error, or the deadline
+        passed with every connection busy); return to wait again."""
+        failed = self._connect_error
+        if failed is not None:
+            kind = self.map_error(failed) or BackendUnavailable
+            raise kind(f"cannot connect: {type(failed).__name__}: {_first_line(failed)}",
+                       source=self.name) from failed
+        if time.monotonic() >= deadline:
+            raise Overloaded("no connection of the pool came free in time", source=self.name) from exc
+
+    def busy(self, conn: Any, running: bool) -> None:
+        """Track a borrowed connection (``close`` interrupts the statements running on them)."""
+        with self._busy_lock:
+            if running:
+                self._busy.add(conn)
+            else:
+                self._busy.discard(conn)
 
     def _pool_ready(self) -> ConnectionPool[psycopg.Connection[Any]]:
         if not self._opened:
@@ -180,27 +211,16 @@ class HologresSource(SqlSource):
         wait = self.options.connect_timeout_ms / 1000 if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait
         while True:
-            left = deadline - time.monotonic()
             try:
-                # Until a connection has worked, wait in short steps to fail fast on a refused one.
-                conn = pool.getconn(timeout=max(left if self._healthy else min(left, _POLL_S), 0.001))
+                conn = pool.getconn(timeout=self.getconn_wait(deadline - time.monotonic()))
                 break
             except PoolTimeout as exc:
-                failed = self._connect_error
-                if failed is not None:
-                    kind = self.map_error(failed) or BackendUnavailable
-                    raise kind(f"cannot connect: {type(failed).__name__}: {_first_line(failed)}",
-                               source=self.name) from failed
-                if time.monotonic() >= deadline:
-                    raise Overloaded("no connection of the pool came free in time", source=self.name) \
-                        from exc
-        with self._busy_lock:
-            self._busy.add(conn)
+                self.no_connection(exc, deadline)
+        self.busy(conn, True)
         try:
             yield conn
         finally:
-            with self._busy_lock:
-                self._busy.discard(conn)
+            self.busy(conn, False)
             pool.putconn(conn)  # the pool discards a broken connection and opens a new one
 
     def _run(self, work: Callable[[psycopg.Connection[Any], float | None], _T],
@@ -227,7 +247,7 @@ class HologresSource(SqlSource):
         per_call = self.options.per_call_timeout
 
         def work(conn: psycopg.Connection[Any], left: float | None) -> list[Any]:
-            want = None if left is None or not per_call else max(1, math.ceil(left * 1000))
+            want = limit_ms(left, per_call)
             with conn.cursor(binary=True) as cur:
                 if getattr(conn, "session_limit_ms", None) == want:
                     cur.execute(sql, params)  # the session already runs with this limit
@@ -235,10 +255,7 @@ class HologresSource(SqlSource):
                 try:
                     # One round trip: the limit and the read share the pipeline's implicit transaction.
                     with conn.pipeline():
-                        if want is None:
-                            conn.execute(_RESET_TIMEOUT)
-                        else:
-                            conn.execute(_SET_SESSION_TIMEOUT, (str(want),))
+                        conn.execute(*limit_statement(want))
                         cur.execute(sql, params)
                 except BaseException:
                     # The failed transaction rolled the setting back (or not, if it failed later).
@@ -248,6 +265,21 @@ class HologresSource(SqlSource):
                 return cur.fetchall()
 
         return self._run(work, timeout_s, own_limit=True)
+
+    async def afetch(self, sql: str, params: Sequence[Any],
+                     timeout_s: float | None) -> Sequence[Sequence[Any]]:
+        """``fetch`` on the running loop's asyncio pool (made on first use there)."""
+        reads = self._async
+        if reads is None:
+            with self._open_lock:
+                if self.closed:
+                    raise Closed(f"source {self.name!r} is closed")
+                if self._async is None:
+                    source: PgSource = self
+                    self._async = AsyncReads(source, async_pools(source, self._connect_kwargs,
+                                                                 self._reconnect_timeout_s()))
+                reads = self._async
+        return await reads.fetch(sql, params, timeout_s)
 
     def write(self, sql: str, params: list[tuple[Any, ...]]) -> None:
         def work(conn: psycopg.Connection[Any], left: float | None) -> None:
@@ -307,13 +339,17 @@ class HologresSource(SqlSource):
         # A cancel request is a connection of its own to the server; a frozen server never answers it,
         # so each is sent from a daemon thread and nobody waits for it (close() bounds its own wait).
         for conn in busy:
-            threading.Thread(target=_cancel, args=(conn,), daemon=True, name="featuredao-cancel").start()
+            if isinstance(conn, psycopg.Connection):  # an asyncio connection's socket is shut alone
+                threading.Thread(target=_cancel, args=(conn,), daemon=True, name="featuredao-cancel").start()
             # And the socket is shut from our side, so a thread blocked reading it wakes up at once.
             with contextlib.suppress(OSError, psycopg.Error):
                 _shut(conn.pgconn.socket)
 
     def _release(self) -> None:
         with self._open_lock:
+            if self._async is not None:
+                self._async.close()
+                self._async = None
             if self._opened:
                 # Workers stuck on a dead server are left to die with it: said once, here, not logged.
                 pool_log = logging.getLogger("psycopg.pool")

@@ -40,6 +40,7 @@ from urllib.parse import unquote
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import redis
+import redis.asyncio as aredis
 import redis.exceptions as rexc
 from pydantic import Field, SecretStr, field_validator, model_validator
 from redis.backoff import NoBackoff
@@ -61,6 +62,8 @@ from featuredao.errors import (
 )
 from featuredao.types import BatchResult, FeatureValue, FinalRow, Key, RawRows, Row, RowFailure
 
+from ._per_loop import PerLoop
+from ._redis_async import async_clients
 from ._redis_codecs import (
     _DECODE_ERRORS,
     _DECODERS,
@@ -179,7 +182,7 @@ class RedisSource(Source):
     driver_modules = {"redis": "redis", "msgpack": "msgpack"}
     options_model = RedisOptions
     view_options_model = RedisViewOptions
-    capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True)
+    capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True, async_reads=True)
     default_batch_size = 100
     error_map = (
         (rexc.AuthenticationError, BackendAuthError),
@@ -206,6 +209,7 @@ class RedisSource(Source):
         self._standalone: redis.Redis | None = None
         self._cluster: RedisCluster | None = None
         self._router: ClusterRouter | None = None
+        self._async: PerLoop[aredis.Redis] | None = None
 
     def _common(self) -> dict[str, Any]:
         """Connection settings shared by the standalone pool and every cluster node."""
@@ -296,6 +300,22 @@ class RedisSource(Source):
                 self._standalone = redis.Redis(connection_pool=pool)
             return self._standalone
 
+    async def aclient(self) -> aredis.Redis:
+        """Standalone only: the running loop's asyncio client (made on first use there)."""
+        clients = self._async
+        if clients is None:
+            opts: RedisOptions = self.options
+            with self._lock:
+                if self.closed:
+                    raise Closed(f"source {self.name!r} is closed")
+                if self._async is None:
+                    self._async = async_clients(
+                        self.name, self._common, host=opts.host, port=opts.port, db=opts.db,
+                        pool_size=opts.pool_size, pool_timeout_s=opts.pool_timeout_ms / 1000,
+                        retries=opts.retries, tls=opts.tls)
+                clients = self._async
+        return await clients.get()
+
     @property
     def is_cluster(self) -> bool:
         """True when the source is a Redis Cluster."""
@@ -330,6 +350,9 @@ class RedisSource(Source):
 
     def _release(self) -> None:
         with self._lock:
+            if self._async is not None:
+                self._async.close()
+                self._async = None
             if self._router is not None:
                 self._router.close()
                 self._router = None
@@ -460,6 +483,33 @@ class RedisDao(RedisSequences):
             raise
         return self._decode_strings(keys, values, fields)
 
+    def native_async(self) -> bool:
+        """Table views of a standalone server read on the loop; a cluster's per-node outcomes need threads."""
+        return super().native_async() and not self.source.is_cluster
+
+    async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        rkeys = self._redis_keys(keys)
+        client = await self.source.aclient()
+        try:
+            if self._format != "hash":
+                values = await client.execute_command("MGET", *rkeys)  # type: ignore[no-untyped-call]
+                return self._decode_strings(keys, values, fields)
+            fields_b = [self._fields_b[f] for f in fields]
+            pipe = client.pipeline(transaction=False)
+            for rk in rkeys:
+                pipe.execute_command("HMGET", rk, *fields_b)
+            found_keys, found, unsure = self._hash_found(keys, await pipe.execute(), fields)
+            answers: list[int] = []
+            if unsure:
+                pipe = client.pipeline(transaction=False)
+                for rk in self._redis_keys(found_keys[i] for i in unsure):
+                    pipe.execute_command("EXISTS", rk)
+                answers = list(await pipe.execute())
+            return self._hash_decode(found_keys, found, unsure, answers, fields)
+        except rexc.ResponseError as exc:
+            self._raise_wrongtype(exc)
+            raise
+
     def _cluster_read(self, keys: list[Key], fields: list[str], deadline: float | None,
                       lost: _Lost | None) -> RawRows:
         """Read distinct keys from the nodes serving them. Keys of nodes that failed go to ``lost``, or,
@@ -564,6 +614,14 @@ class RedisDao(RedisSequences):
     def _hash_rows(self, keys: list[Key], replies: list[list[bytes | None]], fields: list[str],
                    exists: Callable[[list[str]], list[int]]) -> RawRows:
         """Rows from the HMGET replies of ``keys``; ``exists`` answers EXISTS for the keys that need it."""
+        found_keys, found, unsure = self._hash_found(keys, replies, fields)
+        answers = exists(self._redis_keys(found_keys[i] for i in unsure)) if unsure else []
+        return self._hash_decode(found_keys, found, unsure, answers, fields)
+
+    def _hash_found(self, keys: list[Key], replies: list[list[bytes | None]],
+                    fields: list[str]) -> tuple[list[Key], list[list[bytes | None]], list[int]]:
+        """The keys with HMGET replies worth decoding, their replies, and the positions (in them) of the
+        keys whose requested features are all null: only EXISTS tells those rows from missing keys."""
         width = len(fields)
         found_keys: list[Key] = []
         found: list[list[bytes | None]] = []
@@ -576,10 +634,13 @@ class RedisDao(RedisSequences):
                 unsure.append(len(found_keys))
                 found_keys.append(key)
                 found.append(values)
+        return found_keys, found, unsure
+
+    def _hash_decode(self, found_keys: list[Key], found: list[list[bytes | None]], unsure: list[int],
+                     answers: list[int], fields: list[str]) -> RawRows:
+        """Rows from ``_hash_found``'s replies, the unsure keys that EXISTS ``answers`` 0 for left out."""
         if unsure:
-            # Every requested feature is null: only EXISTS tells a row of nulls from a missing key
-            # (one more round trip, for projections of sparse features only).
-            answers = exists(self._redis_keys(found_keys[i] for i in unsure))
+            # One more round trip (EXISTS), for projections of sparse features only.
             gone = {i for i, n in zip(unsure, answers, strict=True) if not n}
             if gone:
                 found_keys = [k for i, k in enumerate(found_keys) if i not in gone]
