@@ -95,7 +95,9 @@ def worker_peak_mb() -> float:
 
 def local_sync(path: Path, job: str) -> float:
     out = subprocess.run([EXE, "sync", "run", str(path), "--job", job, "--json", "--no-progress"],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sync {job} exited {out.returncode}: {out.stdout[-2000:]} {out.stderr[-3000:]}")
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["failed"] == 0 and report["source_error"] is None and not report["down"], report
     return float(report["elapsed_s"])

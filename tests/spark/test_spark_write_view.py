@@ -154,6 +154,26 @@ def test_rows_that_cannot_be_written_become_dead_letters(spark: Any, tmp_path: P
     assert set(contents(path, "items", [1000, 1001]).values()) == {None}
 
 
+@pytest.mark.mysql
+def test_rows_the_store_rejects_become_dead_letters(spark: Any, tmp_path: Path,
+                                                    mariadb_server: MariaDbServer) -> None:
+    spec = view("items", "sql")
+    cfg = {"sources": {"sql": mysql_source(mariadb_server)}, "views": [spec]}
+    # A table made by someone else, its name column narrower than the view's: MariaDB refuses long names.
+    mariadb_server.sql(f"CREATE TABLE `{spec['table']}` (id BIGINT NOT NULL PRIMARY KEY, price DOUBLE, "
+                       "tags JSON, clicks BIGINT, flag BOOLEAN, name VARCHAR(8))",
+                       database=mariadb_server.database)
+    rows = [(i, 1.0, ["a"], i, True, "x" * 20 if i % 50 == 0 else "ok") for i in range(1, 401)]
+    df = spark.createDataFrame(rows, SCHEMA).repartition(2)
+    result = write_view(df, cfg, "items", batch_size=100, dead_letter=tmp_path / "dlq")
+    assert (result.rows, result.written, result.failed) == (400, 392, 8)
+    letters = dead_letters(tmp_path / "dlq")
+    assert sorted(e["key"] for e in letters) == list(range(50, 401, 50))
+    assert {e["stage"] for e in letters} == {"write"}
+    got = contents(cfg, "items", list(range(1, 401)))
+    assert [k for k, v in got.items() if v is None] == list(range(50, 401, 50))
+
+
 @pytest.mark.redis
 def test_a_stopped_server_sends_every_batch_to_the_dead_letters(spark: Any, tmp_path: Path) -> None:
     server = RedisServer().start()
