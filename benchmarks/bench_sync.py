@@ -7,10 +7,10 @@ For each source and size, a fresh process seeds the SQLite source, and another f
 process runs one full pass of ``SyncEngine`` (msgpack string layout in Redis) and reports wall time,
 rows/s and its peak RSS (``ru_maxrss``) next to the RSS it had before the pass: memory is bounded by the
 chunk size, so the peak should not grow with the row count. With parallelism N the same table is synced
-again by N spawned workers (split points included in the time); the largest worker's peak RSS is shown.
+again by N worker processes (split points included in the time); the largest worker's peak RSS is shown.
 
     .venv/bin/python benchmarks/bench_sync.py [--sizes 50000,200000] [--batch 2000] [--parallelism 1,2] \\
-        [--sources sqlite,mysql,postgres,clickhouse] [--out benchmarks/results/sync.md]
+        [--repeat 3] [--sources sqlite,mysql,postgres,clickhouse] [--out benchmarks/results/sync.md]
 
 ``--cdc`` measures the change feeds instead (mysql: MariaDB's binlog; postgres: a wal2json slot), on a
 log that first gets ``--noise-mb`` of other tables' changes: a one-shot run with nothing new, a run that
@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="50000,200000")
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--parallelism", default="1,2", help="the job's parallelism values to measure")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="passes per parallelism, taken in turn; the fastest is kept (a shared machine's "
+                             "load comes and goes)")
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cdc", action="store_true", help="measure the change feeds (see above)")
@@ -290,7 +293,9 @@ def main() -> None:
                     directory.mkdir()
                     offline = {**offline, "batch_size": 1000} if kind != "sqlite" else offline
                     seeded = False
-                    for par in (int(p) for p in args.parallelism.split(",")):
+                    best: dict[int, dict[str, Any]] = {}
+                    pars = [int(p) for p in args.parallelism.split(",")]
+                    for par in [p for _ in range(args.repeat) for p in pars]:
                         path = make_config(directory, server.port, args.batch, offline, f"items_{size}", par,
                                            f"bench-p{par}.json")
                         if not seeded:
@@ -305,7 +310,9 @@ def main() -> None:
                         keys = server.command("DBSIZE")
                         assert keys == size, f"Redis holds {keys} keys, expected {size}"
                         print(result, flush=True)
-                        results.append(result)
+                        if par not in best or result["seconds"] < best[par]["seconds"]:
+                            best[par] = result
+                    results.extend(best[p] for p in pars)
             finally:
                 if db is not None:
                     db.stop()
@@ -313,15 +320,16 @@ def main() -> None:
         "# Sync benchmark: full pass from each source into Redis (msgpack string layout)",
         "",
         f"`benchmarks/bench_sync.py --sizes {args.sizes} --batch {args.batch} "
-        f"--parallelism {args.parallelism} --sources {args.sources}`; "
+        f"--parallelism {args.parallelism} --repeat {args.repeat} --sources {args.sources}`; "
         f"{os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, load average "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. 20 features per row (12 float, 4 int, "
-        "2 str, 4 tags, a 16-float embedding). One process per size and parallelism; peak RSS is the "
-        "process's high-water mark (ru_maxrss), taken before and after the pass, and with parallelism the "
-        "largest worker's (ru_maxrss of the children). x p1: rows/s over parallelism 1's. rows/CPU s: rows "
-        "over the CPU seconds of the sync's own processes (parent and workers, servers excluded), which a "
-        "busy machine changes far less than wall time; load: the 1-minute load average after the pass.",
+        "2 str, 4 tags, a 16-float embedding). One process per pass, the fastest of --repeat kept; peak RSS "
+        "is the process's high-water mark (ru_maxrss), taken before and after the pass, and with parallelism "
+        "the largest worker's (ru_maxrss of the children). x p1: rows/s over parallelism 1's. rows/CPU s: "
+        "rows over the CPU seconds of the sync's own processes (parent and workers, servers excluded), "
+        "which a busy machine changes far less than wall time; load: the 1-minute load average after the "
+        "pass.",
         "",
         "| source | rows | parallelism | seconds | rows/s | x p1 | rows/CPU s | load | "
         "RSS before pass (MB) | peak RSS (MB) | worker peak RSS (MB) |",

@@ -72,7 +72,10 @@ def worker_main(argv: list[str]) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    out = sys.stdout
+    # The reports own the stdout pipe: anything else this process prints goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
     def say(kind: str, value: Any) -> None:
         out.write(json.dumps([kind, value], default=str) + "\n")
@@ -178,7 +181,10 @@ class ParallelRun:
                         continue
                     *lines, buffers[rid] = (buffers[rid] + chunk).split(b"\n")
                     for line in lines:
-                        kind, value = json.loads(line)
+                        try:
+                            kind, value = json.loads(line)
+                        except ValueError:
+                            continue  # not a report
                         if kind == "rows":
                             if on_progress is not None:
                                 on_progress(int(value))
