@@ -5,6 +5,10 @@ The request (the request-path issue's): a user view and an item view on one thro
 the items missing, ``service.deadline_ms`` 100. Each thread count runs for ``--seconds``; per count it
 prints p50/p99/p99.9/max latency, answers/s, answers with full values/s, the share of answers with a
 view shed as ``overloaded`` and the share with any degraded part. With ``--chart`` it draws a PNG.
+The asyncio rows (``--tasks``) read on the loop with redis-py's asyncio client; ``--thread-reads`` makes
+``afetch`` read on the service's threads instead (the path before native reads), for a comparison at the
+same machine load. ``--single N`` times N single ``fetch`` and ``afetch`` calls, one at a time and without
+L1, on Redis msgpack and on Hologres (a throwaway PostgreSQL).
 
     .venv/bin/python benchmarks/bench_overload.py [--seconds 5] [--threads 1,4,16,64] [--chart FILE]
 """
@@ -20,7 +24,7 @@ import time
 from typing import Any
 
 from featuredao import FeatureService, Reason, build
-from featuredao.testing.servers import RedisServer
+from featuredao.testing.servers import PostgresServer, RedisServer
 
 FEATURES = {f"f{i}": "float" for i in range(20)}
 ITEMS = 20_000
@@ -45,9 +49,21 @@ def config(host: str, port: int, service: dict[str, Any] | None = None) -> dict[
     }
 
 
+def pg_config(pg: PostgresServer) -> dict[str, Any]:
+    """The same two views on Hologres (a throwaway PostgreSQL), wide tables, no L1."""
+    cfg = config("", 0)
+    cfg["sources"]["store"] = {"type": "hologres", "host": pg.host, "port": pg.port, "user": pg.user,
+                               "password": pg.password, "database": pg.dbname, "sslmode": "disable"}
+    for view in cfg["views"]:
+        view["options"] = {"layout": "wide"}
+    return cfg
+
+
 def seed(cfg: dict[str, Any]) -> None:
     runtime = build(cfg)
     try:
+        for dao in runtime.daos.values():
+            dao.prepare()
         rng = random.Random(1)
         runtime.daos["user"].upsert((f"u{i}", {f: rng.random() for f in FEATURES}) for i in range(1000))
         kept = [i for i in range(ITEMS) if rng.random() >= MISSING]
@@ -148,6 +164,43 @@ def run_async(service: FeatureService, tasks: int, seconds: float) -> dict[str, 
             "lag_p99": pct(lags, 0.99), "lag_max": max(lags, default=float("nan"))}
 
 
+def single_calls(calls: int) -> list[tuple[str, float, float, float, float]]:
+    """Per store: p50 and p99 (ms) of one ``fetch`` and of one ``afetch`` at a time, interleaved, every call
+    a store read (no L1)."""
+    rd, pg = RedisServer().start(), PostgresServer().start()
+    out = []
+    try:
+        redis_cfg = config(rd.host, rd.port)
+        redis_cfg["views"][1].pop("cache")
+        for name, cfg in (("Redis msgpack", redis_cfg), ("Hologres wide", pg_config(pg))):
+            seed(cfg)
+            with FeatureService.from_config(cfg) as service:
+                sync_ms: list[float] = []
+                async_ms: list[float] = []
+
+                async def main(service: FeatureService = service, sync_ms: list[float] = sync_ms,
+                               async_ms: list[float] = async_ms) -> None:
+                    rng = random.Random(7)
+                    for i in range(calls + 50):  # the first 50 of each warm the pools up
+                        user, items = f"u{rng.randrange(1000)}", rng.sample(range(ITEMS), BATCH)
+                        started = time.perf_counter()
+                        service.fetch(user, items)
+                        took = time.perf_counter() - started
+                        started = time.perf_counter()
+                        await service.afetch(user, items)
+                        if i >= 50:
+                            sync_ms.append(took * 1000)
+                            async_ms.append((time.perf_counter() - started) * 1000)
+
+                asyncio.run(main())
+                out.append((name, pct(sync_ms, 0.5), pct(async_ms, 0.5), pct(sync_ms, 0.99),
+                            pct(async_ms, 0.99)))
+    finally:
+        rd.stop()
+        pg.stop()
+    return out
+
+
 def chart(rows: list[dict[str, float]], path: str) -> None:
     import matplotlib
 
@@ -179,11 +232,22 @@ def main() -> None:
     parser.add_argument("--threads", default="1,4,16,64")
     parser.add_argument("--chart", default=None)
     parser.add_argument("--tasks", default="1,16,64", help="asyncio tasks (empty: skip the asyncio rows)")
+    parser.add_argument("--thread-reads", action="store_true",
+                        help="afetch reads on the service's threads, not with the asyncio client")
+    parser.add_argument("--single", type=int, default=0, help="time this many single fetch/afetch calls")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="service.max_in_flight (default: the library's)")
     parser.add_argument("--admission-wait", type=float, default=None,
                         help="service.admission_wait (default: the library's)")
     args = parser.parse_args()
+    if args.single:
+        print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {args.single} calls each, "
+              f"1 user + {BATCH} items, no L1")
+        print("| store | fetch p50 ms | afetch p50 ms | fetch p99 ms | afetch p99 ms |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, s50, a50, s99, a99 in single_calls(args.single):
+            print(f"| {name} | {s50:.2f} | {a50:.2f} | {s99:.2f} | {a99:.2f} |")
+        return
     server = RedisServer().start()
     try:
         knobs = {"max_in_flight": args.max_in_flight, "admission_wait": args.admission_wait}
@@ -193,13 +257,17 @@ def main() -> None:
             for start in range(0, ITEMS, 5000):  # the L1 of the item view holds every item
                 service.fetch("u1", list(range(start, start + 5000)))
             rows = [run(service, int(t), args.seconds) for t in args.threads.split(",") if t]
+            if args.thread_reads:
+                for dao in service.daos.values():
+                    dao.native_async = lambda: False  # type: ignore[method-assign]
             async_rows = [run_async(service, int(t), args.seconds) for t in args.tasks.split(",") if t]
     finally:
         server.stop()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, deadline {DEADLINE_MS} ms, "
           f"max_in_flight {args.max_in_flight or 'default'}, "
           f"admission_wait {args.admission_wait or 'default'}, "
-          f"{args.seconds:.0f} s per thread count")
+          f"{args.seconds:.0f} s per thread count, asyncio reads "
+          f"{'on threads' if args.thread_reads else 'on the loop'}")
     print("| threads | p50 ms | p99 ms | p99.9 ms | max ms | answers/s | full answers/s | shed | degraded "
           "| errors |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
