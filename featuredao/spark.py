@@ -126,7 +126,10 @@ def check_columns(schema: StructType, view: View) -> list[str]:
     problems: list[str] = []
     wanted: list[tuple[str, FeatureType, str]] = [
         (view.key, FeatureType.INT if view.key_type == "int" else FeatureType.STR, "key")]
-    wanted += [(name, ftype, "feature") for name, ftype in view.features.items()]
+    if view.sequence is not None:  # a sequence view: each row is one event of the key
+        wanted += [(name, FeatureType(kind), "event field") for name, kind in view.sequence.fields.items()]
+    else:
+        wanted += [(name, ftype, "feature") for name, ftype in view.features.items()]
     for name, ftype, what in wanted:
         dtype = by_name.get(name)
         if dtype is None:
@@ -147,6 +150,9 @@ def _conflict(conflict: str | Mapping[str, Any] | None, view: View) -> Any:
         model = ConflictConfig.model_validate(spec)
     except ValueError as exc:
         raise UsageError(f"conflict {conflict!r}: {exc}") from None
+    if view.sequence is not None and model.strategy != "source_wins":
+        raise UsageError(f"view {view.name!r} is a sequence view: its events are appended (no conflict "
+                         "strategy)")
     # Functions registered on the driver do not exist in the executors' interpreters: built-ins only.
     if model.strategy not in ("source_wins", "last_writer_wins", "target_wins"):
         raise UsageError(f"conflict strategy {model.strategy!r}: write_view supports source_wins, "

@@ -203,3 +203,27 @@ def test_arguments_are_checked_on_the_driver(spark: Any, tmp_path: Path) -> None
         write_view(df, cfg, "items", conflict="my_resolver")
     with pytest.raises(UsageError, match="batch_size"):
         write_view(df, cfg, "items", batch_size=0)
+
+
+@pytest.mark.redis
+def test_events_into_a_sequence_view(spark: Any, tmp_path: Path, redis_server: RedisServer) -> None:
+    fields = {"item_id": "int", "ts": "int"}
+    seq = {"name": "clicks", "entity": "user", "kind": "sequence", "source": "hot", "table": "spark_clicks",
+           "key": "user_id", "sequence": {"time_field": "ts", "item_field": "item_id", "fields": fields,
+                                          "max_len": 100}}
+    path = config_file(tmp_path, {"hot": redis_source(redis_server)}, [seq])
+    events = [(f"u{i % 5}", i, 1_700_000_000 + i) for i in range(200)]
+    df = spark.createDataFrame(events, "user_id string, item_id long, ts long")
+    result = write_view(df, path, "clicks", batch_size=64)
+    assert (result.rows, result.written, result.failed) == (200, 200, 0)
+    from featuredao import build
+
+    runtime = build(path)
+    try:
+        rows = runtime.daos["clicks"].read([f"u{u}" for u in range(5)]).rows
+    finally:
+        runtime.close()
+    for u, got in enumerate(rows):
+        assert got is not None and got["item_id"] == [i for i in range(199, -1, -1) if i % 5 == u][:100]
+    with pytest.raises(ColumnMismatch, match="item_id"):
+        write_view(df.drop("item_id"), path, "clicks")
