@@ -27,6 +27,9 @@ PostgreSQL-specific choices, noted for Hologres:
 * A server that stops answering without closing the socket (hung, frozen) holds the calling thread
   until TCP gives up: libpq has no per-statement client timeout. The core's chunk deadline still
   returns control to the caller when a read is split over several chunks.
+* ``afetch`` reads on the event loop with psycopg's ``AsyncConnection`` (an ``AsyncConnectionPool`` per
+  running loop, :mod:`._pg_async`): the same statement, session limit and decoding; the caller returns
+  at its deadline, a frozen server or not, and the read it gave up ends by itself.
 """
 
 from __future__ import annotations

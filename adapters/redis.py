@@ -21,6 +21,9 @@ node, a breaker per node, a slot map that follows failovers, optional replica re
 costs only its own keys: ``read_partial`` lists them in ``failed`` and ``upsert`` raises
 :class:`PartialWrite` after writing the rest.
 
+``afetch`` reads table views of a standalone server on the event loop with redis-py's asyncio client, one
+per running loop (:mod:`._redis_async`); cluster and sequence views read on threads.
+
 Sequence views (``"kind": "sequence"``) keep one sorted set per key, scored by event time, each event a
 msgpack array; ``key_template`` and ``ttl_s`` apply to them, the layout options do not (see
 :mod:`._redis_sequence`).
