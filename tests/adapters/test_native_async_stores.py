@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -332,7 +333,7 @@ def test_many_afetch_tasks_keep_the_deadline_and_the_loop_responsive(redis_serve
             started = time.monotonic()
             result = await service.afetch("u1", items)  # raising fails the test
             took.append(time.monotonic() - started)
-            served.append(sum(1 for r in result.items if r is not None and r.get("pg_clicks", 0) > 0))
+            served.append(sum(1 for r in result.items if r and r.get("pg_price") not in (None, -1.0)))
 
     async def ticker(stop: float) -> None:
         while time.monotonic() < stop:
@@ -351,3 +352,39 @@ def test_many_afetch_tasks_keep_the_deadline_and_the_loop_responsive(redis_serve
     assert max(took) < 0.15 + BOUND_S, max(took)
     assert max(lags) < BOUND_S, max(lags)
     assert sum(served) > 0  # the PostgreSQL view served values too
+
+
+def test_closing_from_another_thread_while_a_loop_reads(redis_server: RedisServer,
+                                                        postgres_server: PostgresServer) -> None:
+    cfg = service_config(redis_source(redis_server), {"msgpack": REDIS_LAYOUTS["msgpack"]})
+    cfg["sources"]["p"] = pg_source(postgres_server, application_name="fd_native_close")
+    cfg["views"].append({**cfg["views"][0], "name": "items_pg", "source": "p", "prefix": "pg_",
+                         "options": {"layout": "wide"}})
+    seed(cfg, 10)
+    service = FeatureService.from_config(cfg)
+    reading = threading.Event()
+    answers: list[Any] = []
+
+    async def reader() -> None:
+        while True:
+            try:
+                answers.append(await service.afetch("u1", [1, 2]))
+            except Exception as exc:  # after close: Closed, raised or as a degraded view
+                answers.append(exc)
+                return
+            reading.set()
+            if answers[-1].degraded:
+                return
+
+    loop_thread = threading.Thread(target=lambda: asyncio.run(reader()))
+    loop_thread.start()
+    assert reading.wait(10)
+    service.close()
+    loop_thread.join(5)
+    assert not loop_thread.is_alive()  # the loop ended: its clients were closed on it, nothing hangs
+    served = [a for a in answers if not isinstance(a, BaseException) and not a.degraded]
+    assert served and served[0].items[0]["pg_price"] == 1.5
+    end = time.monotonic() + 5
+    while pg_connections(postgres_server, "fd_native_close") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert pg_connections(postgres_server, "fd_native_close") == 0
