@@ -118,6 +118,37 @@ def test_redis_projection_of_null_features_asks_exists_on_the_loop(redis_server:
         runtime.close()
 
 
+def test_the_redis_asyncio_client_has_the_sync_clients_settings(redis_server: RedisServer) -> None:
+    options = RedisSource.options_model.model_validate(
+        {"host": redis_server.host, "port": redis_server.port, "db": 2, "pool_size": 3,
+         "socket_timeout_ms": 700, "connect_timeout_ms": 200, "pool_timeout_ms": 300})
+    source = RedisSource("r", options)
+
+    async def main() -> None:
+        client = await source.aclient()
+        assert await source.aclient() is client  # one per loop
+        pool, sync_pool = client.connection_pool, source.client().connection_pool
+        assert pool.max_connections == sync_pool.max_connections == 3
+        for key in ("host", "port", "db", "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                    "protocol", "username", "password"):
+            assert pool.connection_kwargs[key] == sync_pool.connection_kwargs[key], key
+        assert getattr(pool, "timeout", None) == 0.3
+        await client.set("native", "yes")
+        conn = await pool.get_connection()
+        try:
+            assert "Hiredis" in type(conn._parser).__name__  # the C reply parser, as the sync client's
+            assert conn.pack_command("GET", "k") == source.client().connection_pool.make_connection() \
+                .pack_command("GET", "k")
+        finally:
+            await pool.release(conn)
+
+    try:
+        asyncio.run(main())
+        assert source.client().get("native") == b"yes"  # db 2 on both
+    finally:
+        source.close()
+
+
 def test_a_redis_cluster_view_reads_on_threads() -> None:
     cfg = {"sources": {"c": {"type": "redis", "cluster": True, "startup_nodes": ["127.0.0.1:1"]}},
            "views": [{"name": "items", "entity": "item", "source": "c", "table": "t", "key": "id",
