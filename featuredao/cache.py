@@ -97,6 +97,11 @@ class _Outcome:
     degraded: list[Degraded]
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(slots=True)
 class _Lookup:
     """One read's keys as the caches answered them, before the store is asked for ``pending``."""
@@ -362,6 +367,8 @@ class CachedDao(FeatureDao):
         for k, fut in waits.items():
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
             waiting: asyncio.Future[_Outcome] = asyncio.wrap_future(fut)
+            # Read the outcome even if this request stops waiting first: an unread exception is logged.
+            waiting.add_done_callback(_retrieved)
             try:
                 theirs: _Outcome | None = await asyncio.wait_for(asyncio.shield(waiting), left)
             except (TimeoutError, BackendTimeout):

@@ -95,6 +95,8 @@ class CircuitBreaker:
 
     def failure(self) -> None:
         """Record a call the store failed (unavailable or late)."""
+        if not self.config.enabled:
+            return  # a disabled breaker never opens (nor says it did)
         with self._lock:
             self._failures += 1
             self._probing = False
@@ -319,6 +321,11 @@ class ResilientDao(FeatureDao):
         else:
             try:
                 result = await self._aretried(self.primary, norm, features, as_of, deadline)
+            except asyncio.CancelledError:
+                # The request gave up on the read (its deadline, on a loop too busy to see the read's own
+                # timeout first): nothing learnt about the store, as when a read waited for our own pool.
+                self.breaker.release()
+                raise
             except BaseException as exc:
                 self._raised(self.breaker, exc, None)
                 raise

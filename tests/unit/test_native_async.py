@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -98,3 +99,23 @@ def test_a_view_with_a_fallback_chain_reads_on_threads() -> None:
         result = asyncio.run(svc.afetch("u1", [1]))
         assert result.items == [{"price": 0.5}] and result.user == {"u_age": 30}
         assert threads_used(svc) >= 1
+
+
+def test_a_read_the_request_gave_up_on_is_not_a_store_failure() -> None:
+    MemorySource.clear_shared()
+    with seeded(config()) as svc:
+        source = svc.runtime.sources["m"]  # type: ignore[union-attr]
+        assert isinstance(source, MemorySource)
+        source.latency_s = 2.0
+        dao = svc.daos["items"]
+
+        async def give_up() -> None:
+            task = asyncio.ensure_future(dao.aread_partial([1], timeout_s=5.0))
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        for _ in range(4):  # twice the breaker's threshold
+            asyncio.run(give_up())
+        assert svc.runtime.breakers["m"].state is BreakerState.CLOSED  # type: ignore[union-attr]
