@@ -34,6 +34,14 @@ def events(seed: int, users: Sequence[str], per_user: int, now: int) -> dict[str
     return out
 
 
+def tied_user(now: int) -> list[dict[str, Any]]:
+    """More window events at one time than a read's limit (4 x max_len of SPEC): the store's limit cuts
+    inside the tie, so its order must be the core's (item, then event and play time, highest first)."""
+    evs = [{"item_id": item, "event": ev, "ts": now - 30, "play_time": play}
+           for item in range(1, 41) for ev, play in (("click", 2.5), ("buy", 9.0), ("click", 7.0))]
+    return [*evs, {"item_id": 99, "event": "buy", "ts": now - 31, "play_time": 5.0}]
+
+
 def expected(user_events: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], request_time: float,
              prefix: str = "click_") -> dict[str, list[Any]]:
     """What a sequence view with ``spec`` answers for one user's events (empty lists: none kept)."""

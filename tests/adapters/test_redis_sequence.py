@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,19 +63,6 @@ def load(client: Any, table: str, by_user: dict[str, list[dict[str, Any]]]) -> N
             client.zadd(f"{table}:{user}", {msgpack.packb([e[f] for f in ORDER]): e["ts"] for e in evs})
 
 
-def fetch_json(config: Path, user: str, request_time: float) -> dict[str, Any]:
-    """``cli_fetch``; while ``python -m featuredao`` has no ``__main__``, the same command through the CLI
-    module."""
-    if importlib.util.find_spec("featuredao.__main__") is not None:
-        return cli_fetch(config, user, request_time)
-    done = subprocess.run([sys.executable, "-m", "featuredao.cli", "fetch", str(config), "--user", user,
-                           "--context", f"request_time={request_time}", "--json"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: dict[str, Any] = json.loads(done.stdout)
-    return out
-
-
 def distinct(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Identical events are one member of the sorted set (documented): the truth sees them once too."""
     return [dict(zip(ORDER, t, strict=True)) for t in dict.fromkeys(tuple(e[f] for f in ORDER) for e in evs)]
@@ -104,12 +88,12 @@ def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_pat
     config.write_text(json.dumps({"sources": {"r": source}, "service": {"deadline_ms": 10_000},
                                   "views": [view(table, SPEC)]}), encoding="utf-8")
     for user, evs in by_user.items():
-        got = fetch_json(config, user, NOW)
+        got = cli_fetch(config, user, NOW)
         want = expected(distinct(evs), SPEC, NOW)
         assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, user
         assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
-    assert fetch_json(config, "tie-用户", NOW)["user"]["click_item_id"] == [300, 2, -1, 5]
-    assert fetch_json(config, "cut-用户", NOW)["user"]["click_item_id"] == [99, *range(19, 0, -1)]
+    assert cli_fetch(config, "tie-用户", NOW)["user"]["click_item_id"] == [300, 2, -1, 5]
+    assert cli_fetch(config, "cut-用户", NOW)["user"]["click_item_id"] == [99, *range(19, 0, -1)]
 
 
 def test_no_filters_read_the_newest_of_the_window_across_users(store: tuple[dict[str, Any], Any]) -> None:

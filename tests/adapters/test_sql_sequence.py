@@ -4,12 +4,9 @@ the documented layout, read through the CLI and the DAO, compared with the rules
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import secrets
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any
 import psycopg
 import pymysql
 import pytest
-from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected
+from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected, tied_user
 
 from featuredao import factory
 from featuredao.dao import BaseDao
@@ -135,32 +132,11 @@ def view(table: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "key": "user_id", "prefix": "click_", "sequence": spec, **extra}
 
 
-def fetch_json(config: Path, user: str, request_time: float) -> dict[str, Any]:
-    """``cli_fetch``; while ``python -m featuredao`` has no ``__main__``, the same command through the CLI
-    module."""
-    if importlib.util.find_spec("featuredao.__main__") is not None:
-        return cli_fetch(config, user, request_time)
-    done = subprocess.run([sys.executable, "-m", "featuredao.cli", "fetch", str(config), "--user", user,
-                           "--context", f"request_time={request_time}", "--json"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: dict[str, Any] = json.loads(done.stdout)
-    return out
-
-
-def tied_user() -> list[dict[str, Any]]:
-    """More window events at one time than the read's limit (4 x max_len): the store's LIMIT cuts inside the
-    tie, so its ORDER BY must be the core's (item, then event and play time, highest first)."""
-    evs = [{"item_id": item, "event": ev, "ts": NOW - 30, "play_time": play}
-           for item in range(1, 41) for ev, play in (("click", 2.5), ("buy", 9.0), ("click", 7.0))]
-    return [*evs, {"item_id": 99, "event": "buy", "ts": NOW - 31, "play_time": 5.0}]
-
-
 def test_ground_truth_through_the_cli(store: Store, tmp_path: Path) -> None:
     table = f"truth_{secrets.token_hex(4)}"
     users = [f"u{i}" for i in range(6)] + ["用户-ü", "ユーザー:7", "emoji 🎧", "Ω"]
     by_user = events(16, users, 120, NOW)
-    by_user["tie-用户"] = tied_user()
+    by_user["tie-用户"] = tied_user(NOW)
     load(store, table, by_user)
     config = tmp_path / "seq.json"
     # A cold process connects first: deadlines that cover it (the view's 50 ms, the request's 100 ms).
@@ -168,11 +144,11 @@ def test_ground_truth_through_the_cli(store: Store, tmp_path: Path) -> None:
            "service": {"deadline_ms": 10000}}
     config.write_text(json.dumps(cfg), encoding="utf-8")
     for user, evs in by_user.items():
-        got = fetch_json(config, user, NOW)
+        got = cli_fetch(config, user, NOW)
         want = expected(evs, SPEC, NOW)
         assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, (user, got)
         assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
-    tie = fetch_json(config, "tie-用户", NOW)["user"]
+    tie = cli_fetch(config, "tie-用户", NOW)["user"]
     # Per item the newest is ("click", 7.0): "click" sorts above "buy", then the higher play time.
     assert tie["click_item_id"] == list(range(40, 20, -1)) and set(tie["click_play_time"]) == {7.0}
 
@@ -186,7 +162,7 @@ def test_a_batch_of_users_matches_the_truth(store: Store, spec: dict[str, Any]) 
     table = f"batch_{secrets.token_hex(4)}"
     users = [f"ü-{i}" for i in range(150)]
     by_user = events(3, users, 40, NOW)
-    by_user["tie"] = tied_user()
+    by_user["tie"] = tied_user(NOW)
     load(store, table, by_user)
     full = {"time_field": "ts", "item_field": "item_id", "event_field": "event", "fields": FIELDS, **spec}
     source = {**store.source, "batch_size": 64}  # three chunks: the many-key statement and a single key

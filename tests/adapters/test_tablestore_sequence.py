@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,18 +82,6 @@ def load(raw: Any, table: str, by_user: dict[str, list[dict[str, Any]]]) -> None
         assert raw.batch_write_row(request).is_all_succeed()
 
 
-def fetch_json(config: Path, user: str, request_time: float) -> dict[str, Any]:
-    """``cli_fetch``; while ``python -m featuredao`` has no ``__main__``, the same via the CLI module."""
-    if importlib.util.find_spec("featuredao.__main__") is not None:
-        return cli_fetch(config, user, request_time)
-    done = subprocess.run([sys.executable, "-m", "featuredao.cli", "fetch", str(config), "--user", user,
-                           "--context", f"request_time={request_time}", "--json"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: dict[str, Any] = json.loads(done.stdout)
-    return out
-
-
 def distinct(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Identical events are one row (documented): the truth sees them once too."""
     order = list(FIELDS)
@@ -119,11 +104,11 @@ def test_ground_truth_through_the_cli(server: TableStoreServer, raw: Any, tmp_pa
     config.write_text(json.dumps({"sources": {"ots": source(server)}, "service": {"deadline_ms": 10_000},
                                   "views": [view(table, SPEC, timeout_ms=10_000)]}), encoding="utf-8")
     for user, evs in by_user.items():
-        got = fetch_json(config, user, NOW)
+        got = cli_fetch(config, user, NOW)
         want = expected(distinct(evs), SPEC, NOW)
         assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, user
         assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
-    tied = fetch_json(config, "tie-用户", NOW)["user"]["click_item_id"]
+    tied = cli_fetch(config, "tie-用户", NOW)["user"]["click_item_id"]
     assert tied[:3] == [88, 87, 84] and 99 not in tied  # in a store-chosen 80 of the 96: mostly not
 
 
