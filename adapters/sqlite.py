@@ -69,12 +69,26 @@ class SqliteSource(Source):
         self._busy: set[sqlite3.Connection] = set()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(options.pool_size)
+        self._wal_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         opts: SqliteOptions = self.options
         conn = sqlite3.connect(opts.path, timeout=opts.busy_timeout_ms / 1000, check_same_thread=False,
                                isolation_level=None, cached_statements=256)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a database to WAL takes an exclusive lock and may answer "locked" without waiting for
+        # the busy timeout: connections opened at once (concurrent chunks on a fresh file) take turns, and
+        # one locked by another process tries again until the busy timeout.
+        give_up = time.monotonic() + opts.busy_timeout_ms / 1000
+        with self._wal_lock:
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        conn.close()
+                        raise
+                    time.sleep(0.01)
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 

@@ -69,3 +69,22 @@ def test_missing_table_is_a_query_error_naming_the_view(tmp_path: Path) -> None:
             dao.read(["a"])
     finally:
         runtime.close()
+
+
+def test_concurrent_chunks_on_a_file_not_yet_in_wal_mode(tmp_path: Path) -> None:
+    """The first connections of a pool switch a fresh file to WAL at once: none of them fails "locked"."""
+    for n in range(15):
+        path = tmp_path / f"fresh{n}.db"
+        raw = sqlite3.connect(path, isolation_level=None)  # a rollback-journal file, made by another tool
+        raw.execute("CREATE TABLE t (id TEXT PRIMARY KEY, a INTEGER)")
+        raw.executemany("INSERT INTO t VALUES (?, ?)", [(f"k{i}", i) for i in range(300)])
+        source = {"type": "sqlite", "path": str(path), "batch_size": 64, "pool_size": 8}
+        runtime = factory.build({"sources": {"s": source},
+                                 "views": [{"name": "v", "entity": "item", "source": "s", "table": "t",
+                                            "key": "id", "features": {"a": "int"}}]})
+        try:
+            result = runtime.daos["v"].read_partial([f"k{i}" for i in range(300)], timeout_s=10)
+            assert result.error is None and [r["a"] for r in result.rows if r] == list(range(300))
+        finally:
+            runtime.close()
+            raw.close()
