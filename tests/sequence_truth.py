@@ -74,3 +74,29 @@ def cli_fetch(config: Path, user: str, request_time: float) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     out: dict[str, Any] = json.loads(done.stdout)
     return out
+
+
+def distinct(evs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each identical event once (stores that hold an event once: Redis, HBase, TableStore)."""
+    order = list(FIELDS)
+    return [dict(zip(order, t, strict=True)) for t in dict.fromkeys(tuple(e[f] for f in order) for e in evs)]
+
+
+def truth_config(folder: Path, name: str, source: Mapping[str, Any], view: Mapping[str, Any]) -> Path:
+    """A config of one source and one sequence view, with deadlines far above a read's time: the truth
+    checks what is read, on a machine that may be busy (a cold process connects first, too)."""
+    path = folder / "seq.json"
+    path.write_text(json.dumps({"sources": {name: dict(source)}, "service": {"deadline_ms": 10_000},
+                                "views": [{**view, "timeout_ms": 10_000}]}), encoding="utf-8")
+    return path
+
+
+def assert_cli_matches(config: Path, by_user: Mapping[str, Sequence[Mapping[str, Any]]], now: float, *,
+                       once: bool = False) -> None:
+    """Every user read through the CLI equals :func:`expected` over its events (``once``: each identical
+    event counted once); a user with none kept is listed missing."""
+    for user, evs in by_user.items():
+        got = cli_fetch(config, user, now)
+        want = expected(distinct(evs) if once else evs, SPEC, now)
+        assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, (user, got)
+        assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user

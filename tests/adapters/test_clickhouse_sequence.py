@@ -3,7 +3,6 @@ into the documented layout, read through the CLI and the DAO, compared with the 
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,16 @@ from typing import Any
 
 import pytest
 from clickhouse_driver import Client
-from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected, tied_user
+from sequence_truth import (
+    FIELDS,
+    SPEC,
+    assert_cli_matches,
+    cli_fetch,
+    events,
+    expected,
+    tied_user,
+    truth_config,
+)
 
 from featuredao import factory
 from featuredao.dao import BaseDao
@@ -58,16 +66,8 @@ def test_ground_truth_through_the_cli(clickhouse_server: ClickHouseServer, raw: 
     by_user = events(16, users, 120, NOW)
     by_user["tie-用户"] = tied_user(NOW)
     load(raw, table, by_user)
-    config = tmp_path / "seq.json"
-    # A cold process connects first: deadlines that cover it (the view's 50 ms, the request's 100 ms).
-    cfg = {"sources": {"ch": source(clickhouse_server)}, "views": [view(table, SPEC, timeout_ms=5000)],
-           "service": {"deadline_ms": 10000}}
-    config.write_text(json.dumps(cfg), encoding="utf-8")
-    for user, evs in by_user.items():
-        got = cli_fetch(config, user, NOW)
-        want = expected(evs, SPEC, NOW)
-        assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, (user, got)
-        assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
+    config = truth_config(tmp_path, "ch", source(clickhouse_server), view(table, SPEC))
+    assert_cli_matches(config, by_user, NOW)
     tie = cli_fetch(config, "tie-用户", NOW)["user"]
     # Per item the newest is ("click", 7.0): "click" sorts above "buy", then the higher play time.
     assert tie["click_item_id"] == list(range(40, 20, -1)) and set(tie["click_play_time"]) == {7.0}

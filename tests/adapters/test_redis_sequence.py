@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,16 @@ from featuredao.adapters.redis import PartialWrite
 from redis.cluster import ClusterNode
 from redis.cluster import RedisCluster as RawCluster
 from redis.crc import key_slot
-from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected
+from sequence_truth import (
+    FIELDS,
+    SPEC,
+    assert_cli_matches,
+    cli_fetch,
+    distinct,
+    events,
+    expected,
+    truth_config,
+)
 
 from featuredao import factory
 from featuredao.dao import BaseDao
@@ -63,11 +71,6 @@ def load(client: Any, table: str, by_user: dict[str, list[dict[str, Any]]]) -> N
             client.zadd(f"{table}:{user}", {msgpack.packb([e[f] for f in ORDER]): e["ts"] for e in evs})
 
 
-def distinct(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Identical events are one member of the sorted set (documented): the truth sees them once too."""
-    return [dict(zip(ORDER, t, strict=True)) for t in dict.fromkeys(tuple(e[f] for f in ORDER) for e in evs)]
-
-
 def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_path: Path) -> None:
     source, client = store
     table = f"truth{secrets.token_hex(4)}"
@@ -84,14 +87,8 @@ def test_ground_truth_through_the_cli(store: tuple[dict[str, Any], Any], tmp_pat
     cut = [{"item_id": i, "event": "click", "ts": NOW - 40, "play_time": 7.0} for i in range(-100, 20)]
     by_user["cut-用户"] = [*cut, {"item_id": 99, "event": "buy", "ts": NOW, "play_time": 3.0}]
     load(client, table, by_user)
-    config = tmp_path / "seq.json"
-    config.write_text(json.dumps({"sources": {"r": source}, "service": {"deadline_ms": 10_000},
-                                  "views": [view(table, SPEC)]}), encoding="utf-8")
-    for user, evs in by_user.items():
-        got = cli_fetch(config, user, NOW)
-        want = expected(distinct(evs), SPEC, NOW)
-        assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, user
-        assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
+    config = truth_config(tmp_path, "r", source, view(table, SPEC))
+    assert_cli_matches(config, by_user, NOW, once=True)
     assert cli_fetch(config, "tie-用户", NOW)["user"]["click_item_id"] == [300, 2, -1, 5]
     assert cli_fetch(config, "cut-用户", NOW)["user"]["click_item_id"] == [99, *range(19, 0, -1)]
 

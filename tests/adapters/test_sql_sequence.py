@@ -4,7 +4,6 @@ the documented layout, read through the CLI and the DAO, compared with the rules
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -15,7 +14,16 @@ from typing import Any
 import psycopg
 import pymysql
 import pytest
-from sequence_truth import FIELDS, SPEC, cli_fetch, events, expected, tied_user
+from sequence_truth import (
+    FIELDS,
+    SPEC,
+    assert_cli_matches,
+    cli_fetch,
+    events,
+    expected,
+    tied_user,
+    truth_config,
+)
 
 from featuredao import factory
 from featuredao.dao import BaseDao
@@ -138,16 +146,8 @@ def test_ground_truth_through_the_cli(store: Store, tmp_path: Path) -> None:
     by_user = events(16, users, 120, NOW)
     by_user["tie-用户"] = tied_user(NOW)
     load(store, table, by_user)
-    config = tmp_path / "seq.json"
-    # A cold process connects first: deadlines that cover it (the view's 50 ms, the request's 100 ms).
-    cfg = {"sources": {"db": store.source}, "views": [view(table, SPEC, timeout_ms=5000)],
-           "service": {"deadline_ms": 10000}}
-    config.write_text(json.dumps(cfg), encoding="utf-8")
-    for user, evs in by_user.items():
-        got = cli_fetch(config, user, NOW)
-        want = expected(evs, SPEC, NOW)
-        assert {k: v for k, v in got["user"].items() if k.startswith("click_")} == want, (user, got)
-        assert (user in got["missing"].get("click_seq", [])) == (not want["click_item_id"]), user
+    config = truth_config(tmp_path, "db", store.source, view(table, SPEC))
+    assert_cli_matches(config, by_user, NOW)
     tie = cli_fetch(config, "tie-用户", NOW)["user"]
     # Per item the newest is ("click", 7.0): "click" sorts above "buy", then the higher play time.
     assert tie["click_item_id"] == list(range(40, 20, -1)) and set(tie["click_play_time"]) == {7.0}
