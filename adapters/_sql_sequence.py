@@ -221,20 +221,29 @@ def grouped(rows: Sequence[Sequence[Any]], decode: Callable[[Any], Any] | None =
     return out
 
 
-class SqlSequenceDao:
-    """The sequence part of a MySQL or PostgreSQL view (mixed into ``SqlDao``)."""
+class _Statements:
+    """A view's sequence statements, made on first use for the dialect its source speaks."""
 
-    source: Any  # the SqlSource, typed in SqlDao (importing it here would make an import cycle)
+    source: Any  # the adapter's source, typed in its DAO (importing it here would make an import cycle)
     view: View
     _sequence_sql: SequenceStatements | None = None
+
+    def _sequence_dialect(self) -> SequenceDialect:
+        raise NotImplementedError
 
     @property
     def _seq(self) -> SequenceStatements:
         st = self._sequence_sql
         if st is None:
-            dialect = POSTGRES_SEQUENCE if self.source.dialect.name == "postgres" else MYSQL_SEQUENCE
-            st = self._sequence_sql = SequenceStatements(self.view, dialect)
+            st = self._sequence_sql = SequenceStatements(self.view, self._sequence_dialect())
         return st
+
+
+class SqlSequenceDao(_Statements):
+    """The sequence part of a MySQL or PostgreSQL view (mixed into ``SqlDao``)."""
+
+    def _sequence_dialect(self) -> SequenceDialect:
+        return POSTGRES_SEQUENCE if self.source.dialect.name == "postgres" else MYSQL_SEQUENCE
 
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
                       timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
@@ -313,19 +322,11 @@ class SqlSequenceDao:
         return read
 
 
-class SqliteSequenceDao:
+class SqliteSequenceDao(_Statements):
     """The sequence part of a SQLite view (mixed into ``SqliteDao``)."""
 
-    source: Any  # the SqliteSource, typed in SqliteDao (importing it here would make an import cycle)
-    view: View
-    _sequence_sql: SequenceStatements | None = None
-
-    @property
-    def _seq(self) -> SequenceStatements:
-        st = self._sequence_sql
-        if st is None:
-            st = self._sequence_sql = SequenceStatements(self.view, SQLITE_SEQUENCE)
-        return st
+    def _sequence_dialect(self) -> SequenceDialect:
+        return SQLITE_SEQUENCE
 
     def _fetch_events(self, keys: list[Key], query: SequenceQuery,
                       timeout_s: float | None) -> Mapping[Key, Sequence[Event]]:
