@@ -247,26 +247,25 @@ def pg_connections(server: PostgresServer, application: str) -> int:
 
 # -- a frozen store --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+def _own(server: Any) -> Iterator[Any]:
+    """A server of the test's own (it gets frozen), thawed if need be and stopped after."""
+    server.start()
     try:
         yield server
     finally:
         if server.frozen:
             server.thaw()
         server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    yield from _own(RedisServer())
 
 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        if server.frozen:
-            server.thaw()
-        server.stop()
+    yield from _own(PostgresServer())
 
 
 def frozen_then_right(cfg: dict[str, Any], server: RedisServer | PostgresServer, view: str) -> None:
