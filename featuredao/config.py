@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from featuredao import registry, stages
 from featuredao.derive import DerivedConfig
-from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter
+from featuredao.derive import load as load_function
+from featuredao.errors import ConfigError, ConfigIssue, UnknownAdapter, UsageError
 from featuredao.registry import Adapter
 
 # The schema's models, importable from here as they always were.
@@ -353,6 +354,12 @@ def _check_derived(raw: RawConfig, views: Mapping[str, View], secrets: Mapping[s
             problem = _input_problem(name, spec.entity, made, keys, raw.context)
             if problem:
                 issues.append(ConfigIssue(json_path(where), problem, repr(name)))
+                ok = False
+        if spec.fn is not None and spec.op == "python":
+            try:  # imported now, so that a wrong name is this error and not the first request's
+                load_function(spec.fn)
+            except UsageError as exc:
+                issues.append(ConfigIssue(json_path(("derived", i, "fn")), str(exc)))
                 ok = False
         if (spec.entity, spec.name) in made:
             issues.append(ConfigIssue(json_path(("derived", i, "name")),

@@ -256,8 +256,9 @@ def load(fn: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load derived-feature function {fn!r}: {exc}") from exc
+    except Exception as exc:  # a module that fails while importing is as unusable as a missing one
+        raise UsageError(f"cannot load derived-feature function {fn!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not callable(obj):
         raise UsageError(f"derived-feature function {fn!r} is not callable")
     return obj  # type: ignore[no-any-return]

@@ -106,8 +106,40 @@ def check(views: Mapping[str, StagedView], positions: Mapping[str, int],
             elif made_by.get((entity, name)) == view.name:
                 issues.append(ConfigIssue(path, "a view cannot be keyed by its own feature", repr(ref)))
     if not issues:
-        try:
-            plan(views)
-        except ValueError as exc:
-            issues.append(ConfigIssue("$.views", f"key_from forms a cycle: {exc}"))
+        loop = cycle(views)
+        if loop:
+            first = min(loop, key=positions.__getitem__)  # reported once, at the earliest view of it
+            at = loop.index(first)
+            named = [*loop[at:], *loop[:at], first]
+            issues.append(ConfigIssue(json_path(("views", positions[first], "key_from")),
+                                      f"key_from forms a cycle: {' -> '.join(named)} "
+                                      "(each view is keyed by a feature of the next)"))
     return issues
+
+
+def cycle(views: Mapping[str, StagedView]) -> list[str]:
+    """One cycle of views keyed by each other's features, in dependency order ([] when there is none)."""
+    deps = {name: sorted(dependencies(view, views)) for name, view in views.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done (no cycle through it)
+    path: list[str] = []
+
+    def visit(name: str) -> list[str]:
+        state[name] = 1
+        path.append(name)
+        for dep in deps[name]:
+            if state.get(dep) == 1:
+                return path[path.index(dep):]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        state[name] = 2
+        path.pop()
+        return []
+
+    for name in views:
+        if name not in state:
+            found = visit(name)
+            if found:
+                return found
+    return []

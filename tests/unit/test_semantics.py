@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from featuredao import ConfigError, FeatureService, Reason, UsageError, build, load_config
+from featuredao import ConfigError, FeatureService, FetchError, Reason, UsageError, build, load_config
 from featuredao.stages import plan
 
 _stores = itertools.count()
@@ -148,8 +148,21 @@ def test_key_from_cycles_are_config_errors() -> None:
     cfg = config("cycle")
     cfg["views"][2]["key_from"] = "item.uc_clicks"
     cfg["views"][3]["key_from"] = "item.cat_ctr"
-    with pytest.raises(ConfigError, match="cycle"):
+    with pytest.raises(ConfigError, match="cycle") as info:
         load_config(cfg)
+    # Reported once, at the first view of the cycle, naming every view in it.
+    assert [(i.path, i.message) for i in info.value.issues] == [
+        ("$.views[2].key_from", "key_from forms a cycle: categories -> user_category -> categories "
+                                "(each view is keyed by a feature of the next)")]
+    cfg = config("cycle3")  # a longer one, entered from a view outside it (city_stats keyed by it)
+    cfg["views"][0]["key_from"] = "user.city_pop"
+    cfg["views"][4]["key_from"] = "user.u_city"
+    cfg["views"][5].update(entity="user", key_from="user.u_age", prefix="s_")
+    cfg["derived"] = []
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert [i.path for i in info.value.issues] == ["$.views[0].key_from"]
+    assert "users -> city_stats -> users" in info.value.issues[0].message
     cfg = config("ctx")
     cfg["context"]["hour"]["default"] = "noon"
     with pytest.raises(ConfigError, match=r"context\.hour\.default"):
@@ -225,3 +238,79 @@ def test_scene_config_errors(views: list[str], message: str) -> None:
     cfg["scenes"] = {"feed": {"views": views}}
     with pytest.raises(ConfigError, match=message):
         load_config(cfg)
+
+
+def test_a_composite_key_is_joined_by_the_views_separator(cfg: dict[str, Any]) -> None:
+    cfg["views"][3]["key_separator"] = "|"
+    runtime = build(cfg)
+    runtime.daos["user_category"].upsert([("u1|20", {"clicks": 7})])
+    runtime.close()
+    with FeatureService.from_config(cfg) as service:
+        result = service.fetch("u1", [1, 2, 4])
+    # "u1_10" is stored too, but it is not what this view's key is made of any more.
+    assert [item["uc_clicks"] for item in result.items] == [0, 7, 0]
+    assert result.missing == {"user_category": ["u1|10"]}  # item 4 has no category: no key, not missing
+
+
+def flaky_scores(prices: list[Any]) -> list[float]:
+    """A user's derived-feature function that fails on some requests (any price over 5)."""
+    if any(p is not None and p > 5 for p in prices):
+        raise RuntimeError("model server down")
+    return [0.5 for _ in prices]
+
+
+def python_spec(fn: str) -> dict[str, Any]:
+    return {"name": "score", "entity": "item", "op": "python", "input": "price", "fn": fn, "type": "float",
+            "default": -1.0}
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    ("no_such_module_zz:f", "ModuleNotFoundError: No module named 'no_such_module_zz'"),
+    ("os.path:no_such_function", "has no attribute 'no_such_function'"),
+    ("os:sep", "'os:sep' is not callable"),
+])
+def test_a_python_function_that_cannot_be_loaded_is_a_config_error(fn: str, message: str) -> None:
+    cfg = config("fn")
+    cfg["derived"].insert(2, python_spec(fn))
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert [i.path for i in info.value.issues] == ["$.derived[2].fn"], info.value
+    assert message in info.value.issues[0].message
+    cfg["derived"][2] = python_spec(f"{__name__}:flaky_scores")
+    assert [d.name for d in load_config(cfg).derived][2] == "score"
+
+
+def test_the_cli_validate_names_the_paths_of_a_bad_function_and_a_cycle(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    cfg = config("cli-validate")
+    cfg["derived"].append(python_spec("no_such_module_zz:f"))
+    cfg["views"][2]["key_from"] = "item.uc_clicks"
+    cfg["views"][3]["key_from"] = "item.cat_ctr"
+    cfg["derived"] = cfg["derived"][-1:]  # those on category features would be reported too
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-m", "featuredao.cli", "validate", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert "$.derived[0].fn: cannot load derived-feature function 'no_such_module_zz:f'" in out.stderr
+    assert "$.views[2].key_from: key_from forms a cycle: categories -> user_category" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_derived_function_that_raises_costs_its_feature_only(cfg: dict[str, Any]) -> None:
+    cfg["derived"].append(python_spec(f"{__name__}:flaky_scores"))
+    with FeatureService.from_config(cfg) as service:
+        calm = service.fetch("u1", [1, 2])
+        result = service.fetch("u1", [1, 4])  # item 4 costs 9.0: the function raises
+        with pytest.raises(FetchError) as info:
+            service.fetch("u1", [1, 4], strict=True)
+    assert [item["score"] for item in calm.items] == [0.5, 0.5] and calm.degraded == []
+    assert [item["score"] for item in result.items] == [-1.0, -1.0]
+    assert result.items[1]["log_price"] == pytest.approx(2.302585)  # the other derived features stand
+    assert [(d.view, d.reason, d.feature) for d in result.degraded] == [
+        ("score", Reason.DERIVE_ERROR, "score")]
+    assert "2 value(s) could not be derived" in result.degraded[0].detail
+    assert [d.reason for d in info.value.degraded] == [Reason.DERIVE_ERROR]
