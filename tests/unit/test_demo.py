@@ -129,3 +129,29 @@ def test_run_prints_one_config_line_and_stores_rows_as_generated(tmp_path: Path)
         assert runtime.daos["item_features"].read([1499])[0] == expected[-1][1]
     finally:
         runtime.close()
+
+
+def test_run_shows_the_category_stage_the_derived_features_and_the_context(tmp_path: Path) -> None:
+    import math
+
+    out = io.StringIO()
+    demo.run(tmp_path / "d", users=60, items=1500, fetch_items=50, console=Console(file=out, width=250))
+    text = out.getvalue()
+    assert 'context: {"hour": 9, "device": "ios"}; derived: log_price, price_vs_category' in text
+    lines = text.splitlines()
+    header = next(line for line in lines if "cat_ctr_30d" in line)
+    names = [c.strip() for c in header.strip("┃ ").split("┃")]
+    assert names[-3:] == ["cat_ctr_30d", "log_price", "price_vs_category"]
+    categories = dict(demo.category_rows(42))
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines
+            if line.startswith("│") and len(line.split("│")) == len(names) + 2]
+    assert len(rows) == 10
+    for cells in rows:
+        shown = dict(zip(names, cells, strict=True))
+        item = ITEMS[int(shown["item_id"])][1]
+        category = categories[item["category"]]
+        # The second stage's features and the derived ones, as the demo prints them, from the rows themselves.
+        assert shown["category"] == json.dumps(item["category"])
+        assert shown["cat_ctr_30d"] == demo._short(category["ctr_30d"])
+        assert shown["log_price"] == demo._short(math.log1p(item["price"]))
+        assert shown["price_vs_category"] == demo._short(item["price"] / category["avg_price"])
