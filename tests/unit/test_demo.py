@@ -148,7 +148,7 @@ def test_run_shows_the_category_stage_the_derived_features_and_the_context(tmp_p
     assert len(rows) == 10
     for cells in rows:
         shown = dict(zip(names, cells, strict=True))
-        item = ITEMS[int(shown["item_id"])][1]
+        item: dict[str, Any] = dict(ITEMS[int(shown["item_id"])][1])
         category = categories[item["category"]]
         # The second stage's features and the derived ones, as the demo prints them, from the rows themselves.
         assert shown["category"] == json.dumps(item["category"])
