@@ -314,3 +314,23 @@ def test_a_derived_function_that_raises_costs_its_feature_only(cfg: dict[str, An
         ("score", Reason.DERIVE_ERROR, "score")]
     assert "2 value(s) could not be derived" in result.degraded[0].detail
     assert [d.reason for d in info.value.degraded] == [Reason.DERIVE_ERROR]
+
+
+def test_hash_bucket_memo_gives_the_buckets_of_the_per_value_path() -> None:
+    from featuredao import derive
+
+    spec = derive.DerivedConfig(name="h", entity="item", op="hash_bucket", input="x", buckets=97)
+    ints, texts = list(range(-5, 300)), [f"id{i}" for i in range(300)] + ["日本", "café"]
+    for column in (ints, texts, ints[::-1], [str(i) for i in ints]):
+        expected = [derive._hash(derive._text(v), 97) for v in column]
+        assert derive.compute(spec, [column]) == (expected, [])  # a cold memo, then a warm one
+        assert derive.compute(spec, [column]) == (expected, [])
+    mixed = [1, "1", True, 2.0]  # not one kind: the per-value path, true is not 1
+    assert derive.compute(spec, [mixed])[0] == [derive._hash(t, 97) for t in ("1", "1", "true", "2.0")]
+    derive._MEMO, saved = 10, derive._MEMO  # a full memo starts again and still answers right
+    try:
+        small = derive.DerivedConfig(name="h", entity="item", op="hash_bucket", input="x", buckets=97)
+        for column in (ints, texts, ints, texts[:5], ints):
+            assert derive.compute(small, [column])[0] == [derive._hash(str(v), 97) for v in column]
+    finally:
+        derive._MEMO = saved
