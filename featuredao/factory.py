@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,36 @@ class SourceHealth:
     error: str = ""
 
 
+class Holders:
+    """How many runtimes hold each source and DAO: a runtime's close frees only what no other one holds.
+
+    Runtimes built one from another (``build(..., previous=)``) share one of these.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[object, int]] = {}  # the object itself keeps its id from being reused
+
+    def hold(self, thing: object) -> None:
+        with self._lock:
+            count = self._held.get(id(thing), (thing, 0))[1]
+            self._held[id(thing)] = (thing, count + 1)
+
+    def release(self, thing: object) -> bool:
+        """Drop one hold; True when nobody holds it any more (the caller closes it)."""
+        with self._lock:
+            count = self._held.get(id(thing), (thing, 1))[1] - 1
+            if count > 0:
+                self._held[id(thing)] = (thing, count)
+                return False
+            self._held.pop(id(thing), None)
+            return True
+
+    def held(self, thing: object) -> bool:
+        with self._lock:
+            return id(thing) in self._held
+
+
 @dataclass
 class Runtime:
     """Everything a configuration builds: sources, plain view DAOs and the composed ones a service serves."""
@@ -46,15 +77,30 @@ class Runtime:
     served: dict[str, FeatureDao] = field(default_factory=dict)
     """Each served view (fallback-only views excluded) wrapped in breaker, fallbacks and cache."""
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    holders: Holders = field(default_factory=Holders, repr=False)
+    kept: frozenset[str] = frozenset()
+    """Served views taken over from the runtime this one was built from, with their L1 caches."""
+    _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
-        """Close every source (refuse, interrupt, wait for its work, free its pool), then every DAO."""
+        """Close every source (refuse, interrupt, wait for its work, free its pool), then every DAO.
+
+        Idempotent. What a runtime built from this one took over stays open until that one closes too.
+        """
+        if self._closed:
+            return
+        self._closed = True
         for source in self.sources.values():
+            if not self.holders.release(source):
+                continue
             try:
                 source.close()
             except Exception:  # closing must go on for the others
                 log.exception("closing source %s failed", source.name)
-        for dao in [*self.served.values(), *self.daos.values()]:
+        daos = {id(d): d for d in [*self.served.values(), *self.daos.values()]}
+        for dao in daos.values():
+            if not self.holders.release(dao):
+                continue
             try:
                 dao.close()
             except Exception:
@@ -90,30 +136,113 @@ class Runtime:
         return out
 
 
-def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metrics | None = None) -> Runtime:
-    """Create every source and view DAO; adapters connect lazily, so a down store does not fail this."""
+def build(cfg: Config | str | PathLike[str] | Mapping[str, Any], metrics: Metrics | None = None, *,
+          previous: Runtime | None = None) -> Runtime:
+    """Create every source and view DAO; adapters connect lazily, so a down store does not fail this.
+
+    ``previous``: a running runtime to take over from. Its sources whose settings are unchanged are used
+    as they are (pool, breaker), and so are its served views whose settings, fallbacks, merged and
+    joined views and sources are all unchanged (with their L1 caches). Each runtime's ``close`` then
+    frees only what the other does not hold, whichever closes first.
+    """
     if not isinstance(cfg, Config):
         cfg = config_mod.load(cfg)
     metrics = metrics or Metrics()
-    runtime = Runtime(cfg)
+    carried = Carry.of(previous, cfg) if previous is not None else Carry()
+    runtime = Runtime(cfg, holders=previous.holders if previous is not None else Holders(),
+                      kept=frozenset(carried.served))
     try:
         for name, spec in cfg.sources.items():
-            source: Source = registry.get_adapter(spec.type)(name, spec.options)
-            runtime.sources[name] = source
-            runtime.breakers[name] = CircuitBreaker(name, spec.circuit_breaker, metrics)
+            if previous is not None and name in carried.sources:
+                runtime.sources[name] = previous.sources[name]
+                runtime.breakers[name] = previous.breakers[name]
+            else:
+                runtime.sources[name] = registry.get_adapter(spec.type)(name, spec.options)
+                runtime.breakers[name] = CircuitBreaker(name, spec.circuit_breaker, metrics)
+            runtime.holders.hold(runtime.sources[name])
         for name, view in cfg.views.items():
-            runtime.daos[name] = runtime.sources[view.source].dao(view)
+            if previous is not None and name in carried.daos:
+                runtime.daos[name] = previous.daos[name]
+            else:
+                runtime.daos[name] = runtime.sources[view.source].dao(view)
+            runtime.holders.hold(runtime.daos[name])
         aside = cfg.fallback_only | cfg.merge_only
         # Table views first: a sequence view joins the item view a request serves (one cache, not two).
         order = sorted((n for n in cfg.views if n not in aside),
                        key=lambda n: cfg.views[n].kind == "sequence")
         for name in order:
-            runtime.served[name] = compose(runtime, name, metrics)
+            if previous is not None and name in carried.served:
+                runtime.served[name] = previous.served[name]
+            else:
+                runtime.served[name] = compose(runtime, name, metrics)
+            runtime.holders.hold(runtime.served[name])
         runtime.served = {n: runtime.served[n] for n in cfg.views if n in runtime.served}
     except BaseException:
         runtime.close()
         raise
     return runtime
+
+
+@dataclass
+class Carry:
+    """What a new runtime takes over from the one it replaces: source, view DAO and served view names."""
+
+    sources: set[str] = field(default_factory=set)
+    daos: set[str] = field(default_factory=set)
+    served: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, previous: Runtime, cfg: Config) -> Carry:
+        """Unchanged sources, and served views whose every part is unchanged and safe to share."""
+        old = previous.config
+        sources = {n for n, spec in cfg.sources.items()
+                   if n in previous.sources and old.sources.get(n) == spec
+                   and previous.holders.held(previous.sources[n]) and not previous.sources[n].closed}
+
+        def same(name: str) -> bool:
+            view = cfg.views[name]
+            tiers = view.cache
+            return (old.views.get(name) == view and view.source in sources
+                    and (tiers is None or tiers.l2 is None or tiers.l2.source in sources))
+
+        served = {n for n in cfg.views if n not in cfg.fallback_only | cfg.merge_only}
+        parts = {n: _parts(cfg, n) for n in served}
+        kept = {n for n in served if n in previous.served and previous.holders.held(previous.served[n])
+                and all(same(v) for v in parts[n])}
+        while True:
+            # Closing a served view the old runtime does not hand over closes its own DAO and its
+            # fallbacks' (merge and join wrappers close nothing they wrap): none of those may be shared.
+            freed = {v for n in previous.served if n not in kept for v in (n, *old.views[n].fallback)}
+            # A kept view that joins a served item view shares that view's cache: both kept, or neither.
+            still = {n for n in kept if not parts[n] & freed
+                     and all(j in kept for j in _joins(cfg, parts[n]) if j in served)}
+            if still == kept:
+                break
+            kept = still
+        daos = {v for n in kept for v in parts[n]}
+        return cls(sources, daos, kept)
+
+
+def _parts(cfg: Config, name: str) -> set[str]:
+    """Every view a served view's composition reads: itself, its fallbacks, merged and joined views."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        view = cfg.views[todo.pop()]
+        if view.name in seen:
+            continue
+        seen.add(view.name)
+        todo.extend(view.fallback)
+        if view.sequence is not None:
+            todo.extend(view.sequence.merge)
+            if view.sequence.join is not None:
+                todo.append(view.sequence.join.view)
+    return seen
+
+
+def _joins(cfg: Config, names: set[str]) -> set[str]:
+    """The item views these views join."""
+    return {seq.join.view for n in names if (seq := cfg.views[n].sequence) is not None and seq.join}
 
 
 def compose(runtime: Runtime, name: str, metrics: Metrics | None = None, *,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -123,14 +124,20 @@ class FeatureService:
             name: [kept for stage in self._stages
                    if (kept := [d for d in stage if d.view.name in spec.views])]
             for name, spec in self.scenes.items()}
+        # What reload() re-reads (from_config records the file or dict it was given), one reload at a time.
+        self._origin: Config | str | PathLike[str] | Mapping[str, Any] | None = (
+            runtime.config if runtime is not None else None)
+        self._reload_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, cfg: Config | str | PathLike[str] | Mapping[str, Any]) -> FeatureService:
         """Build every source and view from a config file, dict or Config."""
         metrics = Metrics()
         runtime = factory.build(cfg, metrics)
-        return cls(runtime.served, runtime.config.service, on_close=runtime.close, runtime=runtime,
-                   metrics=metrics)
+        service = cls(runtime.served, runtime.config.service, on_close=runtime.close, runtime=runtime,
+                      metrics=metrics)
+        service._origin = cfg
+        return service
 
     # -- planning and merging are shared by fetch and afetch -----------------------------
     @staticmethod
@@ -508,6 +515,49 @@ class FeatureService:
         left = self._gate.drain(timeout_s)
         if left:
             log.warning("service closed with %d worker(s) still running after %.1f s", left, timeout_s)
+
+    def reload(self, cfg: Config | str | PathLike[str] | Mapping[str, Any] | None = None, *,
+               drain_s: float | None = None) -> factory.Runtime:
+        """Swap in a new config; unchanged sources keep their pools, unchanged views their L1 caches.
+
+        ``cfg`` None: the config the service was built from, read again. The new config is loaded and
+        built in full first: a bad one raises ConfigError (a store error its adapter's) and the service
+        goes on as it was. The swap is one step: a request that started before it reads the views it
+        started with (merged and derived under the new config), and what the new config no longer uses
+        is closed once such requests are done, at most ``drain_s`` later (default: the old config's
+        longest deadline), reads still running then are cut as by ``close``. ``service.max_workers``
+        and ``max_in_flight`` keep their running values. Returns the new runtime.
+        """
+        with self._reload_lock:
+            self._check_open()
+            old = self.runtime
+            if old is None or self._origin is None or self._on_close != old.close:
+                raise UsageError("only a service built by from_config can reload: it owns its runtime")
+            runtime = factory.build(self._origin if cfg is None else cfg, self._metrics, previous=old)
+            try:
+                fresh = FeatureService(runtime.served, runtime.config.service, on_close=runtime.close,
+                                       runtime=runtime, metrics=self._metrics)
+                fresh._pool.shutdown(wait=False)  # never started: requests keep this service's workers
+                for dao in fresh.daos.values():
+                    fresh._shape(dao.view)  # filled before the swap: a late old request cannot seed it
+            except BaseException:
+                runtime.close()
+                raise
+            own = {"_pool", "_gate", "_slots", "max_in_flight", "_metrics", "_origin", "_reload_lock"}
+            state = {k: v for k, v in vars(fresh).items() if k not in own}
+            if cfg is not None and not isinstance(cfg, Config):
+                state["_origin"] = cfg
+            before = dict(vars(self))  # holds the old values: nothing is freed (no code runs) mid-update
+            vars(self).update(state)
+            del before
+            if self._gate.closed:  # closed during the build: close() closed the old runtime, not this one
+                runtime.close()
+                return runtime
+            longest = max([old.config.service.deadline_ms,
+                           *(s.deadline_ms or 0 for s in old.config.scenes.values())]) / 1000
+            time.sleep(max(0.0, longest * 1.1 + 0.01 if drain_s is None else drain_s))
+            old.close()  # frees only what the new runtime did not take over
+            return runtime
 
     def __enter__(self) -> Self:
         return self
