@@ -59,20 +59,18 @@ import contextlib
 import datetime as dt
 import json
 import math
-import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr
 
-from featuredao.config import Identifier, StrictModel, View, quote_identifier
+from featuredao.config import Identifier, StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Source
 from featuredao.errors import (
     BackendAuthError,
@@ -85,36 +83,12 @@ from featuredao.errors import (
 from featuredao.types import FeatureType, Key, RawRows, Row
 
 from ._clickhouse_sequence import ClickHouseSequenceDao
-from ._sql import SqlViewOptions
+from ._clickhouse_sync import ClickHouseSyncDao
+from ._clickhouse_table import ClickHouseViewOptions, Layout, TableLayout, q
+
+__all__ = ["ClickHouseDao", "ClickHouseOptions", "ClickHouseSource", "ClickHouseViewOptions"]
 
 _CANCEL_GRACE_S = 0.5  # how long a cancelled query may take to end its stream before we drop the Client
-# Engines whose FINAL collapses rows (Replicated*, Shared* variants included): wide reads use it by default.
-_COLLAPSING = re.compile(r"(Replacing|Collapsing|Summing|Aggregating|Graphite|Coalescing)MergeTree$")
-# Engines known to refuse FINAL (code 181). Others (View, Distributed, Merge, Buffer...) may pass it on.
-_NO_FINAL = re.compile(r"MergeTree$|^(Memory|Log|TinyLog|StripeLog|Null|Set|Join)$")
-
-
-class ClickHouseViewOptions(SqlViewOptions):
-    """View options of the clickhouse adapter: the SQL layouts plus the ReplacingMergeTree settings."""
-
-    final: bool | None = None
-    """Read with FINAL; left out: for wide tables whose engine collapses rows (ReplacingMergeTree...)."""
-    version_column: Identifier = "version"
-    """The ReplacingMergeTree version (UInt64) that upserts write; left out: used if the table has it."""
-    nulls_column: Identifier | None = "_nulls"
-    """Wide only: Array(String) naming the list features that are null; None if the table has none (left
-    out: used only if the table has it)."""
-
-    @model_validator(mode="after")
-    def _merge_tree_columns(self) -> Self:
-        if self.layout == "tall" and "nulls_column" in self.model_fields_set:
-            raise ValueError("nulls_column only applies to layout 'wide'")
-        cols = [self.version_column, self.nulls_column] if self.layout == "wide" else \
-            [self.version_column, self.feature_column, self.value_column, self.event_time_column]
-        named = [c for c in cols if c is not None]
-        if len(set(named)) != len(named):
-            raise ValueError("the layout's column names must differ")
-        return self
 
 
 class ClickHouseOptions(StrictModel):
@@ -150,10 +124,6 @@ _WIDE_TYPES = {
 _TIMEOUT_CODES = frozenset({159, 160, 209, 394})  # TIMEOUT_EXCEEDED, TOO_SLOW, SOCKET_TIMEOUT, CANCELLED
 _AUTH_CODES = frozenset({192, 193, 194, 195, 291, 497, 516})  # unknown user, wrong password, ..., denied
 _UNAVAILABLE_CODES = frozenset({202, 203, 210, 241, 242, 252, 279})  # overloaded, network, read-only
-
-
-def _q(name: str) -> str:
-    return quote_identifier(name, "`")
 
 
 class _Pool:
@@ -348,23 +318,7 @@ def _rough_size(params: dict[str, Any]) -> int:
     return size
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """What one view's statements use of its table: found by inspecting it, or as configured."""
-
-    final: str
-    """`` FINAL`` or nothing."""
-    nulls: str | None
-    """The quoted nulls column (wide, views with list features), if used."""
-    version: str | None
-    """The quoted version column, if the table has one."""
-    order: str | None
-    """Tall: what ``argMax`` orders by (event time, version); None: any row of a (key, feature)."""
-    sql: dict[tuple[str, ...], tuple[str, bool]] = field(default_factory=dict)
-    """Read statements per projection (see ``ClickHouseDao._select``)."""
-
-
-class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
+class ClickHouseDao(ClickHouseSyncDao, ClickHouseSequenceDao, BaseDao):
     """Reads and writes one view's wide or tall table, as made by ``prepare`` or by another tool (a sequence
     view's events: ``_clickhouse_sequence``)."""
 
@@ -375,96 +329,13 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
         opts: ClickHouseViewOptions = view.options or ClickHouseViewOptions()
         self.options = opts
         self._tall = opts.layout == "tall"
-        self._table = _q(view.table)
-        self._key = _q(view.key)
+        self._table = q(view.table)
+        self._key = q(view.key)
         self._lists = {f for f, t in view.features.items() if t.is_list}
-        # What prepare creates, and what a statement uses while the table cannot be inspected (missing).
-        self._final_conf = opts.final if opts.final is not None else not self._tall
-        self._nulls_conf = _q(opts.nulls_column) if opts.nulls_column is not None and self._lists else None
-        self._version_conf = _q(opts.version_column)
-        db, _, name = view.table.rpartition(".")
-        where_db = "%(db)s" if db else "currentDatabase()"
-        self._describe_sql = (
-            f"SELECT 'engine', engine FROM system.tables WHERE database = {where_db} AND name = %(table)s "
-            f"UNION ALL SELECT 'column', name FROM system.columns "
-            f"WHERE database = {where_db} AND table = %(table)s")
-        self._describe_params = {"db": db, "table": name} if db else {"table": name}
-        self._known: _Layout | None = None
-        self._known_lock = threading.Lock()
-        # The last scan probe: (after, upper, distinct keys in order, their positions, reached the end).
-        self._probe: tuple[Key | None, Key | None, list[Key], dict[Key, int], bool] | None = None
-
-    # -- the table as it is ------------------------------------------------------------------------------
-    def _layout(self, timeout_s: float | None) -> _Layout:
-        """The table's layout: inspected once (thread-safe) and cached; as configured while it is missing."""
-        known = self._known
-        if known is not None:
-            return known
-        with self._known_lock:
-            if self._known is not None:
-                return self._known
-            rows = self.source.query(self._describe_sql, self._describe_params, timeout_s)
-            engines = [r[1] for r in rows if r[0] == "engine"]
-            if not engines:
-                # Missing (or not yet created): the statement fails as it always did, and the next use
-                # looks again.
-                return self._configured()
-            self._known = self._inspected(engines[0], {r[1] for r in rows if r[0] == "column"})
-            return self._known
-
-    def _configured(self) -> _Layout:
-        o = self.options
-        order = self._version_conf if o.event_time_column is None else \
-            f"({_q(o.event_time_column)}, {self._version_conf})"
-        return _Layout(" FINAL" if self._final_conf else "", self._nulls_conf, self._version_conf,
-                       order if self._tall else None)
-
-    def _missing(self, column: str, option: str, fix: str) -> BackendQueryError:
-        return BackendQueryError(f"table {self.view.table!r} has no column {column!r} (options.{option}): "
-                                 f"set options.{option} to {fix}", source=self.source.name,
-                                 view=self.view.name)
-
-    def _inspected(self, engine: str, columns: set[str]) -> _Layout:
-        o = self.options
-        explicit = o.model_fields_set
-        if o.final is None:
-            final = not self._tall and _COLLAPSING.search(engine) is not None
-        elif o.final and _COLLAPSING.search(engine) is None and _NO_FINAL.search(engine) is not None:
-            raise BackendQueryError(f"table {self.view.table!r} (engine {engine}) does not support FINAL: "
-                                    "set options.final to false, or leave it out",
-                                    source=self.source.name, view=self.view.name)
-        else:
-            final = o.final
-        nulls = None
-        if self._nulls_conf is not None and o.nulls_column is not None:
-            if o.nulls_column in columns:
-                nulls = self._nulls_conf
-            elif "nulls_column" in explicit:
-                raise self._missing(o.nulls_column, "nulls_column",
-                                    "null, or to the Array(String) column naming the null lists")
-        version = None
-        if o.version_column in columns:
-            version = self._version_conf
-        elif "version_column" in explicit:
-            raise self._missing(o.version_column, "version_column",
-                                "the table's version column, or leave it out")
-        order = None
-        if self._tall:
-            for option in ("feature_column", "value_column"):
-                name = getattr(o, option)
-                if name not in columns:
-                    what = "feature names" if option == "feature_column" else "feature values"
-                    raise self._missing(name, option, f"the column holding the {what}")
-            parts = []
-            if o.event_time_column is not None:
-                if o.event_time_column not in columns:
-                    raise self._missing(o.event_time_column, "event_time_column",
-                                        "the table's event-time column, or to null")
-                parts.append(_q(o.event_time_column))
-            if version is not None:
-                parts.append(version)
-            order = f"({', '.join(parts)})" if len(parts) > 1 else parts[0] if parts else None
-        return _Layout(" FINAL" if final else "", nulls, version, order)
+        self._tables = TableLayout(view, opts, source.name)
+    def _layout(self, timeout_s: float | None) -> Layout:
+        """The table's layout (see ``TableLayout``)."""
+        return self._tables.get(self.source.query, timeout_s)
 
     # -- reads ---------------------------------------------------------------------------------------------
     def raw_reader(self) -> Callable[[list[Key], list[str]], object] | None:
@@ -482,7 +353,7 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
 
         return read
 
-    def _select(self, layout: _Layout, fields: list[str]) -> tuple[str, bool]:
+    def _select(self, layout: Layout, fields: list[str]) -> tuple[str, bool]:
         """The statement for these fields, and whether it ends with the null-lists column."""
         cached = layout.sql.get(tuple(fields))
         if cached is not None:
@@ -494,12 +365,12 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
         elif self._tall:
             # tuple(): argMax skips NULLs, and a newer null must hide an older value.
             pick = "anyLast(tuple({}))" if layout.order is None else f"argMax(tuple({{}}), {layout.order})"
-            feature = _q(o.feature_column)
-            sql = (f"SELECT {self._key}, {feature}, {pick.format(_q(o.value_column))}.1 "
+            feature = q(o.feature_column)
+            sql = (f"SELECT {self._key}, {feature}, {pick.format(q(o.value_column))}.1 "
                    f"FROM {self._table}{layout.final} WHERE {self._key} IN %(keys)s "
                    f"AND {feature} IN %(fields)s GROUP BY {self._key}, {feature}")
         else:
-            cols = [self._key, *(_q(f) for f in fields)]
+            cols = [self._key, *(q(f) for f in fields)]
             with_nulls = layout.nulls is not None and any(f in self._lists for f in fields)
             if with_nulls:
                 cols.append(str(layout.nulls))
@@ -508,7 +379,7 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
         return sql, with_nulls
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
-        layout = self._known
+        layout = self._tables.known
         if layout is None:  # first use: the inspection spends part of this read's time
             started = time.perf_counter()
             layout = self._layout(timeout_s)
@@ -548,10 +419,10 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
         tail = [version] if layout.version is not None else []
         o = self.options
         if self._tall:
-            cols = [self._key, _q(o.feature_column), _q(o.value_column)]
+            cols = [self._key, q(o.feature_column), q(o.value_column)]
             now: list[Any] = []
             if o.event_time_column is not None:
-                cols.append(_q(o.event_time_column))
+                cols.append(q(o.event_time_column))
                 now = [dt.datetime.now(dt.UTC).replace(microsecond=0)]
             if layout.version is not None:
                 cols.append(layout.version)
@@ -559,7 +430,7 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
                     for key, row in rows for name, value in row.items()]
         else:
             fields = list(self.view.features)
-            cols = [self._key, *(_q(f) for f in fields)]
+            cols = [self._key, *(q(f) for f in fields)]
             if layout.nulls is not None:
                 cols.append(layout.nulls)
             if layout.version is not None:
@@ -577,124 +448,6 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
                 values.extend(tail)
                 data.append(tuple(values))
         self.source.execute(f"INSERT INTO {self._table} ({', '.join(cols)}) VALUES", data)
-
-    # -- synchronization hooks (wide layout) -------------------------------------------------------------
-    def _wide_rows(self, layout: _Layout, rows: list[Any], skip: int) -> list[tuple[Key, dict[str, Any]]]:
-        """Rows of (prefix columns..., key, features..., [nulls]) as (key, stored values)."""
-        fields = list(self.view.features)
-        out = []
-        for r in rows:
-            got = dict(zip(fields, r[skip + 1:skip + 1 + len(fields)], strict=True))
-            if layout.nulls is not None:
-                for name in r[-1]:
-                    if name in got:
-                        got[name] = None
-            out.append((r[skip], got))
-        return out
-
-    def _sync_select(self, layout: _Layout, prefix: str, where: str, order: str) -> str:
-        if self._tall:
-            raise self._unsupported("scan (layout 'tall')")
-        cols = [prefix, self._key, *(_q(f) for f in self.view.features)]
-        if layout.nulls is not None:
-            cols.append(layout.nulls)
-        return (f"SELECT {', '.join(c for c in cols if c)} FROM {self._table}{layout.final} {where} "
-                f"ORDER BY {order} LIMIT %(limit)s")
-
-    # Scans read key windows, never the rest of the table: 18.16 cannot stop a FINAL (or an ORDER BY key
-    # LIMIT) early, so a keyset chunk of "key > after" read every later row again (quadratic in size). A
-    # probe of the key column alone finds the bounds of the next windows of `limit` distinct keys; each
-    # chunk then reads only its window's granules, and takes each key's newest version itself (LIMIT 1 BY
-    # over key, version desc: FINAL's answer without FINAL's merge of the whole range).
-    _PROBE_CHUNKS = 16
-
-    def _scan_batch(self, after: Key | None, limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
-        return self._scan_windows(after, None, limit)
-
-    def _scan_range_batch(self, after: Key | None, upper: Key,
-                          limit: int) -> list[tuple[Key, Mapping[str, Any]]] | None:
-        return self._scan_windows(after, upper, limit)
-
-    def _split_points(self, n: int) -> list[Key] | None:
-        if self._tall:
-            raise self._unsupported("scan (layout 'tall')")
-        count = self.source.query(f"SELECT uniqExact({self._key}) FROM {self._table}", {}, None)[0][0]
-        sql = (f"SELECT {self._key} FROM {self._table} GROUP BY {self._key} ORDER BY {self._key} "
-               "LIMIT 1 OFFSET %(at)s")
-        points: list[Key] = []
-        for i in range(1, n):
-            at = (i * int(count)) // n - 1
-            if at >= 0:
-                points.extend(r[0] for r in self.source.query(sql, {"at": at}, None))
-        return points
-
-    def _scan_windows(self, after: Key | None, upper: Key | None,
-                      limit: int) -> list[tuple[Key, Mapping[str, Any]]]:
-        layout = self._layout(None)
-        if self._tall:
-            raise self._unsupported("scan (layout 'tall')")
-        out: list[tuple[Key, Mapping[str, Any]]] = []
-        while len(out) < limit:
-            bound, last = self._window(after, upper, limit - len(out))
-            top = upper if bound is None else bound
-            conds = ([] if after is None else [f"{self._key} > %(after)s"]) + \
-                ([] if top is None else [f"{self._key} <= %(top)s"])
-            where = f"WHERE {' AND '.join(conds)} " if conds else ""
-            cols = [self._key, *(_q(f) for f in self.view.features)]
-            if layout.nulls is not None:
-                cols.append(layout.nulls)
-            if layout.final and layout.version is not None:
-                sql = (f"SELECT {', '.join(cols)} FROM {self._table} {where}"
-                       f"ORDER BY {self._key}, {layout.version} DESC LIMIT 1 BY {self._key}")
-            else:  # no version to order by: the engine's own FINAL (or none), bounded to the window
-                sql = f"SELECT {', '.join(cols)} FROM {self._table}{layout.final} {where}ORDER BY {self._key}"
-            rows = self.source.query(sql, {"after": after, "top": top}, None)
-            out.extend(self._wide_rows(layout, rows, 0))
-            if last:
-                break
-            after = bound
-        return out
-
-    def _window(self, after: Key | None, upper: Key | None, want: int) -> tuple[Key | None, bool]:
-        """The bound of the window of the next ``want`` distinct keys after ``after`` (None: up to
-        ``upper``), and whether it is the last window. Probed keys are cached: the next call starts at
-        this bound, so one probe serves ``_PROBE_CHUNKS`` chunks."""
-        cached = self._probe
-        start = -1
-        if cached is not None and cached[1] == upper:
-            origin, _, keys, at, complete = cached
-            start = 0 if after == origin else at.get(after, -2) + 1  # type: ignore[arg-type]
-        if start < 0 or (len(keys) - start < want and not complete):
-            probe = self._PROBE_CHUNKS * want
-            conds = ([] if after is None else [f"{self._key} > %(after)s"]) + \
-                ([] if upper is None else [f"{self._key} <= %(upper)s"])
-            where = f"WHERE {' AND '.join(conds)} " if conds else ""
-            sql = f"SELECT {self._key} FROM {self._table} {where}ORDER BY {self._key} LIMIT %(probe)s"
-            raw = [r[0] for r in self.source.query(sql, {"after": after, "upper": upper, "probe": probe},
-                                                   None)]
-            keys = [k for i, k in enumerate(raw) if i == 0 or k != raw[i - 1]]
-            at, complete, start = {k: i for i, k in enumerate(keys)}, len(raw) < probe, 0
-            self._probe = (after, upper, keys, at, complete)
-        left = len(keys) - start
-        if left >= want:
-            return keys[start + want - 1], False
-        if complete:
-            return None, True
-        return keys[-1], False  # keys with many unmerged versions filled the probe: a short window
-
-    def _changes_batch(self, column: str, after: tuple[Any, Key] | None,
-                       limit: int) -> list[tuple[Any, Key, Mapping[str, Any]]]:
-        layout = self._layout(None)
-        wm = _q(column)
-        where = f"WHERE {wm} IS NOT NULL"
-        if after is not None:
-            where += f" AND ({wm} > %(w)s OR ({wm} = %(w)s AND {self._key} > %(after)s))"
-        sql = self._sync_select(layout, wm, where, f"{wm}, {self._key}")
-        params = {"limit": limit, "w": None if after is None else after[0],
-                  "after": None if after is None else after[1]}
-        rows = self.source.query(sql, params, None)
-        return [(r[0], k, row) for r, (k, row) in zip(rows, self._wide_rows(layout, rows, 1), strict=True)]
-
     def _prepare(self) -> None:
         if self.view.sequence is not None:
             self._prepare_sequence()
@@ -702,25 +455,24 @@ class ClickHouseDao(ClickHouseSequenceDao, BaseDao):
         o = self.options
         key_type = "Int64" if self.view.key_type == "int" else "String"
         if self._tall:
-            cols = [f"{self._key} {key_type}", f"{_q(o.feature_column)} String",
-                    f"{_q(o.value_column)} Nullable(String)"]
-            order = [self._key, _q(o.feature_column)]
+            cols = [f"{self._key} {key_type}", f"{q(o.feature_column)} String",
+                    f"{q(o.value_column)} Nullable(String)"]
+            order = [self._key, q(o.feature_column)]
             if o.event_time_column is not None:
-                cols.append(f"{_q(o.event_time_column)} DateTime")
-                order.append(_q(o.event_time_column))
+                cols.append(f"{q(o.event_time_column)} DateTime")
+                order.append(q(o.event_time_column))
         else:
             cols = [f"{self._key} {key_type}",
-                    *(f"{_q(f)} {_WIDE_TYPES[t]}" for f, t in self.view.features.items())]
-            if self._nulls_conf is not None:
-                cols.append(f"{self._nulls_conf} Array(String)")
+                    *(f"{q(f)} {_WIDE_TYPES[t]}" for f, t in self.view.features.items())]
+            if self._tables.nulls_conf is not None:
+                cols.append(f"{self._tables.nulls_conf} Array(String)")
             order = [self._key]
-        cols.append(f"{self._version_conf} UInt64")
+        cols.append(f"{self._tables.version_conf} UInt64")
         # Point lookups read whole index granules: smaller ones than the default 8192 rows read less.
         self.source.execute(f"CREATE TABLE IF NOT EXISTS {self._table} ({', '.join(cols)}) "
-                            f"ENGINE = ReplacingMergeTree({self._version_conf}) "
+                            f"ENGINE = ReplacingMergeTree({self._tables.version_conf}) "
                             f"ORDER BY ({', '.join(order)}) SETTINGS index_granularity = 1024")
-        with self._known_lock:
-            self._known = None  # look again: the table may have been (re)made just now
+        self._tables.forget()  # the table may have been (re)made just now
 
 
 def _encode_text(value: Any) -> str | None:
