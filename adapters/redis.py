@@ -70,6 +70,7 @@ from ._redis_async import async_clients
 from ._redis_codecs import (
     _DECODE_ERRORS,
     _DECODERS,
+    PackedRows,
     _convert_column,
     _csv_escape,
     _decode,
@@ -404,6 +405,7 @@ class RedisDao(RedisSequences):
         # Per field list: converters of the text layouts, and the exact types of a typed row.
         self._converters: dict[tuple[str, ...], list[_TextStep]] = {}
         self._expected: dict[tuple[str, ...], tuple[list[type[Any]], list[tuple[str, type[Any]]]]] = {}
+        self._packed: dict[tuple[str, ...], PackedRows] = {}
         # Where a cluster read or upsert puts the keys of the nodes that failed: set on the calling thread
         # by read_partial and upsert; a read's chunks (which may run on the source's threads) find it in
         # _reads by the identity of their key list, which lives as long as the read.
@@ -662,6 +664,10 @@ class RedisDao(RedisSequences):
         if not found_keys:
             return {}
         blobs = [v for v in values if v is not None]
+        if fmt != "csv":
+            typed = self._packed_rows(fields).rows(blobs)
+            if typed is not None:
+                return dict(zip(found_keys, typed, strict=True))
         decode = _DECODERS[fmt] if fmt != "csv" else self._csv_row
         try:
             decoded = list(map(decode, blobs))  # one C loop for msgpack and json
@@ -683,6 +689,14 @@ class RedisDao(RedisSequences):
         if failures:
             out.update(failures)
         return out
+
+    def _packed_rows(self, fields: list[str]) -> PackedRows:
+        key = tuple(fields)
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = self._packed[key] = PackedRows(self._format, fields,
+                                                    [self.view.features[f] for f in fields])
+        return packed
 
     def _decode_one(self, decode: Callable[[bytes], Any], blob: bytes) -> Any:
         try:

@@ -10,6 +10,7 @@ interleaved on the same random keys, and prints a Markdown table (p50/p99 in ms,
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import platform
 import random
@@ -21,7 +22,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import redis
 
-from featuredao import factory
+from featuredao import FeatureService, factory
 from featuredao.testing.servers import RedisServer
 
 ROWS = 20_000
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time, steadier on a busy machine (chunks run inline)")
+    parser.add_argument("--through", choices=("dao", "fetch"), default="dao",
+                        help="fetch: the whole request path, FeatureService.fetch(None, keys), one view")
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()
     layouts = args.layouts.split(",")
@@ -132,6 +135,10 @@ def main() -> None:
         p50s: dict[tuple[str, int], float] = {}
         for name in layouts:
             dao = runtime.daos[name]
+            service = FeatureService.from_config({**cfg, "views": [v for v in cfg["views"]
+                                                                  if v["name"] == name]})
+            read: Callable[[list[str]], Any] = dao.read if args.through == "dao" else \
+                functools.partial(service.fetch, None)
             for batch in batches:
                 # A few absent keys in every batch, like real candidate lists.
                 keysets = [[str(rng.randrange(int(ROWS * 1.02))) for _ in range(batch)]
@@ -142,7 +149,7 @@ def main() -> None:
                     order = (0, 1) if i % 2 == 0 else (1, 0)
                     for side in order:
                         started = clock()
-                        dao.read(keys) if side == 0 else hand[name](keys)
+                        read(keys) if side == 0 else hand[name](keys)
                         took = clock() - started
                         if i >= 10:  # warm-up
                             (ours if side == 0 else theirs).append(took)
@@ -159,12 +166,13 @@ def main() -> None:
             lines.append(f"msgpack layout vs hash layout at batch 100 x 50 features: {speedup:.1f}x faster "
                          "(featuredao p50)")
             print(lines[-1])
+            service.close()
         runtime.close()
         client.close()
     header = [f"Python {platform.python_version()}, redis-py {redis.__version__}, msgpack "
               f"{'.'.join(map(str, msgpack.version))}, orjson {orjson.__version__}; "
               f"pool_size={args.pool_size}, batch_size={args.batch_size}, {args.iterations} reads per cell, "
-              f"{args.clock} clock", ""]
+              f"{args.clock} clock, through {args.through}", ""]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write("\n".join([*header, *lines]) + "\n")

@@ -130,6 +130,27 @@ def test_values_written_by_other_producers_are_coerced(server_source: dict[str, 
         runtime.close()
 
 
+@pytest.mark.parametrize("name", ["msgpack", "json"])
+def test_packed_rows_of_any_writer_read_alike_in_one_batch(name: str, server_source: dict[str, Any],
+                                                            raw: redis.Redis) -> None:
+    """Rows typed as they decode (ours, another writer's with an extra key and an int for a float, a
+    sparse one) and a batch the typed decode refuses (an int stored as 5.0) give the same rows."""
+    runtime, dao = build(server_source, LAYOUTS[name])
+    pack = msgpack.packb if name == "msgpack" else orjson.dumps
+    full = {"price": 0.5, "clicks": 3, "title": "x", "hot": True, "emb": [1.0], "tags": ["a"]}
+    dao.upsert([("ours", full)])
+    raw.set(f"{dao.view.table}:other", pack({**full, "price": 2, "extra": {"nested": 1}}))
+    raw.set(f"{dao.view.table}:sparse", pack({"clicks": 4}))
+    sparse = {**dict.fromkeys(FEATURES), **DEFAULTS, "clicks": 4}
+    result = dao.read(["ours", "other", "sparse", "absent"])
+    assert list(result) == [full, {**full, "price": 2.0}, sparse, None]
+    assert type(result[1]["price"]) is float and result.degraded == []  # type: ignore[index]
+    raw.set(f"{dao.view.table}:lax", pack({**full, "clicks": 5.0}))  # the core's coercion decides
+    result = dao.read(["ours", "lax", "sparse"])
+    assert list(result) == [full, {**full, "clicks": 5}, sparse] and result.degraded == []
+    runtime.close()
+
+
 def test_bad_values_degrade_only_their_feature_or_row(layout_dao: BaseDao, raw: redis.Redis) -> None:
     dao = layout_dao
     dao.upsert([("good", {"price": 1.0, "clicks": 1})])
