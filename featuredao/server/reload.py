@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featuredao import config as config_mod
+from featuredao import factory
 from featuredao.errors import ConfigError, ConfigIssue
+from featuredao.metrics import Metrics
 from featuredao.server.protocol import RequestShape
 from featuredao.service import FeatureService
 
@@ -92,13 +94,25 @@ class Active:
     closed: bool = False
 
 
-def build_active(snapshot: ConfigSnapshot, *, warm_timeout_s: float = 1.0) -> Active:
+def build_active(snapshot: ConfigSnapshot, *, warm_timeout_s: float = 1.0,
+                 previous: Active | None = None) -> Active:
     """Load and build a snapshot in full, and ping every source once (connections ready before the swap).
 
     Blocking: call it on a thread. A store that does not answer is logged, not fatal: a down store is
-    served as degraded, as in any running service.
+    served as degraded, as in any running service. ``previous``: the running version, whose unchanged
+    sources (pools) and served views (L1 caches) the new one takes over (``factory.build(previous=)``);
+    closing the old service then frees only what the new one does not use.
     """
-    service = FeatureService.from_config(load_snapshot(snapshot))
+    config = load_snapshot(snapshot)
+    metrics = Metrics()
+    before = previous.service.runtime if previous is not None else None
+    runtime = factory.build(config, metrics, previous=before)
+    service = FeatureService(runtime.served, config.service, on_close=runtime.close, runtime=runtime,
+                             metrics=metrics)
+    if before is not None:
+        kept = [n for n, source in runtime.sources.items() if before.sources.get(n) is source]
+        log.info("config %s: source pools kept: %s; view caches kept: %s", snapshot.hash,
+                 ", ".join(kept) or "none", ", ".join(sorted(runtime.kept)) or "none")
     try:
         shape = RequestShape.of(service)
         down = [h.source for h in service.health(warm_timeout_s) if not h.ok]

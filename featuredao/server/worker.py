@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -185,7 +186,10 @@ class Worker:
                 self.control.send(event="reloaded", config=snapshot.hash)
                 return
             try:
-                active = await asyncio.get_running_loop().run_in_executor(None, build_active, snapshot)
+                # The running version hands its unchanged pools and L1 caches to the new one.
+                current = self.holder.current
+                active = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(build_active, snapshot, previous=current))
             except ConfigError as exc:
                 log_rejected(snapshot.hash, exc, f"worker {os.getpid()}")
                 self.control.send(event="reload_failed", config=snapshot.hash, error=str(exc))

@@ -24,7 +24,7 @@ def test_sequences_are_lists_and_request_time_ends_the_window(tmp_path: Path) ->
     path = write_config(tmp_path, doc)
     runtime = build(path)
     try:
-        runtime.daos["clicks"].prepare()  # type: ignore[attr-defined]
+        runtime.daos["clicks"].prepare()
         runtime.daos["clicks"].append(("u1", {"item_id": i, "ts": NOW - 50 * i}) for i in range(5))
     finally:
         runtime.close()
