@@ -37,6 +37,7 @@ def _pairs(given: tuple[str, ...], option: str) -> dict[str, str]:
 
 def _check_keys(service: Any, keys: list[str], *, view: str | None = None, entity: str | None = None) -> None:
     """A key that cannot be a key of a view it goes to is a usage error (exit 2), named with the view."""
+    from featuredao.errors import UsageError
     from featuredao.keys import normaliser
 
     for name in service.views():
@@ -48,9 +49,10 @@ def _check_keys(service: Any, keys: list[str], *, view: str | None = None, entit
         for key in keys:
             try:
                 norm(key)
-            except FeatureDaoError:
-                raise click.UsageError(f"key {key!r} cannot be a key of view {name!r} "
-                                       f"(key_type {v.key_type})") from None
+            except FeatureDaoError as exc:
+                # Ours, not click's: one "error: ..." line, without click's usage lines above it.
+                raise UsageError(f"key {key!r} cannot be a key of view {name!r} (key_type {v.key_type}): "
+                                 f"{exc}") from None
 
 
 @click.group()
@@ -102,11 +104,13 @@ def fetch(config: str, user_id: str | None, items: str, view: str | None, keys: 
             if batch.degraded:
                 click.echo(_dump({"degraded": [d.to_dict() for d in batch.degraded]}), err=True)
         else:
+            others = _pairs(entity_keys, "--key")
             _check_keys(service, _keys(items), entity="item")
             _check_keys(service, [] if user_id is None else [user_id], entity="user")
+            for entity, key in others.items():
+                _check_keys(service, [key], entity=entity)
             out = service.fetch(user_id, _keys(items), deadline_ms=deadline_ms, scene=scene,
-                                context=_pairs(context, "--context"),
-                                keys=_pairs(entity_keys, "--key")).to_dict()
+                                context=_pairs(context, "--context"), keys=others).to_dict()
     if as_json:
         click.echo(_dump(out))
     else:

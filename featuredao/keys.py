@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from featuredao.errors import UsageError
+from featuredao.errors import ArgumentTypeError, UsageError
 from featuredao.types import Key
 
 MAX_KEY_LENGTH = 1024
@@ -69,6 +69,13 @@ def _to_str(k: Any) -> Key:
     return text
 
 
+def sequence_of_keys(keys: Any, name: str = "keys") -> None:
+    """A str or bytes where a sequence of keys belongs is an ArgumentTypeError, not one key per character."""
+    if isinstance(keys, str | bytes | bytearray):
+        raise ArgumentTypeError(f"{name} must be a sequence of keys, not one str or bytes "
+                                f"(got {keys[:40]!r}; one key is [key])")
+
+
 def normaliser(key_type: str) -> Callable[[Any], Key]:
     """The function that brings a caller's key to the view's key type (UsageError when it cannot)."""
     return _to_int if key_type == "int" else _to_str
@@ -80,8 +87,10 @@ def normalise(keys: Iterable[Any], norm: Callable[[Any], Key],
 
     Returns the keys and the shown form of those found invalid here (an ``InvalidKey`` passed in from an
     outer layer stays as it is and is not reported again). ``exact`` is the view's key type: a batch
-    already of that type (the usual case) is checked with C loops only.
+    already of that type (the usual case) is checked with C loops only. ``keys`` given as one str or
+    bytes is an ``ArgumentTypeError``.
     """
+    sequence_of_keys(keys)  # every read path (read_view, a DAO's read, the caches) comes through here
     keys = list(keys)
     if set(map(type, keys)) == {exact} and (exact is not int or (
             min(keys) >= INT64_MIN and max(keys) <= INT64_MAX)) and (

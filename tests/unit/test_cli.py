@@ -115,5 +115,29 @@ def test_a_key_that_cannot_be_a_key_of_a_view_is_a_usage_error(demo_dir: Path) -
     out = run("fetch", str(demo_dir / "featuredao.json"), "--user", "1", "--items", "1,abc,2", "--json")
     assert out.returncode == 2, out
     assert "'abc'" in out.stderr and "key_type int" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr  # one line: not click's usage block
     out = run("fetch", str(demo_dir / "featuredao.json"), "--view", "item_features", "--keys", "7,x7")
     assert out.returncode == 2 and "'x7'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_entity_keys_are_checked_like_user_and_items(tmp_path: Path) -> None:
+    cfg = {"sources": {"mem": {"type": "memory"}},
+           "views": [{"name": "shops", "entity": "shop", "source": "mem", "table": "shops", "key": "id",
+                      "key_type": "int", "features": {"rating": "float"}},
+                     {"name": "items", "entity": "item", "source": "mem", "table": "items", "key": "id",
+                      "key_type": "int", "features": {"price": "float"}}]}
+    path = tmp_path / "shops.json"
+    path.write_text(json.dumps(cfg))
+    out = run("fetch", str(path), "--items", "1", "--key", "shop=x7", "--json")
+    assert out.returncode == 2, out
+    # One line, ours: no click usage lines above it, no traceback.
+    assert out.stderr.splitlines() == [
+        "error: key 'x7' cannot be a key of view 'shops' (key_type int): 'x7' is not an integer key"]
+    out = run("fetch", str(path), "--items", "1", "--key", f"shop={2 ** 64}")
+    assert out.returncode == 2 and "outside the 64-bit range" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    out = run("fetch", str(path), "--items", "1", "--key", "planet=3")
+    assert out.returncode == 2 and "unknown entities" in out.stderr and "Traceback" not in out.stderr
+    out = run("fetch", str(path), "--items", "1", "--key", "shop=7", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["entities"] == {"shop": {"rating": None}}

@@ -116,19 +116,35 @@ def test_the_normalisers_refuse_what_cannot_be_a_key() -> None:
             to_str(bad)
 
 
-_any_value = st.one_of(
+class _Opaque:
+    """An object of no key-like type: hashable, with a repr, nothing else."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+_scalars = st.one_of(
     st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.floats(allow_nan=True), st.booleans(),
-    st.none(), st.text(max_size=5), st.binary(max_size=3), st.lists(st.integers(), max_size=2),
-    st.integers(min_value=0, max_value=12))
+    st.none(), st.text(max_size=5), st.binary(max_size=3), st.integers(min_value=0, max_value=12),
+    st.sampled_from(["u1", b"u1", "7", " 3 ", 4.0, "x" * (MAX_KEY_LENGTH + 1), "\ud800"]))
+# Every Python type a caller might pass: containers (hashable or not), and objects that are no key at all.
+_any_value = st.one_of(
+    _scalars, st.lists(_scalars, max_size=2), st.tuples(_scalars),
+    st.dictionaries(st.text(max_size=2), _scalars, max_size=2), st.sets(st.integers(), max_size=2),
+    st.frozensets(st.text(max_size=2), max_size=2), st.builds(bytearray, st.binary(max_size=2)),
+    st.decimals(allow_nan=True), st.complex_numbers(max_magnitude=5), st.datetimes(), st.just(_Opaque()),
+    st.just(object()), st.just(Reason.INVALID_KEY), st.just(range(3)))
+
+_STORED: dict[str, dict[Any, int]] = {"int": {i: i for i in range(10)}, "str": {"u1": 7}}
 
 
-def _expected(key: Any) -> int | None:
-    """What the items view answers for ``key``: the stored ``a``, -1 (missing), or None (invalid)."""
+def _expected(key: Any, key_type: str = "int") -> int | None:
+    """What a view answers for ``key``: the stored ``a``, -1 (missing), or None (invalid)."""
     try:
-        k = normaliser("int")(key)
+        k = normaliser(key_type)(key)
     except UsageError:
         return None
-    return int(k) if isinstance(k, int) and 0 <= k < 10 else -1
+    return _STORED[key_type].get(k, -1)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -142,3 +158,51 @@ def test_random_mixes_of_keys_never_raise_and_stay_in_place(service: FeatureServ
     assert (len(listed[0].keys) if listed else 0) == min(invalid, 20)
     view = service.read_view("items", keys)
     assert [r["a"] if r else -1 for r in view.rows] == [-1 if e is None else e for e in expected]
+    # The same keys on a str-keyed view: read_view, and each one as the user of a fetch.
+    texts = [_expected(k, "str") for k in keys]
+    users = service.read_view("users", keys)
+    assert [r["a"] if r else -1 for r in users.rows] == [-1 if e is None else e for e in texts]
+    assert [d.reason for d in users.degraded] == ([Reason.INVALID_KEY] if None in texts else [])
+    for key, want in zip(keys[:3], texts, strict=False):
+        if key is None:
+            continue  # no user: not a key
+        one = service.fetch(key, [])
+        assert one.user.get("u_a") == (None if want in (None, -1) else want)
+        assert [d.reason for d in one.degraded] == ([Reason.INVALID_KEY] if want is None else [])
+
+
+def test_one_str_or_bytes_is_not_a_sequence_of_keys(service: FeatureService) -> None:
+    # A str is a Sequence[str] to a type checker: only the run time can tell one key from many.
+    one: list[Any] = ["123", b"12", bytearray(b"1")]
+    for keys in one:
+        with pytest.raises(ArgumentTypeError, match="must be a sequence of keys, not one str or bytes"):
+            service.read_view("items", keys)
+    with pytest.raises(ArgumentTypeError, match=r"got 'u1'; one key is \[key\]"):
+        service.read_view("users", "u1")
+    assert service.read_view("users", ["u1"]).rows == [{"a": 7, "b": "x"}]
+    assert [r["a"] if r else None for r in service.read_view("items", ("1", 2, "x")).rows] == [1, 2, None]
+
+
+def test_afetch_costs_a_bad_key_only_and_checks_its_arguments(service: FeatureService,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    async def main() -> None:
+        mixed: list[Any] = [1, None, {"a": 1}, 10 ** 30, 2]
+        result = await service.afetch("u1", mixed)
+        assert [i["a"] for i in result.items] == [1, -1, -1, -1, 2]
+        [entry] = result.degraded
+        assert entry.view == "items" and entry.reason is Reason.INVALID_KEY and len(entry.keys) == 3
+        assert result.user == {"u_a": 7, "u_b": "x"}
+        bad_user = await service.afetch(b"\xff", [3])  # type: ignore[arg-type]
+        assert bad_user.user == {"u_a": None, "u_b": None} and bad_user.items[0]["a"] == 3
+        assert [d.reason for d in bad_user.degraded] == [Reason.INVALID_KEY]
+        with pytest.raises(InvalidKeyError, match="items"):
+            await service.afetch(None, [1, True], strict=True)
+        with pytest.raises(ArgumentTypeError, match="not one str"):
+            await service.afetch(None, "123")
+        with pytest.raises(UsageError, match="deadline_ms"):
+            await service.afetch(None, [1], deadline_ms=float("nan"))
+
+    asyncio.run(main())
+    assert not any(r.exc_info for r in caplog.records)
