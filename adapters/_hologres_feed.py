@@ -131,10 +131,18 @@ class SlotFeedDao(SqlDao):
         """A clear error for a server that cannot decode with wal2json or hold one more slot."""
         sqlstate = exc.sqlstate or ""
         text = first_line(exc)
+        if "may not be used as an output plugin" in text or "output_plugin_libraries" in str(exc):
+            # Some (patched) builds allow only the output plugins listed in output_plugin_libraries
+            # (by default pgoutput and test_decoding), superusers included.
+            return self._error(BackendQueryError, f"the server does not allow wal2json as an output plugin "
+                               f"({text}): add it to output_plugin_libraries in postgresql.conf (e.g. "
+                               "output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload "
+                               "the configuration (SELECT pg_reload_conf())")
         if sqlstate == "58P01" or "wal2json" in text:
             return self._error(BackendQueryError, f"the wal2json output plugin cannot be loaded ({text}): "
                                "install it on the server (e.g. the postgresql-<version>-wal2json package) "
-                               "where dynamic_library_path finds it")
+                               "where dynamic_library_path finds it (and, where the server has an "
+                               "output_plugin_libraries setting, list wal2json in it)")
         if sqlstate == "55000" and "wal_level" in text:
             return self._error(BackendQueryError, f"{text}: set wal_level = logical in postgresql.conf "
                                "and restart the server")
