@@ -51,7 +51,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from featuredao.config import CircuitBreakerConfig, StrictModel, View
-from featuredao.dao import Capabilities, Source
+from featuredao.dao import Capabilities, Deadline, Source
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -439,15 +439,16 @@ class RedisDao(RedisSequences):
         return read
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Like ``BaseDao.read_partial``; on a cluster, the keys of a node that failed are in ``failed``
         (``error`` names the node) while every other node's keys are served."""
         if not self.source.is_cluster:
-            return super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+            return super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of, deadline=deadline)
         lost = _Lost()
         self._local.lost = lost
         try:
-            result = super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+            result = super().read_partial(keys, features, timeout_s=timeout_s, as_of=as_of, deadline=deadline)
         finally:
             self._local.lost = None
         if lost.keys:

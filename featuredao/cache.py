@@ -26,6 +26,7 @@ from cachetools import LRUCache
 
 from featuredao.config import CacheConfig
 from featuredao.dao import FeatureDao, KeyValueStore, invalid_keys
+from featuredao.deadline import Deadline
 from featuredao.errors import BackendTimeout
 from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
@@ -165,10 +166,11 @@ class CachedDao(FeatureDao):
 
     # -- reading -------------------------------------------------------------------------
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Like ``read``; keys neither cached nor served by the source stay in ``failed``."""
         started = time.perf_counter()
-        deadline = None if timeout_s is None else started + timeout_s
+        deadline = Deadline.of(deadline, timeout_s)
         look = self._lookup(keys, deadline)
         outcome = self._load(look.pending, deadline, as_of) if look.pending else None
         return self._answer(look, outcome, features, started)
@@ -178,17 +180,18 @@ class CachedDao(FeatureDao):
         return self._l2 is None and self.inner.native_async()
 
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                            timeout_s: float | None = None, as_of: float | None = None,
+                            deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` on the loop, for an L1-only cache in front of a DAO that reads on the loop."""
+        deadline = Deadline.of(deadline, timeout_s)
         if not self.native_async():
-            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+            return await super().aread_partial(keys, features, as_of=as_of, deadline=deadline)
         started = time.perf_counter()
-        deadline = None if timeout_s is None else started + timeout_s
         look = self._lookup(keys, deadline)
         outcome = await self._aload(look.pending, deadline, as_of) if look.pending else None
         return self._answer(look, outcome, features, started)
 
-    def _lookup(self, keys: Sequence[Key], deadline: float | None) -> _Lookup:
+    def _lookup(self, keys: Sequence[Key], deadline: Deadline) -> _Lookup:
         """What L1 (and L2) hold, what they hold stale, and what must be read."""
         norm, invalid = normalise(keys, self._norm, self._key_type)
         unique = readable(norm)  # an invalid key is neither cached nor read: it is answered missing
@@ -283,11 +286,10 @@ class CachedDao(FeatureDao):
         return pending
 
     def _from_l2(self, keys: list[Key], now: float, found: dict[Key, Row | None],
-                 stale: dict[Key, Entry], deadline: float | None) -> list[Key]:
+                 stale: dict[Key, Entry], deadline: Deadline) -> list[Key]:
         assert self._l2 is not None
-        left = None if deadline is None else deadline - time.perf_counter()
         try:
-            values = self._l2.get_many([self._prefix + str(k) for k in keys], left)
+            values = self._l2.get_many([self._prefix + str(k) for k in keys], deadline.remaining())
         except Exception as exc:  # an L2 failure never fails a request: bypass it
             log.warning("view %s: L2 cache unavailable, bypassed: %s", self.view.name, exc)
             self._metrics.cache(self.view.name, "l2", "error", len(keys))
@@ -325,34 +327,32 @@ class CachedDao(FeatureDao):
         return Entry(row, fresh, fresh + self._stale_window)
 
     # -- the source, coalesced -----------------------------------------------------------
-    def _load(self, keys: list[Key], deadline: float | None, as_of: float | None = None) -> _Outcome:
+    def _load(self, keys: list[Key], deadline: Deadline, as_of: float | None = None) -> _Outcome:
         mine, waits, own = self._claim(keys)
         merged = _Outcome({}, set(), None, [])
         if mine:
             try:
-                left = None if deadline is None else deadline - time.perf_counter()
-                merged = self._loaded(self.inner.read_partial(mine, None, timeout_s=left, as_of=as_of), own)
+                res = self.inner.read_partial(mine, None, as_of=as_of, deadline=deadline)
+                merged = self._loaded(res, own)
             except BaseException as exc:
                 own.set_exception(exc)
                 raise
             finally:
                 self._unclaim(mine, own)
         for k, fut in waits.items():
-            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            try:
-                self._shared(merged, k, fut.result(timeout=left))
+            try:  # a coalesced waiter waits for the shared read no longer than its own deadline
+                self._shared(merged, k, fut.result(timeout=deadline.remaining()))
             except FutureTimeout:
                 self._shared(merged, k, None)
         return merged
 
-    async def _aload(self, keys: list[Key], deadline: float | None, as_of: float | None) -> _Outcome:
+    async def _aload(self, keys: list[Key], deadline: Deadline, as_of: float | None) -> _Outcome:
         """``_load`` on the loop: the inner read awaited, reads in flight elsewhere awaited too."""
         mine, waits, own = self._claim(keys)
         merged = _Outcome({}, set(), None, [])
         if mine:
             try:
-                left = None if deadline is None else deadline - time.perf_counter()
-                res = await self.inner.aread_partial(mine, None, timeout_s=left, as_of=as_of)
+                res = await self.inner.aread_partial(mine, None, as_of=as_of, deadline=deadline)
                 merged = self._loaded(res, own)
             except asyncio.CancelledError:
                 # This request gave up (its deadline); the others waiting for these keys have not.
@@ -365,7 +365,7 @@ class CachedDao(FeatureDao):
             finally:
                 self._unclaim(mine, own)
         for k, fut in waits.items():
-            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            left = deadline.remaining()
             waiting: asyncio.Future[_Outcome] = asyncio.wrap_future(fut)
             # Read the outcome even if this request stops waiting first: an unread exception is logged.
             waiting.add_done_callback(_retrieved)
@@ -456,7 +456,7 @@ class CachedDao(FeatureDao):
 
             def refresh() -> None:
                 try:
-                    self._load(keys, time.perf_counter() + timeout)
+                    self._load(keys, Deadline.after(timeout))
                 except Exception as exc:
                     log.warning("view %s: background refresh failed: %s", self.view.name, exc)
                 finally:

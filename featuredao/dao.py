@@ -25,6 +25,7 @@ from pydantic import BaseModel
 # Part of the adapter interface, defined in leaf modules.
 from featuredao.capabilities import Capabilities as Capabilities
 from featuredao.config import NoOptions, View
+from featuredao.deadline import Deadline as Deadline
 from featuredao.errors import (
     BackendError,
     BackendTimeout,
@@ -72,19 +73,22 @@ class FeatureDao(ABC):
     view: View
 
     def read(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-             timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+             timeout_s: float | None = None, as_of: float | None = None,
+             deadline: Deadline | None = None) -> BatchResult:
         """Return one entry per key in input order; a missing key is ``None`` in its place.
 
         ``as_of``: the request's time (epoch seconds) a sequence view's window ends at (None: now).
+        ``deadline``: the caller's own (a request's); it wins over ``timeout_s``, counted from this call.
         """
-        result = self.read_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+        result = self.read_partial(keys, features, as_of=as_of, deadline=Deadline.of(deadline, timeout_s))
         if result.error is not None:
             raise result.error
         return result
 
     @abstractmethod
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Like ``read``, but keys the store could not serve are listed in ``failed`` instead of raising."""
 
     @abstractmethod
@@ -104,7 +108,8 @@ class FeatureDao(ABC):
         return False
 
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                            timeout_s: float | None = None, as_of: float | None = None,
+                            deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` on the running loop, where ``native_async()`` (others raise Unsupported)."""
         raise Unsupported(f"view {self.view.name!r} has no asyncio read path")
 
@@ -347,34 +352,37 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
 
     # -- the shared work -----------------------------------------------------------------
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
+        until = Deadline.of(deadline, timeout_s).at
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result  # no round trip for an empty batch
         size = max(1, self.source.batch_size)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
-        deadline = None if timeout_s is None else started + timeout_s
-        return self._assemble(result, unique, fields, chunks, self._run_chunks(chunks, fields, deadline),
-                              started)
+        parts = self._run_chunks(chunks, fields, until)
+        return self._assemble(result, unique, fields, chunks, parts, started)
 
     def native_async(self) -> bool:
         """Table views of adapters with ``capabilities.async_reads`` read on the loop."""
         return self.source.capabilities.async_reads and self._sequencer is None
 
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                            timeout_s: float | None = None, as_of: float | None = None,
+                            deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` with the driver's asyncio client: chunks concurrently, no thread."""
+        deadline = Deadline.of(deadline, timeout_s)
         if not self.native_async():
-            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
+            return await super().aread_partial(keys, features, as_of=as_of, deadline=deadline)
         started = time.perf_counter()
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result
         size = max(1, self.source.batch_size)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
-        outcomes = await asyncio.gather(*(self._acall(c, fields, timeout_s) for c in chunks),
+        outcomes = await asyncio.gather(*(self._acall(c, fields, deadline) for c in chunks),
                                         return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, BackendUnavailable):
@@ -383,8 +391,9 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
                                                      or isinstance(o, BackendUnavailable)]
         return self._assemble(result, unique, fields, chunks, parts, started)
 
-    async def _acall(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+    async def _acall(self, keys: list[Key], fields: list[str], deadline: Deadline) -> RawRows:
         with self.source.operation(self.view.name):
+            timeout_s = deadline.remaining()
             try:
                 return await asyncio.wait_for(self._afetch_batch(keys, fields, timeout_s), timeout_s)
             except TimeoutError:
@@ -438,10 +447,11 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
 
     def _run_chunks(self, chunks: list[list[Key]], fields: list[str],
                     deadline: float | None) -> Iterator[RawRows | BackendUnavailable]:
-        """Each chunk's rows, or the BackendUnavailable it failed with; other errors propagate."""
-        def left() -> float | None:
-            return None if deadline is None else deadline - time.perf_counter()
+        """Each chunk's rows, or the BackendUnavailable it failed with; other errors propagate.
 
+        ``deadline``: the read's ``Deadline.at`` (adapters override this with a plain float).
+        """
+        left = Deadline(deadline).remaining
         if len(chunks) == 1 or not self.source.capabilities.concurrent_chunks or \
                 self.source.concurrency <= 1:
             failure: BackendUnavailable | None = None
@@ -461,14 +471,16 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
             return
         pool = self.source.executor()
         try:
-            futures: list[Future[RawRows]] = [pool.submit(self._call, c, fields, left()) for c in chunks]
+            # The time left is taken when a chunk starts: time it queued on the pool counts.
+            futures: list[Future[RawRows]] = [pool.submit(lambda c: self._call(c, fields, left()), c)
+                                              for c in chunks]
         except RuntimeError as exc:  # the executor was shut down between the check and the submit
             raise Closed(f"source {self.source.name!r} is closed") from exc
         try:
             for fut in futures:
                 remaining = left()
                 try:
-                    yield fut.result(timeout=None if remaining is None else max(0.0, remaining))
+                    yield fut.result(timeout=remaining)
                 except FutureTimeout:
                     yield self._timeout()
                 except BackendUnavailable as exc:

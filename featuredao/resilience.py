@@ -15,6 +15,7 @@ from typing import Any
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
 from featuredao.dao import FeatureDao, invalid_keys
+from featuredao.deadline import Deadline
 from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
@@ -167,35 +168,33 @@ class ResilientDao(FeatureDao):
         self._metrics = metrics or Metrics.disabled()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Like ``read``; keys no link of the chain could serve stay in ``failed``."""
-        started = time.perf_counter()
-        deadline = None if timeout_s is None else started + timeout_s
+        deadline = Deadline.of(deadline, timeout_s)
         # Keys in the view's type once, here: the chain passes InvalidKey placeholders along unread.
         keys, invalid = normalise(keys, self._norm, self._key_type)
-        result = self._read_chain(keys, (features, as_of), started, deadline)
+        result = self._read_chain(keys, (features, as_of), deadline)
         if invalid:
             result.degraded.insert(0, invalid_keys(self.view.name, self.view.key_type, invalid))
         return result
 
-    def _read_chain(self, keys: list[Key], ask: _Ask, started: float,
-                    deadline: float | None) -> BatchResult:
+    def _read_chain(self, keys: list[Key], ask: _Ask, deadline: Deadline) -> BatchResult:
         if not self.fallbacks:
             return self._guarded(self.primary, self.breaker, keys, ask, deadline)
-        share = started + self.view.timeout_ms / 1000
-        primary_deadline = share if deadline is None else min(share, deadline)
+        # The primary's share of the caller's deadline, never past it.
+        share = deadline.within(self.view.timeout_ms / 1000)
         claim = _Claim()
         try:
-            running = _primaries.submit(self._guarded, self.primary, self.breaker, keys, ask,
-                                        primary_deadline, claim)
+            running = _primaries.submit(self._guarded, self.primary, self.breaker, keys, ask, share, claim)
         except RuntimeError:  # the interpreter is shutting down
-            return self._guarded(self.primary, self.breaker, keys, ask, primary_deadline)
+            return self._guarded(self.primary, self.breaker, keys, ask, share)
         # A little grace lets a primary that honours its deadline report why it stopped.
-        give_up = primary_deadline + 0.002
-        first_look = give_up if self.hedge_s is None else min(give_up, started + self.hedge_s)
+        give_up = Deadline(None if share.at is None else share.at + 0.002)
+        first_look = give_up.within(self.hedge_s)
         result = self._await(running, first_look)
         hedged: BatchResult | None = None
-        if result is None and first_look < give_up:
+        if result is None and first_look is not give_up:
             # Hedge: the chain serves every key now; the primary may still answer before its share ends.
             hedged = self._down_the_chain(self._all_failed(keys, None), list(dict.fromkeys(keys)),
                                           ask, deadline)
@@ -222,9 +221,9 @@ class ResilientDao(FeatureDao):
         return self._down_the_chain(result, pending, ask, deadline)
 
     @staticmethod
-    def _await(running: Future[BatchResult], until: float) -> BatchResult | None:
+    def _await(running: Future[BatchResult], until: Deadline) -> BatchResult | None:
         try:
-            return running.result(timeout=max(0.0, until - time.perf_counter()))
+            return running.result(timeout=until.remaining())
         except FutureTimeout:
             return None
 
@@ -257,7 +256,7 @@ class ResilientDao(FeatureDao):
         return hedged
 
     def _down_the_chain(self, result: BatchResult, pending: list[Key], ask: _Ask,
-                        deadline: float | None) -> BatchResult:
+                        deadline: Deadline) -> BatchResult:
         """Send ``pending`` keys to each fallback in turn, with the time the caller has left."""
         position: dict[Key, list[int]] = {}
         for i, k in enumerate(result.keys):
@@ -265,11 +264,10 @@ class ResilientDao(FeatureDao):
         for fallback in self.fallbacks:
             if not pending:
                 break
-            remaining = None if deadline is None else deadline - time.perf_counter()
-            if remaining is not None and remaining <= 0:
+            if deadline.expired:
                 break
             self._metrics.fallback(self.view.name, fallback.view.name)
-            part = fallback.read_partial(pending, ask[0], timeout_s=remaining, as_of=ask[1])
+            part = fallback.read_partial(pending, ask[0], as_of=ask[1], deadline=deadline)
             result.degraded.extend(part.degraded)
             still: list[Key] = []
             for key, row in zip(part.keys, part.rows, strict=True):
@@ -293,7 +291,7 @@ class ResilientDao(FeatureDao):
         return result
 
     def _guarded(self, dao: FeatureDao, breaker: CircuitBreaker, keys: Sequence[Key],
-                 ask: _Ask, deadline: float | None,
+                 ask: _Ask, deadline: Deadline,
                  claim: _Claim | None = None) -> BatchResult:
         """One link of the chain: breaker, then bounded jittered retries of what failed."""
         if not breaker.allow():
@@ -310,11 +308,12 @@ class ResilientDao(FeatureDao):
         return not self.fallbacks and self.primary.native_async()
 
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                            timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                            timeout_s: float | None = None, as_of: float | None = None,
+                            deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` on the loop: the same breaker and retries, for a view without fallbacks."""
+        deadline = Deadline.of(deadline, timeout_s)
         if not self.native_async():
-            return await super().aread_partial(keys, features, timeout_s=timeout_s, as_of=as_of)
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+            return await super().aread_partial(keys, features, as_of=as_of, deadline=deadline)
         norm, invalid = normalise(keys, self._norm, self._key_type)
         if not self.breaker.allow():
             result = self._refused(self.primary, self.breaker, norm)
@@ -335,10 +334,10 @@ class ResilientDao(FeatureDao):
         return result
 
     async def _aretried(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
-                        as_of: float | None, deadline: float | None) -> BatchResult:
+                        as_of: float | None, deadline: Deadline) -> BatchResult:
         async def attempt(these: Sequence[Key]) -> BatchResult:
             try:
-                return await dao.aread_partial(these, features, timeout_s=self._left(deadline), as_of=as_of)
+                return await dao.aread_partial(these, features, as_of=as_of, deadline=deadline)
             except BackendUnavailable as exc:
                 return BatchResult(list(these), [None] * len(these), failed=list(these), error=exc)
 
@@ -385,7 +384,7 @@ class ResilientDao(FeatureDao):
         return result
 
     def _retried(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
-                 deadline: float | None) -> BatchResult:
+                 deadline: Deadline) -> BatchResult:
         result = self._attempt(dao, keys, ask, deadline)
         for pause in self._pauses(deadline, result):
             time.sleep(pause)
@@ -394,13 +393,13 @@ class ResilientDao(FeatureDao):
                 break
         return result
 
-    def _pauses(self, deadline: float | None, first: BatchResult) -> Iterator[float]:
+    def _pauses(self, deadline: Deadline, first: BatchResult) -> Iterator[float]:
         """The jittered pause before each retry while one is worth it and fits in the time left."""
         if not self._retriable(first):
             return
         for attempt in range(1, self.retries.max + 1):
             pause = self.retries.backoff_ms / 1000 * attempt * (0.5 + random.random())
-            left = self._left(deadline)
+            left = deadline.remaining()
             if left is not None and left <= pause:
                 return
             yield pause
@@ -411,9 +410,9 @@ class ResilientDao(FeatureDao):
         return bool(result.failed) and not isinstance(result.error, BackendTimeout | Overloaded)
 
     def _attempt(self, dao: FeatureDao, keys: Sequence[Key], ask: _Ask,
-                 deadline: float | None) -> BatchResult:
+                 deadline: Deadline) -> BatchResult:
         try:
-            return dao.read_partial(keys, ask[0], timeout_s=self._left(deadline), as_of=ask[1])
+            return dao.read_partial(keys, ask[0], as_of=ask[1], deadline=deadline)
         except BackendUnavailable as exc:  # a DAO whose read_partial raises all the same
             return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=exc)
 
@@ -427,10 +426,6 @@ class ResilientDao(FeatureDao):
         first.failed = list(again.failed)
         first.error = again.error
         return first
-
-    @staticmethod
-    def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else deadline - time.perf_counter()
 
     def _degraded(self, dao: FeatureDao, error: BaseException, keys: list[Key]) -> Degraded:
         reason = reason_of(error)

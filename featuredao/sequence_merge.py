@@ -14,6 +14,7 @@ from operator import methodcaller
 from typing import Any
 
 from featuredao.dao import FeatureDao
+from featuredao.deadline import Deadline
 from featuredao.errors import reason_of
 from featuredao.sequence import ZERO, Event, Sequencer
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
@@ -59,24 +60,27 @@ class MergedSequences(_Wrapper):
         self._sequencer = Sequencer(self.view)
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """Every view's events of the keys, merged per key."""
         started = time.perf_counter()
+        deadline = Deadline.of(deadline, timeout_s)
         try:
-            futures = [_merges.submit(o.read_partial, keys, None, timeout_s=timeout_s, as_of=as_of)
+            futures = [_merges.submit(o.read_partial, keys, None, as_of=as_of, deadline=deadline)
                        for o in self.others]
         except RuntimeError:  # the interpreter is shutting down
             futures = []
-        result = self.inner.read_partial(keys, None, timeout_s=timeout_s, as_of=as_of)
+        result = self.inner.read_partial(keys, None, as_of=as_of, deadline=deadline)
         merged = [list(map(self._events, result.rows))]
+        # A little grace lets a merged view that honours the deadline report why it stopped.
+        grace = Deadline(None if deadline.at is None else deadline.at + 0.002)
         for other, fut in zip(self.others, futures, strict=True):
-            left = None if timeout_s is None else max(0.0, started + timeout_s + 0.002 - time.perf_counter())
             try:
-                part = fut.result(timeout=left)
+                part = fut.result(timeout=grace.remaining())
             except FutureTimeout:
                 fut.cancel()
                 result.degraded.append(Degraded(other.view.name, Reason.TIMEOUT, "merged view: no answer "
-                                                f"within {(timeout_s or 0) * 1000:.0f} ms"))
+                                                f"within {(time.perf_counter() - started) * 1000:.0f} ms"))
                 continue
             except Exception as exc:
                 result.degraded.append(Degraded(other.view.name, reason_of(exc), f"merged view: {exc}"))
@@ -129,10 +133,11 @@ class JoinedSequences(_Wrapper):
                           else ZERO[items.view.features[f].value] for f in self._features]
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         """The sequences, then the joined features of their items (defaults where the join failed)."""
-        started = time.perf_counter()
-        result = self.inner.read_partial(keys, None, timeout_s=timeout_s, as_of=as_of)
+        deadline = Deadline.of(deadline, timeout_s)
+        result = self.inner.read_partial(keys, None, as_of=as_of, deadline=deadline)
         distinct: dict[Any, None] = {}
         for seq in result.rows:
             if seq is not None:
@@ -142,11 +147,10 @@ class JoinedSequences(_Wrapper):
         # list is then one C-level map of dict.get with the default.
         columns: list[dict[Any, Any]] = [{} for _ in self._features]
         if distinct:
-            left = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
             try:
-                if left is not None and left <= 0:
+                if deadline.expired:
                     raise TimeoutError("no time left for the join")
-                joined = self.items.read_partial(list(distinct), self._features, timeout_s=left)
+                joined = self.items.read_partial(list(distinct), self._features, deadline=deadline)
                 present = [(k, r) for k, r in zip(distinct, joined.rows, strict=True) if r is not None]
                 if present:
                     served, found = zip(*present, strict=True)

@@ -19,6 +19,7 @@ from typing import Any, Self
 from featuredao import factory, stages
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
+from featuredao.deadline import Deadline
 from featuredao.errors import (
     ArgumentTypeError,
     Closed,
@@ -146,7 +147,7 @@ class FeatureService:
         time (the chain gives the primary its ``timeout_ms`` share and the fallbacks the rest)."""
         return budget if view.fallback else min(budget, view.timeout_ms / 1000.0)
 
-    def _start(self, tasks: list[Part], deadline: float) -> list[Future[BatchResult]]:
+    def _start(self, tasks: list[Part], deadline: Deadline) -> list[Future[BatchResult]]:
         """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
 
         Views of one source share its pool: at most ``pool_size`` of them run at once, the others
@@ -189,7 +190,7 @@ class FeatureService:
             out.append(hit if hit is not None else shed)
         return out
 
-    def _submit(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: float) -> None:
+    def _submit(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
         try:
             worker = self._pool.submit(self._run_lane, queue, deadline)
         except RuntimeError:  # shut down by close() meanwhile
@@ -206,33 +207,31 @@ class FeatureService:
             if not fut.done():
                 fut.set_exception(Closed("the service was closed"))
 
-    def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: float) -> None:
+    def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
         with self._gate.admit():
             for task, fut in queue:
-                left = deadline - time.perf_counter()
-                task.timeout_s = min(task.timeout_s, left)
                 if fut.done():
                     continue
                 try:
-                    fut.set_result(self._read(task))
+                    # Its own timeout counts from when its read starts, never past the request's deadline.
+                    fut.set_result(self._read(task, deadline.within(task.timeout_s)))
                 except BaseException as exc:  # handed to the waiting request
                     fut.set_exception(exc)
 
-    def _read(self, task: Part) -> BatchResult:
+    def _read(self, task: Part, deadline: Deadline) -> BatchResult:
         started = time.perf_counter()
         try:
-            result = task.dao.read_partial(task.keys, timeout_s=max(task.timeout_s, 0.0), as_of=task.as_of)
+            result = task.dao.read_partial(task.keys, as_of=task.as_of, deadline=deadline)
         except Exception as exc:
             self._metrics.error(task.view.name, reason_of(exc).value)
             raise
         return self._checked(task, result, started)
 
-    async def _aread(self, task: Part) -> BatchResult:
+    async def _aread(self, task: Part, deadline: Deadline) -> BatchResult:
         """``_read`` on the loop, for a DAO that reads with the driver's asyncio client."""
         started = time.perf_counter()
         try:
-            result = await task.dao.aread_partial(task.keys, timeout_s=max(task.timeout_s, 0.0),
-                                                  as_of=task.as_of)
+            result = await task.dao.aread_partial(task.keys, as_of=task.as_of, deadline=deadline)
         except Exception as exc:
             self._metrics.error(task.view.name, reason_of(exc).value)
             raise
@@ -362,13 +361,14 @@ class FeatureService:
         never raise (but for the caller's own errors: see ``UsageError``)."""
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
+        deadline = Deadline.after(budget, start=started)  # the request's one deadline, passed down
         if not self._slots.acquire(budget * self.settings.admission_wait):
             return self._shed_request(request, plan, budget, ctx, started, strict)
         try:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
-                futures = self._start(parts, started + budget)
+                futures = self._start(parts, deadline)
                 outcomes: list[BatchResult | BaseException | None] = []
                 for part, fut in zip(parts, futures, strict=True):
                     wait = self._wait_s(part, started, budget, begun)
@@ -392,13 +392,14 @@ class FeatureService:
         the others on the service's threads; the loop never blocks."""
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
+        deadline = Deadline.after(budget, start=started)
         if not await self._slots.acquire_async(budget * self.settings.admission_wait):
             return self._shed_request(request, plan, budget, ctx, started, strict)
         try:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
-                waits = self._astart(parts, started + budget)
+                waits = self._astart(parts, deadline)
                 outcomes: list[BatchResult | BaseException | None] = []
                 for part, fut in zip(parts, waits, strict=True):
                     wait = self._wait_s(part, started, budget, begun)
@@ -419,7 +420,7 @@ class FeatureService:
             self._slots.release()
         return self._result(request, ctx, started, strict)
 
-    def _astart(self, parts: list[Part], deadline: float) -> list[asyncio.Future[BatchResult]]:
+    def _astart(self, parts: list[Part], deadline: Deadline) -> list[asyncio.Future[BatchResult]]:
         """Parts whose DAO reads on the loop run as tasks (L1 answers at once); the rest on threads."""
         native = {id(p) for p in parts if p.dao.native_async()}
         threaded = iter(self._start([p for p in parts if id(p) not in native], deadline))
@@ -436,8 +437,7 @@ class FeatureService:
                 done.set_result(hit)
                 out.append(done)
             else:
-                part.timeout_s = min(part.timeout_s, deadline - started)
-                out.append(asyncio.ensure_future(self._aread(part)))
+                out.append(asyncio.ensure_future(self._aread(part, deadline.within(part.timeout_s))))
         return out
 
     def _shed_request(self, request: Request, plan: list[list[FeatureDao]], budget: float,

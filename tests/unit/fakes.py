@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from featuredao.config import View
 from featuredao.dao import FeatureDao, KeyValueStore
+from featuredao.deadline import Deadline
 from featuredao.errors import BackendError, BackendUnavailable
 from featuredao.types import BatchResult, FeatureType, FeatureValue, Key, Row
 
@@ -32,7 +33,8 @@ class FakeDao(FeatureDao):
         self._lock = threading.Lock()
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         with self._lock:
             self.calls.append(list(keys))
         if self.delay:

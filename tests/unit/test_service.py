@@ -13,6 +13,7 @@ from fakes import FakeDao, make_view
 
 from featuredao.config import ServiceConfig, View
 from featuredao.dao import FeatureDao
+from featuredao.deadline import Deadline
 from featuredao.errors import BackendQueryError, BackendUnavailable, FetchError
 from featuredao.service import FeatureService, FetchResult
 from featuredao.types import BatchResult, Key, Reason, Row
@@ -90,9 +91,10 @@ class MeetingDao(FakeDao):
         self.barrier = barrier
 
     def read_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
-                     timeout_s: float | None = None, as_of: float | None = None) -> BatchResult:
+                     timeout_s: float | None = None, as_of: float | None = None,
+                     deadline: Deadline | None = None) -> BatchResult:
         self.barrier.wait()  # BrokenBarrierError after 1 s unless the other view is being read meanwhile
-        return super().read_partial(keys, features, timeout_s=timeout_s)
+        return super().read_partial(keys, features, timeout_s=timeout_s, deadline=deadline)
 
 
 def test_views_are_read_concurrently() -> None:
