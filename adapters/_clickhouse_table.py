@@ -16,7 +16,7 @@ from pydantic import model_validator
 from featuredao.config import Identifier, View, quote_identifier
 from featuredao.errors import BackendQueryError
 
-from ._sql import SqlViewOptions
+from ._sql_dialect import SqlViewOptions
 
 # Engines whose FINAL collapses rows (Replicated*, Shared* variants included): wide reads use it by default.
 _COLLAPSING = re.compile(r"(Replacing|Collapsing|Summing|Aggregating|Graphite|Coalescing)MergeTree$")

@@ -19,7 +19,8 @@ from featuredao.dao import Change
 from featuredao.errors import BackendAuthError, BackendError, BackendQueryError, FeatureDaoError
 
 from ._mysql_pool import GRACE_S, Connection, close_quietly, error_code
-from ._sql import SqlDao, SqlSource, SqlSourceOptions
+from ._sql import SqlDao, SqlSource
+from ._sql_dialect import SqlSourceOptions
 
 # A privilege is missing; the dump cannot read the binlog (e.g. its file is gone); an unknown system
 # variable (binlog_row_metadata before MariaDB 10.5 / MySQL 8.0.14); binary logging is off.

@@ -64,7 +64,8 @@ from ._hologres_feed import FeedBatch, FeedGap, SlotFeedDao, first_line
 from ._pg_async import RESET_TIMEOUT as _RESET_TIMEOUT
 from ._pg_async import UNKNOWN as _UNKNOWN
 from ._pg_async import AsyncReads, PgSource, async_pools, limit_ms, limit_statement
-from ._sql import POSTGRES, SqlSource, SqlSourceOptions
+from ._sql import SqlSource
+from ._sql_dialect import POSTGRES, SqlSourceOptions
 
 __all__ = ["FeedBatch", "FeedGap", "HologresDao", "HologresOptions", "HologresSource"]
 

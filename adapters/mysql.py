@@ -50,7 +50,7 @@ from ._mysql_pool import (
     connection_lost,
     error_code,
 )
-from ._sql import MYSQL, SqlSourceOptions
+from ._sql_dialect import MYSQL, SqlSourceOptions
 
 __all__ = ["ConnectionPool", "FeedBatch", "FeedGap", "MySQLDao", "MySQLOptions", "MySQLSource"]
 
