@@ -80,6 +80,7 @@ from ._redis_codecs import (
     _text_converter,
     _TextStep,
 )
+from ._redis_exchange import exchange
 from ._redis_kv import ClusterRouter, NodeFailures, RedisKeyValue, Routed, _Lost
 from ._redis_sequence import RedisSequences
 
@@ -241,6 +242,9 @@ class RedisSource(Source):
     def _connection_kwargs(self) -> dict[str, Any]:
         """``_common`` for one server's own pool: the SSL class with TLS, no ``ssl_`` keys without."""
         kwargs = self._common()
+        # No CLIENT SETINFO on connect: a handshake reply is read with the socket's timeout, so a new
+        # connection to a stalled server would outlast the read's own time (and it costs a round trip).
+        kwargs["driver_info"] = None
         if self.options.tls:
             kwargs["connection_class"] = redis.SSLConnection
         else:
@@ -482,8 +486,8 @@ class RedisDao(RedisSequences):
         client: Any = self.source.client()
         try:
             if self._format == "hash":
-                return self._fetch_hash(client, keys, rkeys, fields)
-            values = client.execute_command("MGET", *rkeys)
+                return self._fetch_hash(client, keys, rkeys, fields, timeout_s)
+            values = exchange(client, [("MGET", *rkeys)], timeout_s, self.source.options.retries)[0]
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
@@ -602,18 +606,17 @@ class RedisDao(RedisSequences):
         error.__cause__ = cause
         return error, message
 
-    def _fetch_hash(self, client: Any, keys: list[Key], rkeys: list[str], fields: list[str]) -> RawRows:
+    def _fetch_hash(self, client: Any, keys: list[Key], rkeys: list[str], fields: list[str],
+                    timeout_s: float | None) -> RawRows:
         fields_b = [self._fields_b[f] for f in fields]
-        pipe = client.pipeline(transaction=False)
-        for rk in rkeys:
-            pipe.execute_command("HMGET", rk, *fields_b)
-        replies: list[list[bytes | None]] = pipe.execute()
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        retries = self.source.options.retries
+        replies: list[list[bytes | None]] = exchange(client, [("HMGET", rk, *fields_b) for rk in rkeys],
+                                                     timeout_s, retries)
 
         def exists(unsure: list[str]) -> list[int]:
-            pipe = client.pipeline(transaction=False)
-            for rk in unsure:
-                pipe.execute_command("EXISTS", rk)
-            return list(pipe.execute())
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            return exchange(client, [("EXISTS", rk) for rk in unsure], left, retries)
 
         return self._hash_rows(keys, replies, fields, exists)
 

@@ -283,6 +283,28 @@ def test_frozen_server_times_out_and_recovers(redis_server: RedisServer) -> None
         runtime.close()
 
 
+@pytest.mark.parametrize("name", ["msgpack", "hash"])
+def test_a_read_gives_up_at_its_own_timeout_not_the_sockets(name: str, redis_server: RedisServer) -> None:
+    """The worker and its connection are free when the read's time is up, however long the socket waits."""
+    runtime, dao = build({"host": redis_server.host, "port": redis_server.port, "socket_timeout_ms": 5000,
+                          "pool_size": 1}, LAYOUTS[name])
+    try:
+        dao.upsert([("k", {"clicks": 1})])
+        assert dao.read(["k"])[0] is not None  # the pool's one connection is open
+        redis_server.freeze()
+        try:
+            for _ in range(2):  # the late connection was dropped, not left out of step in the pool
+                started = time.monotonic()
+                with pytest.raises(BackendTimeout):
+                    dao.read(["k"], timeout_s=0.2)
+                assert time.monotonic() - started < 2.0  # far below the socket's 5 s
+        finally:
+            redis_server.thaw()
+        assert dao.read(["k"])[0] == {**dict.fromkeys(FEATURES), **DEFAULTS, "clicks": 1}
+    finally:
+        runtime.close()
+
+
 def test_reads_work_again_after_a_server_restart(redis_server: RedisServer) -> None:
     runtime, dao = build({"host": redis_server.host, "port": redis_server.port}, LAYOUTS["hash"])
     try:
