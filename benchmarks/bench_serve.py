@@ -13,8 +13,12 @@ request, so the connections do not fire together (a rate limit that ticks every 
 moment, as ``hey -q`` does, sends bursts whose queueing is not the server's latency).
 
 Needs ``wrk`` (Debian package ``wrk``; installed with apt-get when missing, as root or through sudo).
+Also measured: encoding the response body with ``json`` and with ``orjson`` (the reason for orjson), and
+the machine's load average after every run (other work on a shared machine shows there). ``--out``
+writes the results as markdown, ``--chart`` draws p50/p99 against requests/s (matplotlib).
 
     .venv/bin/python benchmarks/bench_serve.py [--duration 5] [--workers 1,2] [--shares 0.25,0.5,0.75]
+        [--out FILE.md] [--chart FILE.png]
 
 Everything runs on this machine (127.0.0.1): the load generator, Redis and the server share its cores.
 """
@@ -117,6 +121,8 @@ class Run:
     """Server CPU (every worker) per request."""
     idle: float
     """The machine's idle share during the run."""
+    load1: float = 0.0
+    """The machine's 1-minute load average at the end of the run."""
 
 
 def script(tmp: Path, body: Path, pause_ms: float | None) -> Path:
@@ -216,6 +222,26 @@ def measured(proc: subprocess.Popen[bytes], binary: str, url: str, lua: Path, du
     return rps, p50, p99, errors, cpu_ms, (idle1 - idle0) / max(1, total1 - total0)
 
 
+def encoding(cfg: dict[str, Any], body: dict[str, Any], rounds: int = 200) -> tuple[float, float]:
+    """Median ms to encode the server's answer to the request with ``json`` and with ``orjson``."""
+    import orjson
+
+    from featuredao.server.protocol import fetch_body
+
+    with FeatureService.from_config(cfg) as service:
+        answer = fetch_body(service.fetch(body["user_id"], body["item_ids"]), "0" * 16)
+
+    def median_ms(encode: Callable[[Any], bytes]) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            encode(answer)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    return median_ms(lambda a: json.dumps(a).encode()), median_ms(orjson.dumps)
+
+
 def in_process(cfg: dict[str, Any], body: dict[str, Any], requests: int) -> tuple[float, float]:
     with FeatureService.from_config(cfg) as service:
         for _ in range(50):
@@ -231,9 +257,10 @@ def in_process(cfg: dict[str, Any], body: dict[str, Any], requests: int) -> tupl
 
 
 def in_process_concurrent(cfg: dict[str, Any], body: dict[str, Any], requests: int,
-                          concurrency: int) -> float:
+                          concurrency: int) -> tuple[float, float]:
     """Requests/s of ``await afetch`` (plus the orjson encoding of the answer) with ``concurrency`` in
-    flight on one event loop: what one worker does without HTTP."""
+    flight on one event loop, and this process's CPU ms per request: what one worker does without HTTP
+    (the CPU figure moves far less with the machine's other work than the rate does)."""
     import asyncio
 
     import orjson
@@ -258,7 +285,9 @@ def in_process_concurrent(cfg: dict[str, Any], body: dict[str, Any], requests: i
         pass
     with FeatureService.from_config(cfg) as service, asyncio.Runner(loop_factory=factory) as runner:
         runner.run(run(service))  # warm-up
-        return runner.run(run(service))
+        cpu = time.process_time()
+        rate = runner.run(run(service))
+        return rate, (time.process_time() - cpu) * 1000 / requests
 
 
 def main() -> None:
@@ -267,6 +296,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--shares", default="0.25,0.5,0.75", help="fixed rates, as shares of saturation")
+    parser.add_argument("--out", default=None, help="also write the results here (markdown)")
+    parser.add_argument("--chart", default=None, help="draw p50/p99 against requests/s here (PNG)")
     args = parser.parse_args()
     binary = ensure_wrk()
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -283,8 +314,10 @@ def main() -> None:
         request = {"user_id": "u1", "item_ids": rng.sample(range(ITEMS), BATCH)}
         body = tmp / "request.json"
         body.write_text(json.dumps(request))
+        load_before = os.getloadavg()
+        json_ms, orjson_ms = encoding(cfg, request)
         local_p50, local_p99 = in_process(cfg, request, 2000)
-        local_async = in_process_concurrent(cfg, request, 2000, SATURATION_CONNECTIONS)
+        local_async, local_cpu = in_process_concurrent(cfg, request, 2000, SATURATION_CONNECTIONS)
         flat = script(tmp, body, None)
 
         for workers in worker_counts:
@@ -295,7 +328,8 @@ def main() -> None:
                 assert len(check["items"]) == BATCH and not check["degraded"], check["degraded"]
                 wrk(binary, target_url, flat, 2, SATURATION_CONNECTIONS)  # warm-up
                 result = measured(proc, binary, target_url, flat, args.duration, SATURATION_CONNECTIONS)
-                runs.append(Run(workers, f"saturation ({SATURATION_CONNECTIONS} conns)", None, *result))
+                runs.append(Run(workers, f"saturation ({SATURATION_CONNECTIONS} conns)", None, *result,
+                                os.getloadavg()[0]))
                 saturation = result[0]
                 for share in shares:
                     target = saturation * share
@@ -303,32 +337,90 @@ def main() -> None:
                     paced = script(tmp, body, connections / target * 1000)
                     result = measured(proc, binary, target_url, paced, args.duration, connections)
                     runs.append(Run(workers, f"{share:.0%} of saturation ({connections} conns)", target,
-                                    *result))
+                                    *result, os.getloadavg()[0]))
                     time.sleep(0.5)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
     shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n1 user + {BATCH} items x {N_FEATURES} features (Redis string/msgpack, no cache); "
-          f"{usable_cores()} cores shared by wrk, Redis and the server\n")
-    print("| workers | load | target req/s | req/s | p50 ms | p99 ms | errors | server CPU ms/req | idle |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    load_after = os.getloadavg()
+    lines = report(runs, local_p50, local_p99, (local_async, local_cpu), (json_ms, orjson_ms), load_before,
+                   load_after)
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.chart:
+        chart(runs, args.chart)
+
+
+def report(runs: list[Run], local_p50: float, local_p99: float, local: tuple[float, float],
+           encodings: tuple[float, float], load_before: tuple[float, float, float],
+           load_after: tuple[float, float, float]) -> list[str]:
+    """The results as markdown: the table, the targets met or missed, the HTTP cost, the load."""
+    (local_async, local_cpu), (json_ms, orjson_ms) = local, encodings
+    out = [f"1 user + {BATCH} items x {N_FEATURES} features (Redis string/msgpack, no cache); "
+           f"{usable_cores()} cores shared by wrk, Redis, the server and the machine's other work. "
+           f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; after: "
+           f"{', '.join(f'{v:.2f}' for v in load_after)}.", "",
+           "| workers | load | target req/s | req/s | p50 ms | p99 ms | errors | server CPU ms/req | idle "
+           "| load avg 1m |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
         shown = "-" if r.target is None else f"{r.target:.0f}"
-        print(f"| {r.workers} | {r.label} | {shown} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-              f"| {r.errors} | {r.cpu_ms:.2f} | {r.idle:.0%} |")
-    print(f"| in-process | `FeatureService.fetch`, one thread | - | {1000 / local_p50:.0f} | {local_p50:.2f} "
-          f"| {local_p99:.2f} | 0 | - | - |")
-    print(f"| in-process | `await afetch` + orjson, {SATURATION_CONNECTIONS} in flight on one loop | - "
-          f"| {local_async:.0f} | - | - | 0 | - | - |")
+        out.append(f"| {r.workers} | {r.label} | {shown} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+                   f"| {r.errors} | {r.cpu_ms:.2f} | {r.idle:.0%} | {r.load1:.1f} |")
+    out.append(f"| in-process | `FeatureService.fetch`, one thread | - | {1000 / local_p50:.0f} "
+               f"| {local_p50:.2f} | {local_p99:.2f} | 0 | - | - | - |")
+    out.append(f"| in-process | `await afetch` + orjson, {SATURATION_CONNECTIONS} in flight on one loop | - "
+               f"| {local_async:.0f} | - | - | 0 | {local_cpu:.2f} | - | - |")
+    out.append("")
     sat = {r.workers: r.rps for r in runs if r.target is None}
     if 1 in sat and 2 in sat:
-        print(f"\n2 workers / 1 worker at saturation: {sat[2] / sat[1]:.2f}x")
+        ratio = sat[2] / sat[1]
+        out.append(f"- 2 workers / 1 worker at saturation: {ratio:.2f}x (target >= 1.7x: "
+                   f"{'met' if ratio >= 1.7 else 'missed'})")
+    for r in runs:
+        if r.target is not None and abs(r.target / sat.get(r.workers, r.target) - 0.5) < 1e-9:
+            out.append(f"- p99 at half of saturation, {r.workers} worker(s): {r.p99_ms:.1f} ms "
+                       f"(target < 10 ms: {'met' if r.p99_ms < 10 else 'missed'})")
     light = [r for r in runs if r.workers == 1 and r.target is not None]
     if light:
-        print(f"HTTP cost at the lightest rate (p50, 1 worker): {light[0].p50_ms - local_p50:.2f} ms over "
-              f"in-process")
+        out.append(f"- HTTP cost at the lightest rate (p50, 1 worker): {light[0].p50_ms - local_p50:.2f} ms "
+                   f"over an in-process `fetch` ({local_p50:.2f} ms)")
+    saturated = [r for r in runs if r.workers == 1 and r.target is None]
+    if saturated:
+        served = saturated[0].cpu_ms
+        out.append(f"- CPU per request at saturation, 1 worker: {served:.2f} ms against {local_cpu:.2f} ms "
+                   f"for `await afetch` + orjson in-process: HTTP (uvicorn, httptools) and Starlette add "
+                   f"{served - local_cpu:.2f} ms ({(served - local_cpu) / served:.0%} of the worker's CPU)")
+    out.append(f"- encoding the answer (median of 200): json {json_ms:.2f} ms, orjson {orjson_ms:.2f} ms "
+               f"({json_ms / orjson_ms:.0f}x)")
+    return out
+
+
+def chart(runs: list[Run], path: str) -> None:
+    """p50 and p99 against achieved requests/s, one line per worker count, the 10 ms target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, workers in enumerate(sorted({r.workers for r in runs})):
+        mine = sorted((r for r in runs if r.workers == workers), key=lambda r: r.rps)
+        rps, color = [r.rps for r in mine], f"C{i}"
+        ax.plot(rps, [r.p50_ms for r in mine], marker="o", color=color, label=f"{workers} worker(s) p50")
+        ax.plot(rps, [r.p99_ms for r in mine], marker="s", linestyle=":", color=color,
+                label=f"{workers} worker(s) p99")
+    ax.axhline(10, color="grey", linestyle="--", label="p99 target (10 ms)")
+    ax.set_yscale("log")
+    ax.set_xlabel("requests/s")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=8)
+    ax.set_title(f"featuredao serve: POST /v1/fetch, 1 user + {BATCH} items x {N_FEATURES} features (Redis)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
