@@ -231,7 +231,9 @@ class FeatureService:
         """``_read`` on the loop, for a DAO that reads with the driver's asyncio client."""
         started = time.perf_counter()
         try:
-            result = await task.dao.aread_partial(task.keys, as_of=task.as_of, deadline=deadline)
+            # As on a worker: its own timeout counts from when the loop starts it, capped by the deadline.
+            result = await task.dao.aread_partial(task.keys, as_of=task.as_of,
+                                                  deadline=deadline.within(task.timeout_s))
         except Exception as exc:
             self._metrics.error(task.view.name, reason_of(exc).value)
             raise
@@ -437,7 +439,7 @@ class FeatureService:
                 done.set_result(hit)
                 out.append(done)
             else:
-                out.append(asyncio.ensure_future(self._aread(part, deadline.within(part.timeout_s))))
+                out.append(asyncio.ensure_future(self._aread(part, deadline)))
         return out
 
     def _shed_request(self, request: Request, plan: list[list[FeatureDao]], budget: float,
