@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import count
 from typing import Any
 
@@ -26,7 +27,7 @@ import redis.exceptions as rexc
 from redis.crc import key_slot
 
 from featuredao.config import CircuitBreakerConfig
-from featuredao.dao import KeyValueStore
+from featuredao.dao import Deadline, KeyValueStore
 from featuredao.errors import BackendError, BackendTimeout, CircuitOpen, Closed, Overloaded
 from featuredao.types import Key
 
@@ -681,6 +682,11 @@ class _Lost:
 NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
 """Per cluster node (``host:port``): why it failed and the keys it failed."""
 
+# L2 reads of a standalone server with a timeout run here: the caller waits at most its time left. A
+# frozen server would otherwise hold it for the socket timeouts, however short the time left: a pooled
+# connection's reply is bounded below, but a new connection's setup (CLIENT SETINFO) is not.
+_l2_reads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="featuredao-l2-read")
+
 
 class RedisKeyValue(KeyValueStore):
     """The cache tier's operations on a Redis source's own pool, plus pub/sub for invalidation.
@@ -725,7 +731,37 @@ class RedisKeyValue(KeyValueStore):
             for k in keys:
                 pipe.get(k)
             return list(pipe.execute())
-        return list(self._client().mget(keys))
+        if timeout_s is None:
+            return list(self._client().mget(keys))
+        deadline = Deadline.after(timeout_s)
+        try:
+            reading = _l2_reads.submit(self._mget, keys, deadline)
+        except RuntimeError:  # the interpreter is shutting down
+            return self._mget(keys, deadline)
+        try:
+            return reading.result(timeout=deadline.remaining())
+        except FutureTimeout:
+            reading.cancel()
+            raise rexc.TimeoutError(f"L2 read: no answer within {timeout_s * 1000:.0f} ms") from None
+
+    def _mget(self, keys: Sequence[str], deadline: Deadline) -> list[bytes | None]:
+        """MGET on one pooled connection, its reply awaited no longer than the deadline."""
+        if deadline.expired:  # queued here past its caller's deadline: nobody waits for it
+            raise rexc.TimeoutError("L2 read: no time left when it could start")
+        pool = self._client().connection_pool
+        conn = pool.get_connection()
+
+        def mget() -> list[bytes | None]:
+            conn.send_command("MGET", *keys)
+            # A reply cut short disconnects the connection (redis-py's default), so no later command
+            # reads this one's late reply.
+            return list(conn.read_response(timeout=max(deadline.remaining() or 0.0, 0.001)))
+
+        try:
+            # A dropped pooled connection is reconnected and retried, as the client's own calls are.
+            return conn.retry.call_with_retry(mget, lambda _: conn.disconnect())  # type: ignore[no-any-return]
+        finally:
+            pool.release(conn)
 
     def set_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
         if not items:

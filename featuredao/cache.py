@@ -288,8 +288,11 @@ class CachedDao(FeatureDao):
     def _from_l2(self, keys: list[Key], now: float, found: dict[Key, Row | None],
                  stale: dict[Key, Entry], deadline: Deadline) -> list[Key]:
         assert self._l2 is not None
+        # At most half the time left: a frozen L2 must leave the source time to serve the misses.
+        left = deadline.remaining()
+        share = None if left is None else left / 2
         try:
-            values = self._l2.get_many([self._prefix + str(k) for k in keys], deadline.remaining())
+            values = self._l2.get_many([self._prefix + str(k) for k in keys], share)
         except Exception as exc:  # an L2 failure never fails a request: bypass it
             log.warning("view %s: L2 cache unavailable, bypassed: %s", self.view.name, exc)
             self._metrics.cache(self.view.name, "l2", "error", len(keys))
