@@ -7,6 +7,7 @@ recommender config, and a pool kept busy by someone else must not open the store
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,11 @@ def _count_pool_waits(source: Any) -> list[float]:
 
 def test_a_pool_held_by_a_slow_statement_degrades_as_overloaded_and_keeps_the_breaker_closed(
         db: Path) -> None:
-    with FeatureService.from_config(_config(db, pool_size=1, deadline_ms=150)) as service:
+    # The request's deadline is the first view's timeout: it waits that long for the held connection,
+    # the 49 views queued behind it find no time left. Both are load (OVERLOADED), never the store's fault.
+    deadline_ms = 200
+    with FeatureService.from_config(_config(db, pool_size=1, deadline_ms=deadline_ms,
+                                            timeout_ms=deadline_ms)) as service:
         runtime = service.runtime
         assert runtime is not None
         source: Any = runtime.sources["store"]
@@ -103,14 +108,36 @@ def test_a_pool_held_by_a_slow_statement_degrades_as_overloaded_and_keeps_the_br
         holder.start()
         try:
             assert held.wait(5)
+            on_time = 0
             for _ in range(8):  # more than the breaker's failure threshold (5)
+                started = time.monotonic()
                 result = service.fetch(None, [3, 4])
+                elapsed = time.monotonic() - started
                 reasons = {d.reason for d in result.degraded}
-                assert reasons == {Reason.OVERLOADED}, result.degraded
                 assert result.items[0]["v0_a"] is None
+                # The service waits a view's answer for its time plus 10%: a worker the loaded machine
+                # stalled past that is reported as the service's own timeout ("no answer within"), the
+                # deadline's outcome. A request answered within its time must be overloaded only.
+                if elapsed < deadline_ms / 1000 * 1.1:
+                    assert reasons == {Reason.OVERLOADED}, result.degraded
+                    on_time += 1
+                else:
+                    assert all(d.reason is Reason.OVERLOADED or
+                               (d.reason is Reason.TIMEOUT and d.detail.startswith("no answer within"))
+                               for d in result.degraded), result.degraded
+            assert on_time >= 4, f"only {on_time} of 8 requests answered within their time"
             assert runtime.breakers["store"].state is BreakerState.CLOSED
         finally:
             release.set()
             holder.join()
-        result = service.fetch(None, [3, 4])
+        # Served again once the connection is back (each try bounded by its deadline; 50 views on one
+        # connection within 200 ms may take a loaded machine more than one try).
+        end = time.monotonic() + 10
+        while True:
+            result = service.fetch(None, [3, 4])
+            if result.degraded == [] or time.monotonic() > end:
+                break
+            assert {d.reason for d in result.degraded} <= {Reason.OVERLOADED, Reason.TIMEOUT}, result.degraded
+            time.sleep(0.05)
         assert result.degraded == [] and result.items[0]["v0_a"] == 3
+        assert runtime.breakers["store"].state is BreakerState.CLOSED

@@ -390,18 +390,21 @@ def test_cluster_key_value_tier_routes_per_node(redis_cluster: RedisCluster) -> 
 
 
 def test_node_breaker_opens_fails_fast_and_only_a_background_probe_closes_it() -> None:
+    # A reset timeout a loaded machine cannot stall through between a failure and the next line (0.05 s
+    # could: the breaker read half-open where the test expects it still open).
+    reset_s = 0.5
     breaker = NodeBreaker("cluster node 10.0.0.1:7000", CircuitBreakerConfig(failure_threshold=2,
-                                                                               reset_timeout_s=0.05))
+                                                                               reset_timeout_s=reset_s))
     breaker.failure()
     assert breaker.closed and breaker.state == "closed"
     breaker.failure()
     assert not breaker.closed and breaker.state == "open" and not breaker.probe_due()
-    time.sleep(0.06)
+    time.sleep(reset_s + 0.01)
     assert breaker.state == "half_open" and not breaker.closed  # requests still skip it
     assert breaker.probe_due() and not breaker.probe_due()  # one probe at a time
     breaker.failure()  # the probe failed: another reset timeout
     assert breaker.state == "open"
-    time.sleep(0.06)
+    time.sleep(reset_s + 0.01)
     assert breaker.probe_due()
     breaker.success()
     assert breaker.closed and breaker.state == "closed"

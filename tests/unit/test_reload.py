@@ -149,13 +149,19 @@ def test_requests_in_flight_finish_on_the_sources_they_started_with() -> None:
     doc = config()
     doc["sources"]["b"]["latency_ms"] = 300
     doc["views"][2]["timeout_ms"] = 2000
+    doc["service"]["deadline_ms"] = 1000  # the 300 ms read well inside it on a loaded machine
     with seeded(doc) as service:
         assert service.runtime is not None
         old_b = service.runtime.sources["b"]
+        assert isinstance(old_b, MemorySource)
         out: list[Any] = []
+        before = old_b.round_trips
         thread = threading.Thread(target=lambda: out.append(service.fetch("u1", [1])))
         thread.start()
-        time.sleep(0.1)  # the request is reading b
+        end = time.monotonic() + 5
+        while old_b.round_trips == before and time.monotonic() < end:
+            time.sleep(0.005)
+        assert old_b.round_trips > before  # the request is reading b
         new_doc = copy.deepcopy(doc)
         new_doc["sources"]["b"]["latency_ms"] = 0
         service.reload(new_doc)  # waits for the old config's deadline before closing b
