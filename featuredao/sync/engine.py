@@ -23,125 +23,38 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from featuredao import registry as adapter_registry
 from featuredao.config import Config
-from featuredao.dao import BaseDao, Source, StateStore, normaliser
+from featuredao.dao import BaseDao, Source, StateStore
 from featuredao.errors import BackendError, Closed, ConfigError, ConfigIssue, Unsupported
 from featuredao.factory import Runtime, build
 from featuredao.metrics import Metrics
 from featuredao.sync.config import SyncJob
-from featuredao.sync.pipeline import (
-    DeadLetters,
-    Record,
-    StageError,
-    Transformer,
-    typed_many,
-)
+from featuredao.sync.items import ItemBuilder
+from featuredao.sync.pipeline import DeadLetters, Record, Transformer
+from featuredao.sync.replay import replay_dead_letters
 from featuredao.sync.sink import Item, Sink
+from featuredao.sync.state import (
+    FIRST_PHASE,
+    CycleReport,
+    ReplayReport,
+    TargetState,
+    applied_everywhere,
+    backoff_s,
+    canon,
+    cursor_le,
+    cursor_order,
+    feed_from,
+)
 from featuredao.types import coercion_plan
 
+__all__ = ["CycleReport", "ReplayReport", "SyncEngine", "TargetState"]
+
 log = logging.getLogger("featuredao.sync")
-
-_FIRST_PHASE = {"full": "idle", "incremental": "changes", "cdc": "new"}
-_READING = ("scan", "changes", "snapshot", "stream")
-_MAX_BACKOFF_S = 60.0
-
-
-@dataclass
-class TargetState:
-    """One target's checkpoint (persisted as JSON) and its in-process health."""
-
-    name: str
-    phase: str
-    cursor: Any = None
-    generation: int = 0
-    """Full passes started (the seen-key registry marks keys with it)."""
-    feed_start: Any = None
-    """cdc: the change-feed position taken before the snapshot; streaming starts after it."""
-    written: int = 0
-    deleted: int = 0
-    failed: int = 0
-    passes: int = 0
-    updated_at: float | None = None
-    last_error: str | None = None
-    lag_s: float | None = None
-    down_until: float = field(default=0.0, compare=False)
-    failures: int = field(default=0, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["down_until"], data["failures"], data["name"]
-        return data
-
-    @classmethod
-    def from_json(cls, name: str, data: Mapping[str, Any], phase: str) -> TargetState:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "name"}
-        known.setdefault("phase", phase)
-        return cls(name=name, **known)
-
-
-@dataclass
-class CycleReport:
-    """What one cycle did."""
-
-    read: int = 0
-    written: int = 0
-    deleted: int = 0
-    filtered: int = 0
-    failed: int = 0
-    down: dict[str, str] = field(default_factory=dict)
-    source_error: str | None = None
-    interrupted: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """No target down and the source readable."""
-        return not self.down and self.source_error is None
-
-
-@dataclass
-class ReplayReport:
-    """What ``replay_dlq`` did."""
-
-    replayed: int = 0
-    resolved: int = 0
-    failed_again: int = 0
-    kept: int = 0
-    down: dict[str, str] = field(default_factory=dict)
-
-
-def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _order(value: Any) -> tuple[Any, ...]:
-    """Sort key of a cursor: None first; [watermark, key] compared element by element."""
-    if value is None:
-        return (0,)
-    if isinstance(value, list | tuple):
-        return (1, *value)
-    return (1, value)
-
-
-def _feed_from(s: TargetState) -> Any:
-    """Where a cdc target reads the change feed from (None: it does not yet)."""
-    if s.phase == "stream":
-        return s.cursor
-    if s.phase in ("snapshot", "delete"):
-        return s.feed_start
-    return None
-
-
-def _le(a: Any, b: Any) -> bool:
-    try:
-        return _order(a) <= _order(b)
-    except TypeError:
-        return _canon(a) <= _canon(b)
 
 
 class SyncEngine:
@@ -159,10 +72,7 @@ class SyncEngine:
         self.runtime: Runtime = build(cfg, self.metrics)
         self._own_state: Source | None = None
         try:
-            dao = self.runtime.daos[self.job.source]
-            if not isinstance(dao, BaseDao):
-                raise ConfigError(f"view {self.job.source!r} is not served by a BaseDao")
-            self.source: BaseDao = dao
+            self.source: BaseDao = self.runtime.daos[self.job.source]
             self.sinks = {name: Sink(self.runtime, self.job, name, self.metrics) for name in self.job.targets}
             self.store = self._state_store(cfg, config_name)
         except BaseException:
@@ -170,8 +80,8 @@ class SyncEngine:
             raise
         path = Path(self.job.dead_letter or f"{config_name}.{self.job.name}.dlq.jsonl")
         self.dlq = DeadLetters(path if path.is_absolute() else self.base_dir / path)
-        self.transform = Transformer(self.job.steps)
-        self.source_coercions = coercion_plan(self.source.view.features)
+        self.items = ItemBuilder(self.job.name, coercion_plan(self.source.view.features),
+                                 Transformer(self.job.steps), self.metrics)
         self.states: dict[str, TargetState] = {}
         self._prepared: set[str] = set()
         self._feed_acked: Any = None
@@ -228,7 +138,7 @@ class SyncEngine:
     def load_states(self) -> dict[str, TargetState]:
         """Read every target's checkpoint (health kept from earlier cycles of this process)."""
         stored = self.store.load(self.job.name)
-        first = _FIRST_PHASE[self.job.mode]
+        first = FIRST_PHASE[self.job.mode]
         states = {}
         for name in self.job.targets:
             state = TargetState.from_json(name, stored.get(name, {}), first)
@@ -308,8 +218,9 @@ class SyncEngine:
                 return
             groups: dict[tuple[str, str], list[TargetState]] = {}
             for s in active:
-                groups.setdefault((s.phase, _canon(s.cursor)), []).append(s)
-            ordered = sorted(groups.values(), key=lambda g: (g[0].phase != "delete", _order(g[0].cursor)))
+                groups.setdefault((s.phase, canon(s.cursor)), []).append(s)
+            ordered = sorted(groups.values(),
+                             key=lambda g: (g[0].phase != "delete", cursor_order(g[0].cursor)))
             members = ordered[0]
             phase = members[0].phase
             if phase == "delete":
@@ -325,7 +236,7 @@ class SyncEngine:
         """Report a source failure once, back off as for a target, and record it on every checkpoint."""
         self._source_failures += 1
         self._feed_checked = False  # the prerequisites (and gaps) are checked again on the next attempt
-        backoff = min(_MAX_BACKOFF_S, self.job.retry_backoff_s * 2 ** (self._source_failures - 1))
+        backoff = backoff_s(self.job.retry_backoff_s, self._source_failures)
         self._source_down_until = time.time() + backoff
         message = f"{type(exc).__name__}: {exc}"
         if getattr(exc, "feed_gap", False):
@@ -389,8 +300,8 @@ class SyncEngine:
         """The feed's prerequisites, and that it still holds every change after the lowest checkpoint."""
         check = getattr(self.source, "check_feed", None)  # optional: adapters that can tell
         if check is not None:
-            positions = [p for p in (_feed_from(s) for s in states.values()) if p is not None]
-            check(min(positions, key=_order) if positions else None)
+            positions = [p for p in (feed_from(s) for s in states.values()) if p is not None]
+            check(min(positions, key=cursor_order) if positions else None)
         self._feed_checked = True
 
     def _read(self, phase: str, cursor: Any, limit: int) -> tuple[list[Record], Any, bool | None]:
@@ -424,15 +335,16 @@ class SyncEngine:
         records, tail, at_end = self._read(phase, cursor, limit)
         exhausted = len(records) < limit if at_end is None else at_end
         reach = records[-1].position if records else None
-        if tail is not None and (reach is None or not _le(tail, reach)):
+        if tail is not None and (reach is None or not cursor_le(tail, reach)):
             reach = tail
-        if reach is not None and cursor is not None and _le(reach, cursor):
+        if reach is not None and cursor is not None and cursor_le(reach, cursor):
             reach = None
         if reach is None and not exhausted:
             exhausted = True  # no progress: never spin on a feed that says it has more
         if bound is not None:
-            kept = [r for r in records if _le(r.position, bound)]
-            reached = exhausted or len(kept) < len(records) or (reach is not None and not _le(reach, bound))
+            kept = [r for r in records if cursor_le(r.position, bound)]
+            reached = exhausted or len(kept) < len(records) or \
+                (reach is not None and not cursor_le(reach, bound))
             records, exhausted = kept, False
             new_cursor = bound if reached else reach
         else:
@@ -441,7 +353,7 @@ class SyncEngine:
         self.metrics.sync_rows(self.job.name, "", "read", len(records))
         self._throttle(len(records))
         dead: list[dict[str, Any]] = []
-        items = self._prepare(records, phase, dead, report)
+        items = self.items(records, phase, dead, report)
         for s in members:
             self._deliver(s, phase, items, new_cursor, exhausted, report, done)
         # Transform failures concern every target: recorded once, attributed to no target.
@@ -453,42 +365,6 @@ class SyncEngine:
             self._ack_feed()
         if on_progress is not None:
             on_progress(len(records))
-
-    def _prepare(self, records: list[Record], phase: str, dead: list[dict[str, Any]],
-                 report: CycleReport) -> list[Item]:
-        items = []
-        rows, errors = typed_many([r.row for r in records if r.row is not None], self.source_coercions)
-        position = 0
-        steps = bool(self.transform.steps)
-        for rec in records:
-            if rec.row is None:
-                items.append(Item(rec.key, None, None, rec.position, rec.ts))
-                continue
-            src, error = rows[position], errors.get(position)
-            position += 1
-            if src is None or error is not None:
-                dead.append({"job": self.job.name, "target": None, "stage": "read", "reason": error,
-                             "key": rec.key, "position": rec.position, "record": rec.row})
-                continue
-            if not steps:
-                items.append(Item(rec.key, src, src, rec.position, rec.ts))
-                continue
-            try:
-                out = self.transform(dict(src))
-            except StageError as exc:
-                dead.append({"job": self.job.name, "target": None, "stage": exc.stage, "reason": exc.reason,
-                             "key": rec.key, "position": rec.position, "record": src})
-                continue
-            if out is None:
-                report.filtered += 1
-                self.metrics.sync_rows(self.job.name, "", "filtered")
-                if phase != "scan":
-                    # A row that no longer passes the filters leaves the targets (when they can delete).
-                    items.append(Item(rec.key, None, src, rec.position, rec.ts))
-                continue
-            items.append(Item(rec.key, out, src, rec.position, rec.ts))
-        return items
-
     def _deliver(self, s: TargetState, phase: str, items: list[Item],
                  new_cursor: Any, exhausted: bool, report: CycleReport, done: set[str]) -> None:
         sink = self.sinks[s.name]
@@ -503,20 +379,9 @@ class SyncEngine:
         seen = None
         forget = None
         if phase == "scan" and self.job.delete_missing:
-            keys = []
-            for it in items:
-                try:
-                    keys.append(json.dumps(sink.norm(it.key)))
-                except (TypeError, ValueError):
-                    continue
-            seen = (s.name, keys, s.generation)
+            seen = (s.name, [k for k, _ in sink.key_texts(items)], s.generation)
         elif self._track_keys and phase in ("snapshot", "stream"):
-            last: dict[str, bool] = {}
-            for it in items:
-                try:
-                    last[json.dumps(sink.norm(it.key))] = it.row is not None
-                except (TypeError, ValueError):
-                    continue
+            last = {k: it.row is not None for k, it in sink.key_texts(items)}
             seen = (s.name, [k for k, present in last.items() if present], s.generation)
             forget = (s.name, [k for k, present in last.items() if not present])
         s.cursor = new_cursor
@@ -581,7 +446,7 @@ class SyncEngine:
 
     def _mark_down(self, s: TargetState, exc: BaseException, report: CycleReport) -> None:
         s.failures += 1
-        backoff = min(_MAX_BACKOFF_S, self.job.retry_backoff_s * 2 ** (s.failures - 1))
+        backoff = backoff_s(self.job.retry_backoff_s, s.failures)
         s.down_until = time.time() + backoff
         s.last_error = f"{type(exc).__name__}: {exc}"
         report.down[s.name] = s.last_error
@@ -594,18 +459,10 @@ class SyncEngine:
 
     def _ack_feed(self) -> None:
         """Let the feed drop what every target (down ones included) has applied."""
-        positions = []
-        for s in self.states.values():
-            if s.phase == "stream":
-                positions.append(s.cursor)
-            elif s.phase == "snapshot":
-                positions.append(s.feed_start)
-            else:
-                return
-        if not positions or any(p is None for p in positions):
+        low = applied_everywhere(self.states.values())
+        if low is None:
             return
-        low = min(positions, key=_order)
-        if self._feed_acked is None or _order(low) > _order(self._feed_acked):
+        if self._feed_acked is None or cursor_order(low) > cursor_order(self._feed_acked):
             self.source.ack_feed(low)
             self._feed_acked = low
 
@@ -634,72 +491,10 @@ class SyncEngine:
             out.append({"job": self.job.name, "mode": self.job.mode, "source": self.job.source,
                         "target": s.name, **s.to_json(), "dead_letters": dlq})
         return out
-
     def replay_dlq(self) -> ReplayReport:
         """Push this job's dead letters through the pipeline again, with each key's current source row.
 
         A key the source no longer has is deleted from targets that can delete. Entries that fail again
         are kept (with the new reason); entries of other jobs are untouched.
         """
-        report = ReplayReport()
-        entries = self.dlq.read()
-        mine = [e for e in entries if e.get("job") == self.job.name and "key" in e]
-        others = [e for e in entries if not (e.get("job") == self.job.name and "key" in e)]
-        remaining: list[dict[str, Any]] = []
-        size = self.job.batch_size
-        for i in range(0, len(mine), size):
-            chunk = mine[i:i + size]
-            report.replayed += len(chunk)
-            try:
-                current = self.source.lookup([e["key"] for e in chunk])
-            except BackendError as exc:
-                report.down[self.job.source] = f"{type(exc).__name__}: {exc}"
-                remaining.extend(chunk)
-                report.kept += len(chunk)
-                continue
-            src_norm = normaliser(self.source.view.key_type)
-            records = []
-            for e in chunk:
-                raw = current.get(src_norm(e["key"]))
-                row = dict(raw) if isinstance(raw, Mapping) else None
-                records.append(Record(e.get("position"), src_norm(e["key"]), row))
-            dead: list[dict[str, Any]] = []
-            scratch = CycleReport()
-            items = self._prepare(records, "replay", dead, scratch)
-            by_target: dict[str, list[Item]] = {t: [] for t in self.job.targets}
-            wanted = {t: {src_norm(e["key"]) for e in chunk if e.get("target") in (None, t)}
-                      for t in self.job.targets}
-            for it in items:
-                for t in self.job.targets:
-                    if it.key in wanted[t]:
-                        by_target[t].append(it)
-            for t, its in by_target.items():
-                if not its:
-                    continue
-                t_dead: list[dict[str, Any]] = []
-                try:
-                    self.sinks[t].apply(its, t_dead)
-                except BackendError as exc:
-                    report.down[t] = f"{type(exc).__name__}: {exc}"
-                    keep = [e for e in chunk if e.get("target") in (None, t)]
-                    remaining.extend({**e, "target": t} for e in keep)
-                    report.kept += len(keep)
-                    continue
-                dead.extend(t_dead)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            remaining.extend({"ts": stamp, **d} for d in dead)
-            report.failed_again += len(dead)
-        report.resolved = report.replayed - report.failed_again - report.kept
-        self.dlq.replace(others + _dedupe(remaining))
-        return report
-
-
-def _dedupe(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[str] = set()
-    out = []
-    for e in entries:
-        k = _canon([e.get("key"), e.get("target"), e.get("stage"), e.get("reason")])
-        if k not in seen:
-            seen.add(k)
-            out.append(e)
-    return out
+        return replay_dead_letters(self.job, self.source, self.sinks, self.dlq, self.items)

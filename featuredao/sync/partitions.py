@@ -35,8 +35,9 @@ from featuredao.config import Config, load
 from featuredao.dao import BaseDao
 from featuredao.errors import ConfigError, ConfigIssue
 from featuredao.metrics import Metrics
-from featuredao.sync.engine import CycleReport, SyncEngine, TargetState
+from featuredao.sync.engine import SyncEngine
 from featuredao.sync.pipeline import Record
+from featuredao.sync.state import CycleReport, TargetState
 from featuredao.types import Key
 
 PLAN = "@pass"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from featuredao.dao import BaseDao, FeatureDao, normaliser
-from featuredao.errors import BackendError, BackendQueryError, BackendUnavailable, CoercionError, ConfigError
+from featuredao.errors import BackendError, BackendQueryError, BackendUnavailable, CoercionError
 from featuredao.factory import Runtime
 from featuredao.metrics import Metrics
 from featuredao.sync import functions
@@ -36,18 +37,26 @@ class Sink:
     def __init__(self, runtime: Runtime, job: SyncJob, name: str, metrics: Metrics) -> None:
         self.job = job
         self.name = name
-        dao = runtime.daos[name]
-        if not isinstance(dao, BaseDao):
-            raise ConfigError(f"view {name!r} is not served by a BaseDao")
-        self.dao: BaseDao = dao
-        self.view = dao.view
-        self.caps = dao.source.capabilities
+        self.dao: BaseDao = runtime.daos[name]
+        self.view = self.dao.view
+        self.caps = self.dao.source.capabilities
         self.served: FeatureDao | None = runtime.served.get(name) if self.view.cache is not None else None
         self.coercions = coercion_plan(self.view.features)
         self.norm = normaliser(self.view.key_type)
         self.strategy = self.job.conflict.strategy
         self.version = self.job.conflict.version
         self._metrics = metrics
+
+    def key_texts(self, items: Sequence[Item]) -> list[tuple[str, Item]]:
+        """Each item with its key as the state store records it (JSON of the normalised key); items whose
+        key cannot be normalised are left out."""
+        out = []
+        for it in items:
+            try:
+                out.append((json.dumps(self.norm(it.key)), it))
+            except (TypeError, ValueError):
+                continue
+        return out
 
     def apply(self, items: Sequence[Item], dead: list[dict[str, Any]]) -> tuple[int, int, list[Key]]:
         """Write and delete; return (written, deleted, keys written or deleted). Records that cannot be
