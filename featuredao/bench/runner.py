@@ -23,27 +23,24 @@ concurrently like a real service's request threads.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import itertools
 import logging
 import os
-import platform
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from featuredao import factory, registry, synthetic
+from featuredao import factory, synthetic
+from featuredao.bench.machine import config_hash, load_average, machine_info
+from featuredao.bench.progress import Progress
 from featuredao.bench.stats import LatencyStats, Summary
 from featuredao.config import CacheConfig, L1Config, View
-from featuredao.dao import BaseDao, FeatureDao
+from featuredao.dao import BaseDao
 from featuredao.errors import FeatureDaoError
 from featuredao.service import FeatureService
 from featuredao.types import Key
@@ -156,104 +153,6 @@ def _keys_of(view: View, batch: int, params: BenchParams, phase: str) -> Callabl
         return request_keys(view, batch, params, phase, ticket)
     return keys
 
-
-# -- machine -----------------------------------------------------------------------------------------
-def _version(module: str, dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        found = getattr(sys.modules.get(module), "__version__", None)
-        return str(found) if found is not None else None
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (None where the OS has none): a busy machine is noisy."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def machine_info(load_avg: list[float] | None = None,
-                 adapters: Sequence[str] | None = None) -> dict[str, Any]:
-    """Cores, Python, platform, the versions of featuredao and of every driver module loaded, and the
-    load average when the run started."""
-    import featuredao
-
-    versions: dict[str, str] = {"featuredao": featuredao.__version__}
-    if "sqlite3" in sys.modules:
-        versions["sqlite3"] = str(sys.modules["sqlite3"].sqlite_version)
-    # Each adapter declares its driver modules (by distribution name); record those loaded.
-    drivers: dict[str, str] = {}
-    for name in registry.available():
-        try:
-            drivers.update(registry.get_adapter(name).driver_modules)
-        except FeatureDaoError:  # an adapter whose driver is not installed
-            continue
-    for module, dist in drivers.items():
-        if module in sys.modules:
-            found = _version(module, dist)
-            if found is not None:
-                versions[module] = found
-    for module, dist in (("hdrh", "hdrhistogram"),):
-        found = _version(module, dist)
-        if found is not None:
-            versions[dist] = found
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    return {
-        "cores": os.cpu_count() or 1,
-        "usable_cores": usable or 1,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "gil": bool(gil),
-        "platform": platform.platform(),
-        # The adapters this run measured (others may be loaded in the same process).
-        "adapters": sorted(set(adapters)) if adapters is not None else
-        sorted(m.rsplit(".", 1)[-1] for m in sys.modules if m.startswith("featuredao.adapters.")
-               and not m.rsplit(".", 1)[-1].startswith("_")),
-        "versions": versions,
-        "load_avg": load_avg,
-    }
-
-
-def config_hash(path: str | os.PathLike[str]) -> str:
-    """sha256 of the config file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-# -- progress ----------------------------------------------------------------------------------------
-class Progress:
-    """A rich progress bar on stderr (shown only on a terminal); ``update`` takes absolute values."""
-
-    def __init__(self, total: float, unit: str, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        console = Console(stderr=True)
-        self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn(unit), TimeRemainingColumn(), console=console, transient=True,
-                                 disable=not (enabled and console.is_terminal))
-        self._task = self._bar.add_task("bench", total=total)
-        self._base = 0.0
-
-    def __enter__(self) -> Progress:
-        self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.stop()
-
-    def cell(self, description: str) -> None:
-        """A new cell starts: what was done so far becomes the base."""
-        self._base = self._bar.tasks[0].completed
-        self._bar.update(self._task, description=description)
-
-    def update(self, done_in_cell: float) -> None:
-        """Progress inside the current cell."""
-        self._bar.update(self._task, completed=self._base + done_in_cell)
-
-
 # -- the run -----------------------------------------------------------------------------------------
 Call = Callable[[list[Key]], bool]
 """One path's read of a key list; returns whether the result was degraded."""
@@ -279,7 +178,7 @@ def _budget_s(runtime: factory.Runtime, view: View) -> float:
 def path_calls(runtime: factory.Runtime, service: FeatureService, view: View, batch: int,
                baseline: bool) -> tuple[dict[str, Call], dict[str, str]]:
     """The callables of every path for one view and batch size, and how each is called (for the report)."""
-    dao: FeatureDao = runtime.daos[view.name]
+    dao: BaseDao = runtime.daos[view.name]
     budget = _budget_s(runtime, view)
     fields = list(view.features)
     calls: dict[str, Call] = {}
@@ -302,8 +201,8 @@ def path_calls(runtime: factory.Runtime, service: FeatureService, view: View, ba
     calls["dao"], how["dao"] = dao_read, "dao.read(keys, timeout_s)"
 
     if view.sequence is not None:
-        seq_raw = dao.raw_sequence_reader() if baseline and isinstance(dao, BaseDao) else None
-        if seq_raw is not None and isinstance(dao, BaseDao):
+        seq_raw = dao.raw_sequence_reader() if baseline else None
+        if seq_raw is not None:
             query, seq_reader = dao.sequence_query(None), seq_raw
 
             def raw_sequences(keys: list[Key]) -> bool:
@@ -311,7 +210,7 @@ def path_calls(runtime: factory.Runtime, service: FeatureService, view: View, ba
                 return False
             calls["raw"], how["raw"] = raw_sequences, "dao.raw_sequence_reader()(keys, query)"
         return calls, how
-    raw = dao.raw_reader() if baseline and isinstance(dao, BaseDao) else None
+    raw = dao.raw_reader() if baseline else None
     if raw is not None:
         reader = raw
 
@@ -545,11 +444,10 @@ def seed(config_path: str | os.PathLike[str], views: Sequence[str], rows: int, s
         with Progress(float(rows * len(views)), "rows", progress) as bar:
             for name in views:
                 dao = runtime.daos[name]
-                if isinstance(dao, BaseDao):
-                    if not dao.source.capabilities.write:
-                        raise BenchError(f"view {name}: its adapter is read-only, it cannot be seeded")
-                    if dao.source.capabilities.create:
-                        dao.prepare()
+                if not dao.source.capabilities.write:
+                    raise BenchError(f"view {name}: its adapter is read-only, it cannot be seeded")
+                if dao.source.capabilities.create:
+                    dao.prepare()
                 bar.cell(f"seeding {name}")
                 sequence = dao.view.sequence is not None
                 # A sequence view holds ~100 events per key: fewer keys per chunk keep memory flat.
