@@ -21,7 +21,6 @@ from rich.table import Table
 
 from featuredao import factory
 from featuredao.config import load
-from featuredao.dao import BaseDao
 from featuredao.service import FeatureService
 from featuredao.types import Key, Row
 
@@ -318,7 +317,6 @@ def build_dataset(directory: Path, users: int, items: int, console: Console, see
         with Progress(console=console, transient=True) as progress:
             for name, count in (("user_profile", users), ("item_features", items)):
                 dao = runtime.daos[name]
-                assert isinstance(dao, BaseDao)
                 dao.prepare()
                 if count <= 0:
                     continue

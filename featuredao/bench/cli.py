@@ -66,7 +66,6 @@ def _config_views(config: Path) -> list[str]:
 
 def _unseeded(config: Path, views: list[str], rows: int) -> list[str]:
     from featuredao import factory, synthetic
-    from featuredao.dao import BaseDao
 
     runtime = factory.build(config)
     try:
@@ -75,8 +74,7 @@ def _unseeded(config: Path, views: list[str], rows: int) -> list[str]:
             if name not in runtime.daos:
                 raise click.UsageError(f"unknown view {name!r}; known: {', '.join(runtime.daos)}")
             dao = runtime.daos[name]
-            if isinstance(dao, BaseDao):
-                dao.prepare()
+            dao.prepare()
             if dao.read([synthetic.key_for(dao.view, rows - 1)])[0] is None:
                 out.append(name)
         return out
