@@ -329,10 +329,22 @@ def test_source_down_reported_retried_and_caught_up(tmp_path: Path, own: Backend
         status = _fails_clearly(path, "Backend", phase="stream")
         assert time.monotonic() - started < 20
         assert "Unavailable" in status["last_error"] or "Timeout" in status["last_error"], status
-        # Follow mode: one warning per attempt, the wait doubling from retry_backoff_s (0.2 s).
-        proc = start_cli("sync", "run", str(path), "--job", "cdc", "--follow", "--interval", "0.1",
-                         "--no-progress")
-        time.sleep(2.5)
+        # Follow mode: one warning per attempt, the wait doubling from retry_backoff_s (0.2 s). Its
+        # stderr goes to a file, read while it runs: the source comes back after the third attempt,
+        # however long a loaded machine takes to start the process (a fixed wait could end before).
+        errors = tmp_path / "follow.err"
+        with errors.open("w") as sink:
+            proc = subprocess.Popen([EXE, "sync", "run", str(path), "--job", "cdc", "--follow", "--interval",
+                                     "0.1", "--no-progress"], stdout=subprocess.PIPE, stderr=sink, text=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_for(lambda: len(_attempts(errors.read_text())) >= 3 or proc.poll() is not None, 60,
+                     "three attempts while the source is down", every=0.05)
+            assert proc.poll() is None, errors.read_text()
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
     finally:
         own.server.restart()
     own.run("UPDATE {t} SET price = 42.0 WHERE id = 6")
@@ -340,7 +352,8 @@ def test_source_down_reported_retried_and_caught_up(tmp_path: Path, own: Backend
     try:
         wait_for(lambda: not differing(path, KEYS), 30, "caught up after the source came back", every=0.3)
         proc.send_signal(signal.SIGTERM)
-        code, _, err = finish(proc)
+        code, _, _ = finish(proc)
+        err = errors.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
