@@ -12,7 +12,7 @@ Public names (what a runner, local or Spark, needs):
 
 * :class:`Range` - one range: ``id``, ``lower`` (exclusive, None: open), ``upper`` (inclusive, None: open).
 * :func:`ranges` - the ranges of a list of split points; :func:`split_points` - a source's split points.
-* :class:`Plan` - a pass as persisted (generation, ranges); :func:`load_plan` reads it.
+* :class:`PassPlan` - a pass as persisted (generation, ranges); :func:`load_plan` reads it.
 * :func:`plan_pass` - the running pass's plan, or a new pass (new split points) when none is running.
 * :func:`pending` - the ranges a target has not finished in the plan.
 * :func:`run_range` - run ONE range to its end in the calling process (config path or dict, job, range id).
@@ -106,7 +106,7 @@ def _sampled(source: BaseDao, n: int, batch_size: int) -> list[Key]:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class PassPlan:
     """A pass as persisted: its generation (seen-key marks), split points and state."""
 
     generation: int
@@ -127,7 +127,7 @@ class Plan:
                 "phase": self.phase, "started_at": self.started_at}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+    def from_json(cls, data: Mapping[str, Any]) -> PassPlan:
         """Read the persisted form."""
         return cls(int(data["generation"]), int(data["parallelism"]), list(data["splits"]),
                    str(data["phase"]), float(data.get("started_at") or 0.0))
@@ -138,26 +138,26 @@ def range_name(target: str, range_id: int) -> str:
     return f"{target}@{range_id}"
 
 
-def load_plan(engine: SyncEngine) -> Plan | None:
+def load_plan(engine: SyncEngine) -> PassPlan | None:
     """The job's persisted pass plan, if any."""
     data = engine.store.load(engine.job.name).get(PLAN)
-    return None if data is None else Plan.from_json(data)
+    return None if data is None else PassPlan.from_json(data)
 
 
-def plan_pass(engine: SyncEngine, n: int | None = None) -> Plan:
+def plan_pass(engine: SyncEngine, n: int | None = None) -> PassPlan:
     """The plan the ranges run under: the running pass's (its persisted ranges, whatever ``n`` is now),
     else a new one with ``n`` (default: the job's parallelism) ranges from new split points."""
     job = engine.job
     n = n or job.parallelism
     stored = engine.store.load(job.name)
-    old = Plan.from_json(stored[PLAN]) if PLAN in stored else None
+    old = PassPlan.from_json(stored[PLAN]) if PLAN in stored else None
     if old is not None and old.phase == "scan":
         return old  # a restart: the same ranges, each from its checkpoint
     if old is not None and job.mode == "incremental" and old.parallelism == n and old.phase == "changes":
         return old
     gens = [int(v.get("generation", 0)) for v in stored.values() if isinstance(v, Mapping)]
     points = split_points(engine.source, n, batch_size=job.batch_size)
-    plan = Plan(max(gens, default=0) + 1, n, points, "changes" if job.mode == "incremental" else "scan",
+    plan = PassPlan(max(gens, default=0) + 1, n, points, "changes" if job.mode == "incremental" else "scan",
                 time.time())
     values: dict[str, Any] = {PLAN: plan.to_json()}
     for target in job.targets:
@@ -187,7 +187,7 @@ def _watermark_order(cursor: Any) -> tuple[Any, ...]:
     return tuple(cursor) if isinstance(cursor, list | tuple) else (cursor,)
 
 
-def pending(engine: SyncEngine, plan: Plan) -> list[int]:
+def pending(engine: SyncEngine, plan: PassPlan) -> list[int]:
     """Ids of the ranges some target has not finished (incremental: every range, each catches up)."""
     if plan.phase == "changes":
         return [r.id for r in plan.ranges]
@@ -286,7 +286,7 @@ def run_range(config: str | os.PathLike[str] | Mapping[str, Any], job: str, rang
         return engine.run(stop=stop, on_progress=on_progress)
 
 
-def finish_pass(engine: SyncEngine, plan: Plan) -> CycleReport:
+def finish_pass(engine: SyncEngine, plan: PassPlan) -> CycleReport:
     """After every range of a full pass finished: each target's deletes (``delete_missing``: keys it wrote
     that the pass did not see), then the pass is closed. Incremental plans stay open (nothing to do)."""
     report = CycleReport()
@@ -321,7 +321,7 @@ def range_status(engine: SyncEngine) -> list[dict[str, Any]]:
     stored = engine.store.load(engine.job.name)
     if PLAN not in stored:
         return []
-    plan = Plan.from_json(stored[PLAN])
+    plan = PassPlan.from_json(stored[PLAN])
     out = []
     for r in plan.ranges:
         for target in engine.job.targets:
@@ -335,5 +335,5 @@ def range_status(engine: SyncEngine) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["PLAN", "Plan", "Range", "RangeEngine", "finish_pass", "load_plan", "open_range", "pending",
+__all__ = ["PLAN", "PassPlan", "Range", "RangeEngine", "finish_pass", "load_plan", "open_range", "pending",
            "plan_pass", "range_name", "range_status", "ranges", "run_range", "split_points"]

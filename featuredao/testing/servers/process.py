@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from featuredao.testing._lifecycle import StartStop
-from featuredao.testing.servers.errors import _LOG_TAIL_LINES, ServerError, ServerStartError
-from featuredao.testing.servers.packages import _is_root, _which, ensure_packages
-from featuredao.testing.servers.ports import LOCALHOST, free_port
-from featuredao.testing.servers.registry import (
+from featuredao.testing.servers.cleanup import (
     _DIR_PREFIX,
     _register,
     _sweep_stale_dirs,
     _unregister,
     _write_owner,
 )
+from featuredao.testing.servers.errors import _LOG_TAIL_LINES, ServerError, ServerStartError
+from featuredao.testing.servers.packages import _is_root, _which, ensure_packages
+from featuredao.testing.servers.ports import LOCALHOST, free_port
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:

@@ -1,6 +1,6 @@
-"""Bookkeeping of the servers this process started: the live-server registry whose ``atexit`` hook
-stops them all, and the owner files that let a later session sweep temporary directories left
-behind by a session that died without cleaning up."""
+"""Cleaning up after the servers this process started: the live servers, which an ``atexit`` hook
+stops, and the owner files that let a later session sweep temporary directories left behind by a
+session that died without cleaning up."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Protocol
 
 
 class _Server(Protocol):
-    """What the registry needs of a live server: a way to stop it."""
+    """What the exit hook needs of a live server: a way to stop it."""
 
     def stop(self) -> None: ...
 
