@@ -93,7 +93,8 @@ class Metrics:
                 self._m["breaker"].labels(source, s).set(1.0 if s == state else 0.0)
 
     def cache(self, view: str, level: str, outcome: str, count: int = 1) -> None:
-        """Cache lookups: level l1/l2, outcome hit/miss/negative/stale/error."""
+        """Cache lookups and L2 writes: level l1/l2, outcome hit (a cached missing key too), miss, stale,
+        error, or dropped (L2 writes the full write-back queue refused)."""
         if self._m is not None and count:
             self._m["cache"].labels(view, level, outcome).inc(count)
 
