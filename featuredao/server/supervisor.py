@@ -8,8 +8,9 @@
 * **Reloads.** Every ``reload_interval_s`` (and at once on SIGHUP) the supervisor hashes the config file;
   a changed file is validated here (every problem logged with its JSON path, once per version, counted
   ``featuredao_config_reloads_total{outcome="invalid"}``), and a valid one is sent to every worker, which
-  builds it in full and swaps it in (``outcome="ok"`` once all have, ``"failed"`` if one could not).
-  New workers start from the last valid version, whatever the file holds at that moment.
+  builds it in full and swaps it in (``outcome="ok"`` once all have, ``"failed"`` if one could not:
+  then the workers that took it go back to the previous version, so all serve the same one). New
+  workers start from the last version every worker could build, whatever the file holds at that moment.
 * **Stopping.** SIGTERM or SIGINT: every worker stops accepting, finishes what is in flight (at most the
   drain timeout), closes its services and exits; the supervisor exits 0 once they all have.
 """
@@ -242,7 +243,7 @@ class Supervisor:
         log.info("config changed (%s -> %s): reloading %d worker(s)", previous.hash, snapshot.hash,
                  len(self.workers))
         if self.pending is not None:  # a newer version supersedes one still being built
-            self._count(self.pending)
+            self._count(self.pending, superseded=True)
         self.pending = PendingReload(snapshot, previous, set(self.workers))
         for worker in self.workers.values():
             worker.send({"op": "config", "hash": snapshot.hash, "text": snapshot.text})
@@ -255,16 +256,24 @@ class Supervisor:
         self.pending = None
         self._count(pending)
 
-    def _count(self, pending: PendingReload) -> None:
+    def _count(self, pending: PendingReload, *, superseded: bool = False) -> None:
         if pending.failed:
             self.metrics.reload("failed")
             log.error("config %s could not be built by worker(s) %s (see above); they keep the previous one",
                       pending.snapshot.hash, ", ".join(map(str, pending.failed)))
-            if not any(w.config == pending.snapshot.hash for w in self.workers.values()):
-                # No worker runs it: new workers start from the old one, and the file is not retried
-                # until it changes again.
-                self.snapshot = pending.previous
-                self.rejected = pending.snapshot.hash
+            if superseded:
+                return  # every worker is being sent the newer version
+            # Every worker serves one version: those that took this one go back to the previous one (their
+            # unchanged pools and caches carried back), new workers start from it, and the file is not
+            # retried until it changes again.
+            self.snapshot = pending.previous
+            self.rejected = pending.snapshot.hash
+            took = [w for w in self.workers.values() if w.config == pending.snapshot.hash]
+            for worker in took:
+                worker.send({"op": "config", "hash": pending.previous.hash, "text": pending.previous.text})
+            if took:
+                log.warning("worker(s) %s go back to config %s", ", ".join(str(w.pid) for w in took),
+                            pending.previous.hash)
         else:
             self.metrics.reload("ok")
             log.info("config %s active in every worker", pending.snapshot.hash)

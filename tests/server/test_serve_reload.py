@@ -108,22 +108,52 @@ REFUSING = """
     registry.register("refusing", RefusingSource)
 """
 
+# Refuses in the first process that builds it only (the one that creates the marker file).
+REFUSING_ONCE = """
+    import os
+
+    from featuredao import registry
+    from featuredao.memory import MemorySource
+
+    class RefusingOnce(MemorySource):
+        type_name = "refusing"
+
+        def __init__(self, name, options):
+            try:
+                os.close(os.open(os.environ["REFUSE_MARKER"], os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                super().__init__(name, options)
+                return
+            raise RuntimeError("the driver refused these settings")
+
+    registry.register("refusing", RefusingOnce)
+"""
+
+
+def with_plugin(tmp: Path, code: str) -> dict[str, str]:
+    """The environment that has the server's processes register ``code``'s adapter at start."""
+    plugins = tmp / "plugins"
+    plugins.mkdir()
+    (plugins / "sitecustomize.py").write_text(textwrap.dedent(code))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH", "")) if p),
+            "REFUSE_MARKER": str(tmp / "refused")}
+
+
+def unbuildable(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with a view on a source of the refusing adapter: valid, but not built."""
+    return {**doc, "sources": {**doc["sources"], "odd": {"type": "refusing"}},
+            "views": [*doc["views"], {"name": "odd", "entity": "item", "source": "odd", "table": "odd",
+                                      "key": "id", "key_type": "int", "features": {"x": "int"},
+                                      "prefix": "odd_"}]}
+
 
 def test_a_valid_config_that_cannot_be_built_keeps_the_running_one(
         tmp_path: Path, redis_server: RedisServer) -> None:
     path, doc = cached_config(tmp_path, redis_server)
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "sitecustomize.py").write_text(textwrap.dedent(REFUSING))
-    pythonpath = os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH", "")) if p)
-    server = Served(path, "--reload-interval", "0.2", env={"PYTHONPATH": pythonpath}, workers=2)
+    server = Served(path, "--reload-interval", "0.2", env=with_plugin(tmp_path, REFUSING), workers=2)
     try:
         old = config_hash(server.url)
-        unbuildable = {**doc, "sources": {**doc["sources"], "odd": {"type": "refusing"}},
-                       "views": [*doc["views"], {"name": "odd", "entity": "item", "source": "odd",
-                                                 "table": "odd", "key": "id", "key_type": "int",
-                                                 "features": {"x": "int"}, "prefix": "odd_"}]}
-        write_config(tmp_path, unbuildable)
+        write_config(tmp_path, unbuildable(doc))
 
         def counted() -> bool:
             text = httpx.get(f"{server.url}/metrics").text
@@ -144,5 +174,32 @@ def test_a_valid_config_that_cannot_be_built_keeps_the_running_one(
         # The next good version is taken.
         write_config(tmp_path, {**doc, "service": {"deadline_ms": 900}})
         wait_for(lambda: config_hash(server.url) != old, 10.0, "the next valid config")
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_when_one_worker_cannot_build_a_config_every_worker_keeps_the_running_one(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    path, doc = cached_config(tmp_path, redis_server)
+    server = Served(path, "--reload-interval", "0.2", env=with_plugin(tmp_path, REFUSING_ONCE), workers=2)
+    try:
+        old = config_hash(server.url)
+        write_config(tmp_path, unbuildable(doc))
+
+        def counted() -> bool:
+            text = httpx.get(f"{server.url}/metrics").text
+            return metric(text, "featuredao_config_reloads_total", outcome="failed") == 1
+
+        wait_for(counted, 10.0, "the failed reload counted")
+        assert server.log().count("the driver refused these settings") == 1  # one worker refused
+        wait_for(lambda: "go back to config " + old in server.log(), 10.0, "the other worker sent back")
+
+        def all_old() -> bool:  # new connections each time: spread over both workers
+            return all(config_hash(server.url) == old for _ in range(20))
+
+        wait_for(all_old, 10.0, "every worker on the running config")
+        r = httpx.post(f"{server.url}/v1/fetch", json=REQUEST)
+        assert r.status_code == 200 and "odd_x" not in r.json()["items"][0]
+        assert "Traceback" not in server.log()
     finally:
         assert server.stop() == 0, server.log()
