@@ -121,6 +121,8 @@ def test_primary_fault_mid_stream(tmp_path: Path, primary: RedisServer, fault: s
         assert service.runtime is not None
         breaker = service.runtime.breakers["hot"]
         warm(service)
+        # The fallback's first read opens its store: not inside the time the fault phase leaves it.
+        assert {row["b"] for row in service.read_view("items_backup", ITEMS).rows if row} == {"backup"}
         for _ in range(5):
             elapsed, result = timed_fetch(service)
             # A healthy store may still miss the view's timeout when the machine stalls the request;
@@ -171,10 +173,17 @@ def test_l2_down_while_source_up(tmp_path: Path, primary: RedisServer) -> None:
         with FeatureService.from_config(cfg) as service:
             warm(service)
             l2.kill()
-            for _ in range(3):
+            on_time = 0
+            for _ in range(5):
                 elapsed, result = timed_fetch(service)
                 assert elapsed < DEADLINE_MS / 1000 + MARGIN_S
-                assert labels(result) == {"primary"} and result.degraded == []
+                # As in the healthy phase above: a request the machine stalled past the view's timeout
+                # is the deadline's outcome. Most must have had their time, or a dead L2 costing the
+                # view its time would pass unseen.
+                if elapsed < VIEW_TIMEOUT_S:
+                    assert labels(result) == {"primary"} and result.degraded == []
+                    on_time += 1
+            assert on_time >= 3, f"only {on_time} of 5 requests within the view's timeout"
     finally:
         l2.stop()
 
@@ -212,8 +221,10 @@ def test_invalidation_across_two_service_instances(tmp_path: Path, primary: Redi
         one.runtime.daos["items_inv"].upsert([("i1", {"a": 1, "b": "changed"})])  # behind the caches
         assert two.fetch(None, ["i1"]).items[0]["b"] == "primary"  # still cached
         one.invalidate("items_inv", ["i1"])
-        end = time.monotonic() + 5
-        while two.fetch(None, ["i1"]).items[0]["b"] != "changed" and time.monotonic() < end:
-            time.sleep(0.02)
-        assert two.fetch(None, ["i1"]).items[0]["b"] == "changed"
-        assert one.fetch(None, ["i1"]).items[0]["b"] == "changed"
+        # Each instance reads the new value (its L1 dropped when the message arrives; a request that
+        # ran out of the view's timeout on a loaded machine is answered by the fallback: fetch again).
+        def changed(r: Any) -> bool:
+            return bool(r.items[0]["b"] == "changed")
+
+        assert changed(wait_for(changed, two, seconds=5, items=["i1"]))
+        assert changed(wait_for(changed, one, seconds=5, items=["i1"]))
