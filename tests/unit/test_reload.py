@@ -195,3 +195,55 @@ def test_runtimes_share_what_they_hold_whichever_closes_first() -> None:
     assert not third.sources["a"].closed and third.served["items"] is not None
     third.close()
     assert third.sources["a"].closed and third.sources["b"].closed
+
+
+def carried_config(window: int = 5, fallback_price: str = "float", items_ttl: int = 60) -> dict[str, Any]:
+    """A sequence view joining an item view and merging an offline one; two views sharing a fallback."""
+    seq = {"time_field": "ts", "item_field": "item_id", "fields": {"item_id": "int", "ts": "int"},
+           "max_len": window, "join": {"view": "items", "features": ["price"]}}
+    table = {"entity": "item", "source": "m", "key": "id", "key_type": "int", "features": {"price": "float"},
+             "cache": {"l1": {"ttl_s": 60}}}
+    return {
+        "sources": {"m": {"type": "memory", "shared": f"carry-{uuid.uuid4().hex[:8]}"}},
+        "views": [
+            {"name": "clicks", "entity": "user", "kind": "sequence", "source": "m", "table": "events",
+             "key": "user_id", "prefix": "click_", "sequence": {**seq, "merge": ["clicks_offline"]}},
+            {"name": "clicks_offline", "entity": "user", "kind": "sequence", "source": "m",
+             "table": "events_old", "key": "user_id", "prefix": "old_",
+             "sequence": {k: v for k, v in seq.items() if k != "join"}},
+            {**table, "name": "items", "table": "items", "cache": {"l1": {"ttl_s": items_ttl}}},
+            {**table, "name": "stock", "table": "stock", "prefix": "s_", "fallback": ["backup"]},
+            {**table, "name": "promo", "table": "promo", "prefix": "p_", "fallback": ["backup"]},
+            {**table, "name": "backup", "table": "backup", "prefix": "b_",
+             "features": {"price": fallback_price}, "cache": None},
+        ],
+    }
+
+
+@pytest.mark.parametrize(("change", "kept"), [
+    ({}, {"clicks", "items", "stock", "promo"}),
+    # The sequence view changes: the item view it joins keeps its cache, the merged view goes with it.
+    ({"window": 9}, {"items", "stock", "promo"}),
+    # The shared fallback changes: both views that fall back to it are built anew.
+    ({"fallback_price": "int"}, {"clicks", "items"}),
+    # The joined item view changes: the sequence view joining it is built anew with it.
+    ({"items_ttl": 30}, {"stock", "promo"}),
+])
+def test_what_a_new_runtime_takes_over(change: dict[str, Any], kept: set[str]) -> None:
+    doc = carried_config()
+    new_doc = carried_config(**change)
+    new_doc["sources"] = doc["sources"]
+    first = build(doc)
+    try:
+        second = build(new_doc, previous=first)
+        try:
+            assert second.kept == kept
+            assert all(second.served[n] is first.served[n] for n in kept)
+            assert all(second.served[n] is not first.served[n] for n in set(second.served) - kept)
+            assert second.sources["m"] is first.sources["m"]
+        finally:
+            second.close()
+        assert not first.sources["m"].closed
+    finally:
+        first.close()
+    assert first.sources["m"].closed
