@@ -268,10 +268,13 @@ def test_replica_reads_serve_the_failed_masters_keys_during_the_window(cluster: 
     run = run_fault(cluster, fault, read_from_replicas=True)
     check_stream(run)
     # A killed master's keys go to its replica at once (connection refused); a frozen one's once its
-    # node breaker opened (two late reads): give that a short grace.
+    # node breaker opened (two late reads): give that a short grace. A request the stalled machine ran
+    # out of its whole deadline lost every node's keys, the healthy masters' too: check_stream budgets it.
     grace = 0.05 if fault == "kill" else 0.5
     window = [s for s in run.samples if s.started > run.fault_at + grace]
-    assert window and all(not s.missing for s in window), [len(s.missing) for s in window if s.missing]
+    stalled = [s for s in window if out_of_time(s) and s.missing - run.victim_keys]
+    assert window and all(not s.missing or s in stalled for s in window), \
+        [len(s.missing) for s in window if s.missing]
 
 
 def test_writes_and_a_stale_slot_map_across_a_failover(cluster: RedisCluster) -> None:
