@@ -96,7 +96,7 @@ class HologresSource(SqlSource):
     """One Hologres (or PostgreSQL) database reached through a psycopg_pool connection pool."""
 
     type_name = "hologres"
-    driver_modules = {"psycopg": "psycopg"}
+    driver_modules = {"psycopg": "psycopg", "psycopg_pool": "psycopg-pool"}
     options_model = HologresOptions
     dialect = POSTGRES
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,

@@ -74,7 +74,7 @@ class MySQLSource(FeedSource):
     """One MySQL/MariaDB database reached through a pool of pymysql connections."""
 
     type_name = "mysql"
-    driver_modules = {"pymysql": "PyMySQL"}
+    driver_modules = {"pymysql": "PyMySQL", "pymysqlreplication": "mysql-replication"}
     options_model = MySQLOptions
     dialect = MYSQL
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
