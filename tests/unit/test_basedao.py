@@ -98,9 +98,9 @@ def test_empty_read_sends_nothing(make: Callable[..., ScriptedDao]) -> None:
     assert dao.read([]).rows == [] and dao.calls == []
 
 
-def _barrier_hook(parties: int) -> Hook:
+def _barrier_hook(parties: int, timeout_s: float = 0.5) -> Hook:
     """Every chunk waits until all of them are in flight: chunks read one after another never get there."""
-    barrier = threading.Barrier(parties, timeout=0.5)
+    barrier = threading.Barrier(parties, timeout=timeout_s)
 
     def hook(keys: list[Key], timeout_s: float | None) -> None:
         barrier.wait()
@@ -110,7 +110,8 @@ def _barrier_hook(parties: int) -> Hook:
 
 def test_chunks_run_concurrently_when_the_pool_allows(make: Callable[..., ScriptedDao]) -> None:
     dao = make(pool_size=3, batch_size=2, n=6)
-    dao.hook = _barrier_hook(3)
+    # Within the read's 5 s: a loaded machine may take more than the control's 0.5 s to start 3 workers.
+    dao.hook = _barrier_hook(3, timeout_s=4.0)
     keys = [f"k{i}" for i in range(6)]
     assert dao.read(keys, timeout_s=5.0).rows == expected(keys)
     assert len(dao.calls) == 3
