@@ -42,7 +42,11 @@ def service(request: pytest.FixtureRequest) -> Any:
 
     def build(*views: dict[str, Any], events: dict[str, list[dict[str, Any]]] | None = None,
               offline: dict[str, list[dict[str, Any]]] | None = None) -> FeatureService:
-        svc = FeatureService.from_config(config(*views))
+        cfg = config(*views)
+        for view in cfg["views"]:  # values, not deadlines: a stalled machine may miss the default 50 ms
+            view.setdefault("timeout_ms", 2000)
+        cfg["service"] = {"deadline_ms": 4000}
+        svc = FeatureService.from_config(cfg)
         made.append(svc)
         assert svc.runtime is not None
         for dao in svc.runtime.daos.values():
