@@ -38,7 +38,7 @@ from featuredao.errors import (
 )
 from featuredao.keys import normalise, readable
 from featuredao.keys import normaliser as normaliser  # where sync finds it
-from featuredao.lifecycle import Gate
+from featuredao.lifecycle import Gate, shut_down
 from featuredao.ports import Change as Change
 from featuredao.ports import KeyValueStore as KeyValueStore
 from featuredao.ports import StateStore as StateStore
@@ -197,25 +197,17 @@ class Source(ABC):
         return self._gate.closed
 
     def close(self) -> None:
-        """Stop admitting work, interrupt what runs, wait for it (bounded), then free the pool.
+        """Stop admitting work, interrupt what runs, wait for it (``close_timeout_s``), then free the pool.
 
-        A connection is never freed while a statement runs on it: work that outlives the bound keeps
-        its connection, which the adapter closes when it comes back. Idempotent and thread-safe.
+        A connection is never freed under a running statement (closed when it comes back); idempotent.
         """
-        if not self._gate.shut():
-            return
-        try:
-            self._interrupt()
-        except Exception:  # interrupting is best effort: the wait below still bounds the close
-            log.exception("interrupting the work of source %s failed", self.name)
-        left = self._gate.drain(self.close_timeout_s)
-        if left:
-            log.warning("source %s: %d operation(s) still running after %.1f s; their connections are "
-                        "closed when they end", self.name, left, self.close_timeout_s)
+        shut_down(self._gate, f"source {self.name}", self._interrupt, self._free, self.close_timeout_s)
+
+    def _free(self, all_ended: bool) -> None:
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=not left, cancel_futures=True)
+            executor.shutdown(wait=all_ended, cancel_futures=True)
         self._release()
 
     def _interrupt(self) -> None:  # noqa: B027 - optional hook
@@ -356,14 +348,13 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
                      deadline: Deadline | None = None) -> BatchResult:
         """Like ``read``, but chunks whose store was unavailable leave their keys in ``result.failed``."""
         started = time.perf_counter()
-        until = Deadline.of(deadline, timeout_s).at
+        at = Deadline.of(deadline, timeout_s).at
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result  # no round trip for an empty batch
         size = max(1, self.source.batch_size)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
-        parts = self._run_chunks(chunks, fields, until)
-        return self._assemble(result, unique, fields, chunks, parts, started)
+        return self._assemble(result, unique, fields, chunks, self._run_chunks(chunks, fields, at), started)
 
     def native_async(self) -> bool:
         """Table views of adapters with ``capabilities.async_reads`` read on the loop."""
@@ -393,9 +384,9 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
 
     async def _acall(self, keys: list[Key], fields: list[str], deadline: Deadline) -> RawRows:
         with self.source.operation(self.view.name):
-            timeout_s = deadline.remaining()
             try:
-                return await asyncio.wait_for(self._afetch_batch(keys, fields, timeout_s), timeout_s)
+                left = deadline.remaining()
+                return await asyncio.wait_for(self._afetch_batch(keys, fields, left), left)
             except TimeoutError:
                 raise self._timeout() from None
 
@@ -447,11 +438,8 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
 
     def _run_chunks(self, chunks: list[list[Key]], fields: list[str],
                     deadline: float | None) -> Iterator[RawRows | BackendUnavailable]:
-        """Each chunk's rows, or the BackendUnavailable it failed with; other errors propagate.
-
-        ``deadline``: the read's ``Deadline.at`` (adapters override this with a plain float).
-        """
-        left = Deadline(deadline).remaining
+        """Each chunk's rows, or the BackendUnavailable it failed with; other errors propagate."""
+        left = Deadline(deadline).remaining  # deadline: the read's Deadline.at (a float, as adapters see it)
         if len(chunks) == 1 or not self.source.capabilities.concurrent_chunks or \
                 self.source.concurrency <= 1:
             failure: BackendUnavailable | None = None

@@ -4,21 +4,26 @@ A :class:`Gate` admits work until it is closed, counts what is in flight, and le
 :class:`Slots` bound how many requests run at once, shared by threads and coroutines.
 
 Closing in the wrong order crashes drivers (SQLite frees a connection a statement still runs on), so
-every owner of store resources closes the same way: refuse new work, interrupt what runs, wait for it
-within a bound, and only then free anything.
+every owner of store resources closes the same way (:func:`shut_down`): refuse new work, interrupt what
+runs, wait for it within a bound, and only then free anything. Owners close together
+(:func:`close_together`): several frozen stores cost one bound, not one each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+from featuredao.deadline import Deadline
 from featuredao.errors import Closed
+
+log = logging.getLogger("featuredao")
 
 
 class Gate:
@@ -78,6 +83,51 @@ class Gate:
         """Units of work admitted and not yet ended."""
         with self._cond:
             return self._in_flight
+
+
+def shut_down(gate: Gate, what: str, interrupt: Callable[[], None], free: Callable[[bool], None],
+              timeout_s: float) -> None:
+    """Refuse new work, interrupt what runs, wait for it at most ``timeout_s``, then ``free(all_ended)``.
+
+    Only the first call does it (idempotent, thread-safe). Work that outlives the bound keeps what it
+    holds: ``free`` is told, and frees only what is idle.
+    """
+    if not gate.shut():
+        return
+    try:
+        interrupt()
+    except Exception:  # interrupting is best effort: the wait below still bounds the close
+        log.exception("interrupting the work of %s failed", what)
+    left = gate.drain(timeout_s)
+    if left:
+        log.warning("%s: %d operation(s) still running after %.1f s; their connections are closed when "
+                    "they end", what, left, timeout_s)
+    free(not left)
+
+
+def close_together(closers: Mapping[str, Callable[[], None]], timeout_s: float) -> list[str]:
+    """Run every close at once, each on a daemon thread, and wait for them at most ``timeout_s`` in all.
+
+    Returns the names still closing then: they end on their own (a pool's workers stuck on a frozen
+    server), and nobody waits for them. A close that raises is logged; the others go on.
+    """
+    def run(name: str, close: Callable[[], None]) -> None:
+        try:
+            close()
+        except Exception:  # closing must go on for the others
+            log.exception("closing %s failed", name)
+
+    threads = {name: threading.Thread(target=run, args=(name, close), daemon=True,
+                                      name=f"featuredao-close-{name}") for name, close in closers.items()}
+    for thread in threads.values():
+        thread.start()
+    deadline = Deadline.after(timeout_s)
+    for thread in threads.values():
+        thread.join(deadline.remaining())
+    late = [name for name, thread in threads.items() if thread.is_alive()]
+    if late:
+        log.info("still closing after %.1f s, left to end on their own: %s", timeout_s, ", ".join(late))
+    return late
 
 
 class _Waiter:

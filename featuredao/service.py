@@ -511,10 +511,11 @@ class FeatureService:
         """
         if not self._gate.shut():
             return
+        bound = Deadline.after(timeout_s)  # one bound for the sources' close and the workers' drain
         if self._on_close is not None:
-            self._on_close()  # each source: refuse, interrupt, wait for its work, then free the pool
+            self._on_close()  # every source at once: refuse, interrupt, wait for its work, free the pool
         self._pool.shutdown(wait=False, cancel_futures=True)
-        left = self._gate.drain(timeout_s)
+        left = self._gate.drain(bound.remaining() or 0.0)
         if left:
             log.warning("service closed with %d worker(s) still running after %.1f s", left, timeout_s)
 

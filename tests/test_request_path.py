@@ -30,6 +30,7 @@ DEADLINE_MS = 150
 SHARE_S = 0.040  # the primary's timeout_ms
 POOL = 4
 BOUND_S = 1.0  # generous on a loaded 2-core machine: the point is "not seconds", not a speed figure
+CLOSE_S = 1.0  # the issue's bound for close(); the code's own is 0.5 s, the rest is scheduling slack
 
 
 @pytest.fixture
@@ -90,15 +91,16 @@ def stream(service: FeatureService, seconds: float, log: list[tuple[str, float, 
 
 
 def warm(service: FeatureService) -> None:
-    """Serve from the primary once before the healthy phase counts.
+    """Fetch until every view served without a degraded entry (the primary's values, pools open).
 
     The first request opens the pool's connections inside the primary's 40 ms share; on a loaded 2-core
     machine that alone can take the whole share (the fallback then serves), which is the deadline working.
     """
     end = time.monotonic() + 10
-    while {row["b"] for row in service.fetch(None, ITEMS).items} != {"primary"}:
-        assert time.monotonic() < end, "the primary never served"
+    while (result := service.fetch(None, ITEMS)).degraded:
+        assert time.monotonic() < end, result.degraded
         time.sleep(0.05)
+    assert {row["b"] for row in result.items} == {"primary"}
 
 
 def connections(pg: PostgresServer) -> int:
@@ -139,16 +141,8 @@ def test_a_stalled_killed_and_restarted_primary_never_costs_a_value(
     assert {"primary"} in by_phase["restarted"][-5:], "the primary serves again after a restart"
 
 
-def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[PostgresServer, RedisServer],
-                                                             caplog: pytest.LogCaptureFixture) -> None:
-    pg, rd = servers
-    cfg = config(pg, rd)
-    seed(cfg)
-    service = FeatureService.from_config(cfg)
-    service.fetch(None, ITEMS)
-    pg.freeze()
-    answers: list[Any] = []
-
+def close_while_callers_read(service: FeatureService, answers: list[Any]) -> float:
+    """Four threads fetch back to back; close the service while their reads hang; how long close took."""
     def caller() -> None:
         for _ in range(20):
             try:
@@ -160,15 +154,54 @@ def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[Post
     threads = [threading.Thread(target=caller) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.2)  # reads are now stuck on the frozen server
+    time.sleep(0.3)  # reads are now stuck on the frozen servers
     started = time.monotonic()
     service.close()
     took = time.monotonic() - started
     for t in threads:
         t.join(timeout=5)
     assert not any(t.is_alive() for t in threads), "a caller hangs after close()"
-    assert took < 2.0, took  # bounded: not the seconds a frozen server would hold it
+    return took
+
+
+def test_closing_during_a_freeze_returns_at_once_and_quietly(servers: tuple[PostgresServer, RedisServer],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    pg, rd = servers
+    cfg = config(pg, rd)
+    seed(cfg)
+    service = FeatureService.from_config(cfg)
+    service.fetch(None, ITEMS)
+    pg.freeze()
+    answers: list[Any] = []
+    took = close_while_callers_read(service, answers)
+    assert took < CLOSE_S, took  # bounded: not the seconds a frozen server would hold it
     assert not [r for r in caplog.records if "couldn't stop" in r.getMessage()]
+    assert all(isinstance(a, Closed) for a in answers if isinstance(a, BaseException)), answers
+
+
+def test_closing_with_several_frozen_stores_costs_one_bound_not_one_each(
+        servers: tuple[PostgresServer, RedisServer]) -> None:
+    pg, rd = servers
+    cfg = config(pg, rd)
+    seed(cfg)
+    # Three more sources, each with its own pool, on the same server: four stores that freeze together.
+    # Each one's close waits for its pool's workers stuck connecting (0.1 s and more on this machine):
+    # one after another they cost about a second, together one bound.
+    for n in range(2, 5):
+        cfg["sources"][f"pg{n}"] = dict(cfg["sources"]["pg"])
+        cfg["views"].append({"name": f"items{n}", "entity": "item", "source": f"pg{n}", "table": "items",
+                             "key": "id", "features": FEATURES, "prefix": f"p{n}_", "timeout_ms": 100})
+    service = FeatureService.from_config(cfg)
+    warm(service)  # every pool open: its workers are what a frozen server holds at close
+    pg.freeze()
+    rd.freeze()
+    answers: list[Any] = []
+    took = close_while_callers_read(service, answers)
+    rd.thaw()
+    assert took < CLOSE_S, took
+    # Quiet is asserted with one frozen source above: the hologres adapter silences psycopg.pool's
+    # "couldn't stop thread" by setting that logger's level around its pool's close, which sources
+    # closing at once race on (a known gap of that adapter, not of the close bound).
     assert all(isinstance(a, Closed) for a in answers if isinstance(a, BaseException)), answers
 
 
