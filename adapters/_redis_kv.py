@@ -32,6 +32,7 @@ from featuredao.errors import BackendError, BackendTimeout, CircuitOpen, Closed,
 from featuredao.types import Key
 
 from ._redis_codecs import _detail
+from ._redis_exchange import exchange
 
 log = logging.getLogger("featuredao")
 
@@ -682,9 +683,9 @@ class _Lost:
 NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
 """Per cluster node (``host:port``): why it failed and the keys it failed."""
 
-# L2 reads of a standalone server with a timeout run here: the caller waits at most its time left. A
-# frozen server would otherwise hold it for the socket timeouts, however short the time left: a pooled
-# connection's reply is bounded below, but a new connection's setup (CLIENT SETINFO) is not.
+# L2 reads of a standalone server with a timeout run here: the caller waits at most its time left. The
+# reply is read within it (``exchange``), but a frozen server still holds what comes before: a new
+# connection's connect and AUTH (the socket timeouts), a checkout from a pool its stuck reads hold.
 _l2_reads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="featuredao-l2-read")
 
 
@@ -748,20 +749,9 @@ class RedisKeyValue(KeyValueStore):
         """MGET on one pooled connection, its reply awaited no longer than the deadline."""
         if deadline.expired:  # queued here past its caller's deadline: nobody waits for it
             raise rexc.TimeoutError("L2 read: no time left when it could start")
-        pool = self._client().connection_pool
-        conn = pool.get_connection()
-
-        def mget() -> list[bytes | None]:
-            conn.send_command("MGET", *keys)
-            # A reply cut short disconnects the connection (redis-py's default), so no later command
-            # reads this one's late reply.
-            return list(conn.read_response(timeout=max(deadline.remaining() or 0.0, 0.001)))
-
-        try:
-            # A dropped pooled connection is reconnected and retried, as the client's own calls are.
-            return conn.retry.call_with_retry(mget, lambda _: conn.disconnect())  # type: ignore[no-any-return]
-        finally:
-            pool.release(conn)
+        # A reply cut short drops its connection, so no later command reads this one's late reply; a
+        # stale pooled socket (a restarted server) is retried once.
+        return list(exchange(self._client(), [("MGET", *keys)], deadline.remaining(), 1)[0])
 
     def set_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
         if not items:
