@@ -152,11 +152,15 @@ def own_server(which: str, **kwargs: Any) -> Any:
 class Writer(threading.Thread):
     """Random changes to the source table for ``seconds``: inserts, several updates of one key in one
     transaction, updates across transactions, deletes, key changes, bursts of many rows, and unrelated
-    changes to another table in between. Keys stay below ``self.next_key``."""
+    changes to another table in between. Keys stay below ``self.next_key``. With ``at_least``, it goes on
+    past ``seconds`` (up to a minute more) until each kind of change named there was made that often: how
+    many changes fit in the time depends on the machine's load, what the test needs does not."""
 
-    def __init__(self, backend: Backend, seconds: float, seed: int, first_key: int) -> None:
+    def __init__(self, backend: Backend, seconds: float, seed: int, first_key: int,
+                 at_least: dict[str, int] | None = None) -> None:
         super().__init__(daemon=True, name="cdc-writer")
         self.b, self.seconds, self.rng = backend, seconds, random.Random(seed)
+        self.at_least = at_least or {}
         self.next_key = first_key
         self.live: list[int] = []
         self.ops: dict[str, int] = {}
@@ -194,13 +198,14 @@ class Writer(threading.Thread):
     def _run(self) -> None:
         conn = self.b.connect()
         end = time.monotonic() + self.seconds
+        give_up = end + 60
         ops: list[tuple[str, Callable[[Any], None]]] = [
             ("insert", self._insert), ("update", self._op_update), ("multi_update", self._op_multi_update),
             ("delete", self._op_delete), ("key_change", self._op_key_change), ("burst", self._op_burst),
             ("range_update", self._op_range_update), ("noise", self._op_noise)]
         weights = [30, 25, 10, 12, 6, 2, 3, 12]
         try:
-            while time.monotonic() < end:
+            while time.monotonic() < end or (self._short() and time.monotonic() < give_up):
                 name, op = self.rng.choices(ops, weights)[0]
                 with conn.cursor() as cur:
                     op(cur)
@@ -209,6 +214,10 @@ class Writer(threading.Thread):
                 time.sleep(self.rng.choice((0, 0, 0.001, 0.005)))
         finally:
             conn.close()
+
+    def _short(self) -> bool:
+        """Is some kind of change still below its ``at_least``?"""
+        return any(self.ops.get(name, 0) < n for name, n in self.at_least.items())
 
     def _op_update(self, cur: Any) -> None:
         key = self._pick()

@@ -53,7 +53,9 @@ def test_soak_follow_killed_and_restarted_converges(tmp_path: Path, backend: Bac
     path = _config(tmp_path, backend)
     seed(path, "items", {i: row(i) for i in range(SEED_ROWS)})
     state = tmp_path / "sync.sync.db"
-    writer = Writer(backend, WRITE_S, seed_value, first_key=SEED_ROWS)
+    # The kinds of change checked at the end are made whatever the load (the writer goes on until they are).
+    writer = Writer(backend, WRITE_S, seed_value, first_key=SEED_ROWS,
+                    at_least={"delete": 6, "key_change": 3, "burst": 1, "multi_update": 6})
     writer.live.extend(range(SEED_ROWS))
     started = time.monotonic()
     writer.start()
@@ -71,7 +73,7 @@ def test_soak_follow_killed_and_restarted_converges(tmp_path: Path, backend: Bac
     time.sleep(1.0)  # the writer goes on while no process runs
     second = _follow(path)
     try:
-        writer.join(timeout=WRITE_S + 30)
+        writer.join(timeout=WRITE_S + 90)  # at most a minute past WRITE_S to make every kind of change
         assert not writer.is_alive() and writer.error is None, writer.error
         keys = list(range(writer.next_key))
         wait_for(lambda: not differing(path, keys), 40, "the target equals the source", every=0.5)
