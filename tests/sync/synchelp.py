@@ -28,8 +28,9 @@ def view(name: str, source: str, table: str, *, features: dict[str, str] | None 
 
 
 def redis_source(server: RedisServer) -> dict[str, Any]:
-    return {"type": "redis", "host": server.host, "port": server.port, "socket_timeout_ms": 300,
-            "connect_timeout_ms": 300, "pool_timeout_ms": 300, "batch_size": 500}
+    # A dead target is refused at once; a 500-row pipeline on a loaded machine may take a while to answer.
+    return {"type": "redis", "host": server.host, "port": server.port, "socket_timeout_ms": 2000,
+            "connect_timeout_ms": 300, "pool_timeout_ms": 2000, "batch_size": 500}
 
 
 def redis_view(name: str, source: str = "hot") -> dict[str, Any]:
