@@ -1,19 +1,82 @@
-"""One round trip of a standalone Redis read, every reply read within the time the read has left.
+"""One round trip of a standalone Redis read, every wait of it bounded by the time the read has left.
 
-redis-py's client reads replies with the socket timeout it was built with; a read that must give up at
-its deadline (a frozen server) would hold its worker and its connection that long. Here the commands go
-out on one pooled connection and each reply is read with ``read_response(timeout=...)``; a reply that is
-late drops the connection (its stream is out of step), and the caller's time, not the socket's, bounds it.
+redis-py waits with the timeouts a pool was built with: the pool's checkout timeout, the socket's
+connect and read timeouts. A read that must give up at its deadline (a frozen server, a full pool)
+would hold its thread that long, so no caller could run it in its own thread. Here the commands go out
+on one pooled connection and each reply is read with ``read_response(timeout=...)`` (a late reply drops
+the connection: its stream is out of step); the checkout and the connect of a new connection wait at
+most the same time left, through a per-thread bound the pool and its connections read as their timeout.
+Only an AUTH handshake (a source with a password, on a new connection) still waits the socket timeout.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 import redis.exceptions as rexc
+
+_bound = threading.local()
+"""``left``: the time the calling thread's read has left (absent: no bound of its own)."""
+
+
+def _within(configured: float | None) -> float | None:
+    left: float | None = getattr(_bound, "left", None)
+    if left is None:
+        return configured
+    return left if configured is None else min(configured, left)
+
+
+@contextmanager
+def _bounded(deadline: float | None) -> Iterator[None]:
+    if deadline is None:
+        yield
+        return
+    _bound.left = max(deadline - time.perf_counter(), 0.0)
+    try:
+        yield
+    finally:
+        _bound.left = None
+
+
+class BoundedPool(redis.BlockingConnectionPool):
+    """A blocking pool whose checkout waits at most the calling read's time left."""
+
+    @property
+    def timeout(self) -> float | None:
+        """Read by ``get_connection`` as the checkout wait."""
+        return _within(self._timeout)
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+
+
+class _BoundedConnect:
+    """A connection whose connect waits at most the calling read's time left."""
+
+    _socket_connect_timeout: float | None  # where redis-py's own property keeps it
+
+    @property
+    def socket_connect_timeout(self) -> float | None:
+        """Read by ``_connect`` as the connect wait."""
+        return _within(self._socket_connect_timeout)
+
+    @socket_connect_timeout.setter
+    def socket_connect_timeout(self, value: float | None) -> None:
+        self._socket_connect_timeout = value
+
+
+class BoundedConnection(_BoundedConnect, redis.Connection):
+    """``redis.Connection`` with a bounded connect."""
+
+
+class BoundedSSLConnection(_BoundedConnect, redis.SSLConnection):
+    """``redis.SSLConnection`` with a bounded connect."""
 
 
 def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]], timeout_s: float | None,
@@ -27,10 +90,12 @@ def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]], timeout_s
     pool = client.connection_pool
     attempt = 0
     while True:
-        conn: Any = pool.get_connection()
+        with _bounded(deadline):
+            conn: Any = pool.get_connection()
         replies: list[Any] = []
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            with _bounded(deadline):  # a dropped connection reconnects here
+                conn.send_packed_command(conn.pack_commands(commands))
             for _ in commands:
                 try:
                     if deadline is None:

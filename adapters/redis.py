@@ -80,7 +80,7 @@ from ._redis_codecs import (
     _text_converter,
     _TextStep,
 )
-from ._redis_exchange import exchange
+from ._redis_exchange import BoundedConnection, BoundedPool, BoundedSSLConnection, exchange
 from ._redis_kv import ClusterRouter, NodeFailures, RedisKeyValue, Routed, _Lost
 from ._redis_sequence import RedisSequences
 
@@ -187,7 +187,8 @@ class RedisSource(Source):
     driver_modules = {"redis": "redis", "msgpack": "msgpack"}
     options_model = RedisOptions
     view_options_model = RedisViewOptions
-    capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True, async_reads=True)
+    capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True, async_reads=True,
+                                bounded_reads=True)
     default_batch_size = 100
     error_map = (
         (rexc.AuthenticationError, BackendAuthError),
@@ -245,9 +246,8 @@ class RedisSource(Source):
         # No CLIENT SETINFO on connect: a handshake reply is read with the socket's timeout, so a new
         # connection to a stalled server would outlast the read's own time (and it costs a round trip).
         kwargs["driver_info"] = None
-        if self.options.tls:
-            kwargs["connection_class"] = redis.SSLConnection
-        else:
+        kwargs["connection_class"] = BoundedSSLConnection if self.options.tls else BoundedConnection
+        if not self.options.tls:
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith("ssl_")}
         return kwargs
 
@@ -302,7 +302,7 @@ class RedisSource(Source):
                         require_full_coverage=True, ssl=opts.tls, **self._common())
                 return self._cluster
             if self._standalone is None:
-                pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+                pool = BoundedPool(  # type: ignore[no-untyped-call]
                     host=opts.host, port=opts.port, db=opts.db, max_connections=opts.pool_size,
                     timeout=opts.pool_timeout_ms / 1000, retry=self._retry(), **self._connection_kwargs())
                 self._standalone = redis.Redis(connection_pool=pool)
@@ -496,6 +496,10 @@ class RedisDao(RedisSequences):
     def native_async(self) -> bool:
         """Table views of a standalone server read on the loop; a cluster's per-node outcomes need threads."""
         return super().native_async() and not self.source.is_cluster
+
+    def bounded_reads(self) -> bool:
+        """Table views of a standalone server (every wait of ``exchange`` ends at the read's time)."""
+        return super().bounded_reads() and not self.source.is_cluster
 
     async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         rkeys = self._redis_keys(keys)

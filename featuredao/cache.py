@@ -179,6 +179,10 @@ class CachedDao(FeatureDao):
         """L1 only (an L2 is read with its blocking client) in front of a DAO that reads on the loop."""
         return self._l2 is None and self.inner.native_async()
 
+    def bounded_reads(self) -> bool:
+        """L1 only (an L2 read is bounded by its own socket timeout) in front of a bounded DAO."""
+        return self._l2 is None and self.inner.bounded_reads()
+
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:

@@ -39,3 +39,6 @@ class Capabilities:
     that pass them (otherwise the core filters ``scan_len`` events read per key)."""
     async_reads: bool = False
     """Reads with the driver's asyncio client (``BaseDao._afetch_batch``): ``afetch`` needs no thread."""
+    bounded_reads: bool = False
+    """Every wait of a table read (pool checkout, connect, each reply) ends within the time the read is
+    given: ``fetch`` may run it in the caller's thread, since nothing but the time can hold it there."""

@@ -107,6 +107,10 @@ class FeatureDao(ABC):
         """Whether ``aread_partial`` reads without a thread (the driver's own asyncio client)."""
         return False
 
+    def bounded_reads(self) -> bool:
+        """Whether a read never waits past the time it is given (so a caller may run it in its thread)."""
+        return False
+
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:
@@ -359,6 +363,10 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
     def native_async(self) -> bool:
         """Table views of adapters with ``capabilities.async_reads`` read on the loop."""
         return self.source.capabilities.async_reads and self._sequencer is None
+
+    def bounded_reads(self) -> bool:
+        """Table views of adapters with ``capabilities.bounded_reads``."""
+        return self.source.capabilities.bounded_reads and self._sequencer is None
 
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                             timeout_s: float | None = None, as_of: float | None = None,

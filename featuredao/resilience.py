@@ -307,6 +307,10 @@ class ResilientDao(FeatureDao):
         """A view without fallbacks whose DAO reads on the loop (a chain runs on the service's threads)."""
         return not self.fallbacks and self.primary.native_async()
 
+    def bounded_reads(self) -> bool:
+        """A view without fallbacks whose DAO's reads are bounded (retries stay within the time left)."""
+        return not self.fallbacks and self.primary.bounded_reads()
+
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:

@@ -147,12 +147,15 @@ class FeatureService:
         time (the chain gives the primary its ``timeout_ms`` share and the fallbacks the rest)."""
         return budget if view.fallback else min(budget, view.timeout_ms / 1000.0)
 
-    def _start(self, tasks: list[Part], deadline: Deadline) -> list[Future[BatchResult]]:
+    def _start(self, tasks: list[Part], deadline: Deadline, *,
+               inline: bool = False) -> list[Future[BatchResult]]:
         """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
 
         Views of one source share its pool: at most ``pool_size`` of them run at once, the others
         queue on the same workers (each one's time counted from when it starts, capped by the
         deadline) instead of timing out in the pool and counting as a failure of the store.
+        With ``inline``, the caller's thread reads one lane itself when every read of it is bounded by
+        its time (``bounded_reads``): the workers only fan out, and a one-view request needs none.
         """
         futures: list[Future[BatchResult]] = [Future() for _ in tasks]
         lanes: dict[object, list[list[tuple[Part, Future[BatchResult]]]]] = {}
@@ -174,9 +177,17 @@ class FeatureService:
                 slot = group[sum(len(g) for g in group) % len(group)]
                 task.first = False
                 slot.append((task, fut))
-        for group in lanes.values():
-            for queue in group:
+        queues = [queue for group in lanes.values() for queue in group]
+        mine = next((q for q in reversed(queues) if all(t.dao.bounded_reads() for t, _ in q)), None) \
+            if inline else None
+        for queue in queues:
+            if queue is not mine:
                 self._submit(queue, deadline)
+        if mine is not None:
+            try:
+                self._run_lane(mine, deadline)
+            except Closed:
+                self._fail(mine)  # closed meanwhile: its reads answer Closed, as on a worker
         return futures
 
     def _shed(self, tasks: list[Part]) -> list[BatchResult | BaseException | None]:
@@ -370,7 +381,7 @@ class FeatureService:
             for stage in plan:
                 parts = self._parts(request, stage, budget)
                 begun = time.perf_counter()
-                futures = self._start(parts, deadline)
+                futures = self._start(parts, deadline, inline=True)
                 outcomes: list[BatchResult | BaseException | None] = []
                 for part, fut in zip(parts, futures, strict=True):
                     wait = self._wait_s(part, started, budget, begun)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -301,6 +302,29 @@ def test_a_read_gives_up_at_its_own_timeout_not_the_sockets(name: str, redis_ser
         finally:
             redis_server.thaw()
         assert dao.read(["k"])[0] == {**dict.fromkeys(FEATURES), **DEFAULTS, "clicks": 1}
+    finally:
+        runtime.close()
+
+
+def test_waiting_for_the_pool_ends_at_the_reads_own_time(redis_server: RedisServer) -> None:
+    """A read whose time is up while another holds the pool's one connection is load, and says so then."""
+    runtime, dao = build({"host": redis_server.host, "port": redis_server.port, "pool_size": 1,
+                          "pool_timeout_ms": 5000, "socket_timeout_ms": 5000}, LAYOUTS["msgpack"])
+    try:
+        dao.upsert([("k", {"clicks": 1})])
+        redis_server.freeze()
+        holder = threading.Thread(target=lambda: dao.read_partial(["k"], timeout_s=1.5))
+        holder.start()
+        time.sleep(0.3)  # the holder's read now waits on the frozen server with the only connection
+        try:
+            started = time.monotonic()
+            with pytest.raises(Overloaded):
+                dao.read(["k"], timeout_s=0.2)
+            assert time.monotonic() - started < 1.2  # not the pool's 5 s, and before the holder gives up
+        finally:
+            redis_server.thaw()
+            holder.join()
+        assert dao.read(["k"])[0] is not None
     finally:
         runtime.close()
 
