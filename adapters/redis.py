@@ -184,7 +184,7 @@ class RedisSource(Source):
     """One Redis server or cluster, with its connection pool(s)."""
 
     type_name = "redis"
-    driver_modules = {"redis": "redis", "msgpack": "msgpack"}
+    driver_modules = {"redis": "redis", "msgpack": "msgpack", "msgspec": "msgspec"}
     options_model = RedisOptions
     view_options_model = RedisViewOptions
     capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True, async_reads=True,

@@ -40,7 +40,7 @@ class FeatureDaoError(Exception):
 
 
 class UsageError(FeatureDaoError, ValueError):
-    """The caller asked for something the view cannot do (an unknown feature, a write to a read-only view)."""
+    """The caller asked for something the view cannot give (an unknown feature, a bad argument)."""
 
 
 class CoercionError(UsageError):

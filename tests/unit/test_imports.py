@@ -137,7 +137,7 @@ def _third_party(path: Path, top_level_only: bool) -> set[str]:
 CORE_DEPENDENCIES = {"pydantic", "cachetools", "click", "rich"}
 # Third-party modules an adapter imports without declaring them in driver_modules, and why.
 UNDECLARED = {
-    "redis": {"msgspec", "orjson"},  # the Redis codecs' fast paths (redis extra); not declared yet
+    "redis": {"orjson"},  # the JSON layout's codec, which the server and client use too: not a driver
     "tablestore": {"urllib3"},  # the tablestore SDK's own dependency, imported to filter its warnings
 }
 # Core modules that import a driver module an adapter declares, and why that is allowed.
