@@ -10,6 +10,7 @@ wait for that, seconds on a frozen server, before the caller could go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -25,6 +26,22 @@ from ._per_loop import PerLoop
 SET_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 SET_SESSION_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"
 RESET_TIMEOUT = "RESET statement_timeout"
+
+
+class QuietStops(logging.Filter):
+    """Drops psycopg_pool's "couldn't stop thread/task" for our pools' workers.
+
+    Closing a source bounds its own wait and leaves workers stuck on a dead server to die with it;
+    the source's close says so once. A filter (not a level set around each close) holds while several
+    sources close at once, and leaves other pools' messages alone.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("couldn't stop") and "'featuredao-" in text)
+
+
+logging.getLogger("psycopg.pool").addFilter(QuietStops())
 UNKNOWN = -1
 """A connection's session limit after a failed read: set it again before relying on it."""
 
@@ -89,18 +106,11 @@ def async_pools(source: PgSource, connect_kwargs: Callable[[], dict[str, Any]],
         return pool
 
     async def close(pool: AsyncPool) -> None:
-        # Workers stuck on a dead server are left to die with it, as the thread path's pool does.
-        pool_log = logging.getLogger("psycopg.pool")
-        level = pool_log.level
-        pool_log.setLevel(logging.ERROR)
-        try:
+        # Workers stuck on a dead server are left to die with it (QuietStops), as the thread path's are.
+        # At the loop's end asyncio.run cancelled the pool's workers first, and the pool's wait for them
+        # raises before it closes its idle connections: they are closed below.
+        with contextlib.suppress(asyncio.CancelledError):
             await pool.close(timeout=0.1)
-        except asyncio.CancelledError:
-            # At the loop's end asyncio.run cancelled the pool's workers first, and the pool's wait for
-            # them raises before it closes its idle connections: they are closed below.
-            pass
-        finally:
-            pool_log.setLevel(level)
         for conn in list(getattr(pool.connection_class, "made", ())):
             await conn.close()
 

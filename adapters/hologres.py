@@ -35,7 +35,6 @@ PostgreSQL-specific choices, noted for Hologres:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import threading
@@ -351,14 +350,8 @@ class HologresSource(SqlSource):
                 self._async.close()
                 self._async = None
             if self._opened:
-                # Workers stuck on a dead server are left to die with it: said once, here, not logged.
-                pool_log = logging.getLogger("psycopg.pool")
-                level = pool_log.level
-                pool_log.setLevel(logging.ERROR)
-                try:
-                    self._pool.close(timeout=0.1)
-                finally:
-                    pool_log.setLevel(level)
+                # Workers stuck on a dead server are left to die with it (QuietStops drops the notice).
+                self._pool.close(timeout=0.1)
                 self._opened = False
 
 
