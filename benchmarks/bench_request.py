@@ -7,7 +7,10 @@ featuredao: one ``MGET`` for the user and one for the items (a redis-py client w
 installed), ``msgpack.unpackb`` per value, output rows with prefixed names and defaults for the missing.
 Both run in one process on the same keys, interleaved request by request; threads 1 and 4.
 
-    .venv/bin/python benchmarks/bench_request.py [--requests 2000] [--threads 1,4]
+``--fanout`` adds a third view on a second source, so the request fans out: 10 float features of each
+item in an embedded SQLite file (by hand: one ``SELECT ... IN (...)`` with sqlite3 after the Redis reads).
+
+    .venv/bin/python benchmarks/bench_request.py [--requests 2000] [--threads 1,4] [--fanout]
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sqlite3
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -26,15 +32,16 @@ from featuredao import FeatureService, build
 from featuredao.testing.servers import RedisServer
 
 FEATURES = {f"f{i}": "float" for i in range(20)}
+EXTRA = {f"s{i}": "float" for i in range(10)}
 ITEMS = 20_000
 USERS = 1000
 MISSING = 0.17
 BATCH = 200
 
 
-def config(host: str, port: int) -> dict[str, Any]:
+def config(host: str, port: int, sqlite_path: Path | None = None) -> dict[str, Any]:
     options = {"layout": "string", "encoding": "msgpack"}
-    return {
+    cfg: dict[str, Any] = {
         "sources": {"store": {"type": "redis", "host": host, "port": port, "pool_size": 8}},
         "views": [
             {"name": "user", "entity": "user", "source": "store", "table": "u", "key": "id",
@@ -46,6 +53,11 @@ def config(host: str, port: int) -> dict[str, Any]:
         ],
         "service": {"deadline_ms": 1000, "max_in_flight": 64},
     }
+    if sqlite_path is not None:
+        cfg["sources"]["local"] = {"type": "sqlite", "path": str(sqlite_path)}
+        cfg["views"].append({"name": "extra", "entity": "item", "source": "local", "table": "extra",
+                             "key": "id", "key_type": "int", "features": EXTRA, "prefix": "s_"})
+    return cfg
 
 
 def seed(cfg: dict[str, Any]) -> None:
@@ -57,6 +69,9 @@ def seed(cfg: dict[str, Any]) -> None:
         for start in range(0, len(kept), 5000):
             chunk = kept[start:start + 5000]
             runtime.daos["item"].upsert((i, {f: rng.random() for f in FEATURES}) for i in chunk)
+            if "extra" in runtime.daos:
+                runtime.daos["extra"].prepare()  # type: ignore[attr-defined]
+                runtime.daos["extra"].upsert((i, {f: rng.random() for f in EXTRA}) for i in chunk)
     finally:
         runtime.close()
 
@@ -85,6 +100,23 @@ def by_hand(client: redis.Redis, user: str, items: list[int]) -> tuple[dict[str,
     return user_row, rows
 
 
+_local = threading.local()
+
+
+def by_hand_extra(path: Path, items: list[int], rows: list[dict[str, Any]]) -> None:
+    """The third view by hand: one SELECT on this thread's sqlite3 connection, merged into ``rows``."""
+    conn = getattr(_local, "conn", None)
+    if conn is None:
+        conn = _local.conn = sqlite3.connect(path)
+    names = list(EXTRA)
+    found = {r[0]: r[1:] for r in conn.execute(
+        f"SELECT id, {', '.join(names)} FROM extra WHERE id IN ({', '.join('?' * len(items))})", items)}
+    for item, row in zip(items, rows, strict=True):
+        values = found.get(item)
+        row.update({f"s_{f}": None for f in names} if values is None else
+                   {f"s_{f}": v for f, v in zip(names, values, strict=True)})
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -94,10 +126,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--threads", default="1,4")
+    parser.add_argument("--fanout", action="store_true", help="a third view on an embedded SQLite file")
     args = parser.parse_args()
     server = RedisServer().start()
+    scratch = tempfile.TemporaryDirectory()
+    sqlite_path = Path(scratch.name) / "extra.db" if args.fanout else None
     try:
-        cfg = config(server.host, server.port)
+        cfg = config(server.host, server.port, sqlite_path)
         seed(cfg)
         client = redis.Redis(host=server.host, port=server.port, max_connections=16)
         with FeatureService.from_config(cfg) as service:
@@ -123,7 +158,9 @@ def main() -> None:
                                 service.fetch(user, items)
                                 mine.append(time.perf_counter() - started)
                             else:
-                                by_hand(client, user, items)
+                                _, item_rows = by_hand(client, user, items)
+                                if sqlite_path is not None:
+                                    by_hand_extra(sqlite_path, items, item_rows)
                                 theirs.append(time.perf_counter() - started)
                     with lock:
                         ours.extend(mine[20:])
@@ -138,8 +175,10 @@ def main() -> None:
         client.close()
     finally:
         server.stop()
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, redis-py {redis.__version__}, "
-          f"{args.requests} requests per path")
+        scratch.cleanup()
+    shape = "fan-out to SQLite, " if args.fanout else ""
+    print(f"{shape}{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"redis-py {redis.__version__}, {args.requests} requests per path")
     print("| threads | fetch p50 ms | fetch p99 ms | fetch mean ms | by hand p50 ms | by hand p99 ms "
           "| by hand mean ms | ratio p50 | ratio mean |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
