@@ -231,7 +231,7 @@ class BatchResult(Sequence[Row | None]):
 
 
 class FinalRow(dict[str, "FeatureValue"]):
-    """A row a backend decoded into exactly the requested features, each of its declared type, no None.
+    """A backend's row of exactly the requested features, in order, each of its declared type, no None.
 
     The shared coercion would return it unchanged, so BaseDao passes it through: a typed store then costs
     no per-value Python work (the backend checks whole columns or rows in C instead).
