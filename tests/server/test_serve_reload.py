@@ -147,6 +147,10 @@ def unbuildable(doc: dict[str, Any]) -> dict[str, Any]:
                                       "prefix": "odd_"}]}
 
 
+def failed_reloads(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, "featuredao_config_reloads_total", outcome="failed")
+
+
 def test_a_valid_config_that_cannot_be_built_keeps_the_running_one(
         tmp_path: Path, redis_server: RedisServer) -> None:
     path, doc = cached_config(tmp_path, redis_server)
@@ -155,11 +159,7 @@ def test_a_valid_config_that_cannot_be_built_keeps_the_running_one(
         old = config_hash(server.url)
         write_config(tmp_path, unbuildable(doc))
 
-        def counted() -> bool:
-            text = httpx.get(f"{server.url}/metrics").text
-            return metric(text, "featuredao_config_reloads_total", outcome="failed") == 1
-
-        wait_for(counted, 10.0, "the failed reload counted")
+        wait_for(lambda: failed_reloads(server.url) == 1, 10.0, "the failed reload counted")
         log = server.log()
         assert log.count("the driver refused these settings") >= 2  # each worker says why
         assert "could not be built" in log and "Traceback" not in log
@@ -169,8 +169,7 @@ def test_a_valid_config_that_cannot_be_built_keeps_the_running_one(
         text = httpx.get(f"{server.url}/metrics").text
         assert metric(text, "featuredao_config_reloads_total", outcome="ok") == 0
         time.sleep(0.5)  # polled again meanwhile: the same file is not retried
-        assert metric(httpx.get(f"{server.url}/metrics").text, "featuredao_config_reloads_total",
-                      outcome="failed") == 1
+        assert failed_reloads(server.url) == 1
         # The next good version is taken.
         write_config(tmp_path, {**doc, "service": {"deadline_ms": 900}})
         wait_for(lambda: config_hash(server.url) != old, 10.0, "the next valid config")
@@ -186,11 +185,7 @@ def test_when_one_worker_cannot_build_a_config_every_worker_keeps_the_running_on
         old = config_hash(server.url)
         write_config(tmp_path, unbuildable(doc))
 
-        def counted() -> bool:
-            text = httpx.get(f"{server.url}/metrics").text
-            return metric(text, "featuredao_config_reloads_total", outcome="failed") == 1
-
-        wait_for(counted, 10.0, "the failed reload counted")
+        wait_for(lambda: failed_reloads(server.url) == 1, 10.0, "the failed reload counted")
         assert server.log().count("the driver refused these settings") == 1  # one worker refused
         wait_for(lambda: "go back to config " + old in server.log(), 10.0, "the other worker sent back")
 
