@@ -39,21 +39,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import redis.exceptions as rexc
 
 from featuredao.dao import BaseDao
-from featuredao.errors import BackendUnavailable
 from featuredao.sequence import Event, SequenceQuery, order_key
 from featuredao.types import FeatureValue, Key
 
-from ._redis_kv import ClusterRouter, NodeFailures, Routed, _Lost
+from ._redis_cluster import RedisClusterPaths
+from ._redis_kv import _Lost
 
 log = logging.getLogger("featuredao")
 
@@ -64,46 +63,8 @@ _STREAM_FROM = 32
 """Members of one key from which one streaming unpacker beats a call per member."""
 
 
-class _Server(Protocol):
-    """What the mixin uses of ``RedisSource``."""
-
-    @property
-    def is_cluster(self) -> bool: ...
-    def client(self) -> Any: ...
-    def router(self) -> ClusterRouter: ...
-
-
-class _SequenceOptions(Protocol):
-    """What the mixin uses of ``RedisViewOptions``."""
-
-    @property
-    def key_template(self) -> str: ...
-    @property
-    def ttl_s(self) -> int | None: ...
-
-
-class RedisSequences(BaseDao):
-    """Sequence reads and appends of :class:`~.redis.RedisDao` (a mixin: see the module's docstring)."""
-
-    if TYPE_CHECKING:  # what RedisDao provides (typed here without importing its module: no cycle)
-        options: _SequenceOptions
-        _local: threading.local
-        _reads: dict[int, _Lost]
-
-        def _redis_keys(self, keys: Iterable[Key]) -> list[str]: ...
-        def _failed_keys(self, routed: Routed, keys: Sequence[Key]) -> dict[str, tuple[BaseException,
-                                                                                       list[Key]]]: ...
-        def _lose(self, failures: NodeFailures, lost: _Lost | None) -> None: ...
-        def _cluster_write(self, keys: list[Key], rkeys: list[str],
-                           commands: list[list[tuple[Any, ...]]]) -> None: ...
-        def _collect_lost(self, write: Callable[[], int]) -> tuple[int, _Lost]: ...
-        def _partial_write(self, lost: _Lost, count: int,
-                           events_lost: int | None = None) -> BackendUnavailable: ...
-        def _raise_wrongtype(self, exc: rexc.ResponseError) -> None: ...
-
-    @property
-    def _server(self) -> _Server:
-        return cast(_Server, self.source)
+class RedisSequences(RedisClusterPaths):
+    """Sequence reads and appends of :class:`~.redis.RedisDao` (see the module's docstring)."""
 
     @functools.cached_property
     def _stored_fields(self) -> list[str]:
