@@ -3,6 +3,7 @@
 from featuredao.config import Config, View
 from featuredao.config import load as load_config
 from featuredao.dao import BaseDao, Capabilities, FeatureDao, Source
+from featuredao.deadline import Deadline
 from featuredao.errors import (
     ArgumentTypeError,
     BackendAuthError,
@@ -44,6 +45,7 @@ __all__ = [
     "CoercionError",
     "Config",
     "ConfigError",
+    "Deadline",
     "Degraded",
     "FeatureDao",
     "FeatureDaoError",
