@@ -14,8 +14,9 @@ from featuredao.errors import BackendError, BackendUnavailable, Closed, FeatureD
 from featuredao.types import BatchResult, FeatureValue, Key, RawRows
 
 from ._redis_codecs import _detail
-from ._redis_kv import ClusterRouter, NodeFailures, Routed, _Lost
 from ._redis_layout import RedisLayout
+from ._redis_router import ClusterRouter
+from ._redis_slots import Routed
 
 
 class PartialWrite(BackendUnavailable):
@@ -27,6 +28,30 @@ class PartialWrite(BackendUnavailable):
         super().__init__(message, source=source, view=view)
         self.failed = list(failed)
         self.written = written
+
+
+class _Lost:
+    """Keys a cluster read or upsert could not serve, and why: what ``read_partial`` and ``upsert`` report
+    for the nodes that failed while the others answered."""
+
+    __slots__ = ("_lock", "detail", "error", "keys")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the chunks of one read may report from several threads
+        self.keys: list[Key] = []
+        self.error: BackendError | None = None
+        self.detail = ""
+        """The first error's message without the source and view (they are said once)."""
+
+    def add(self, keys: Iterable[Key], error: BackendError, detail: str) -> None:
+        with self._lock:
+            self.keys.extend(keys)
+            if self.error is None:
+                self.error, self.detail = error, detail
+
+
+NodeFailures = Mapping[str, tuple[BaseException, list[Key]]]
+"""Per cluster node (``host:port``): why it failed and the keys it failed."""
 
 
 class _Server(Protocol):

@@ -51,8 +51,7 @@ from featuredao.dao import BaseDao
 from featuredao.sequence import Event, SequenceQuery, order_key
 from featuredao.types import FeatureValue, Key
 
-from ._redis_cluster import RedisClusterPaths
-from ._redis_kv import _Lost
+from ._redis_cluster import RedisClusterPaths, _Lost
 
 log = logging.getLogger("featuredao")
 

@@ -16,7 +16,7 @@ Layouts (view ``options``; every key is ``key_template`` with ``{table}`` and ``
 In every layout a null feature is left out (an absent hash field, an absent map entry or pair), and
 reads give the view's default for it. A hash row whose features are all null is deleted.
 
-On a Redis Cluster (``"cluster": true``) keys go through :class:`~._redis_kv.ClusterRouter`: pipelines per
+On a Redis Cluster (``"cluster": true``) keys go through :class:`~._redis_router.ClusterRouter`: pipelines per
 node, a breaker per node, a slot map that follows failovers, optional replica reads. A node that fails
 costs only its own keys: ``read_partial`` lists them in ``failed`` and ``upsert`` raises
 :class:`PartialWrite` after writing the rest.
@@ -66,8 +66,9 @@ from ._redis_async import async_clients
 from ._redis_cluster import PartialWrite
 from ._redis_codecs import _detail
 from ._redis_exchange import BoundedConnection, BoundedPool, BoundedSSLConnection, exchange
-from ._redis_kv import ClusterRouter, RedisKeyValue
+from ._redis_kv import RedisKeyValue
 from ._redis_options import RedisOptions, RedisViewOptions
+from ._redis_router import ClusterRouter
 from ._redis_sequence import RedisSequences
 
 __all__ = ["PartialWrite", "RedisDao", "RedisOptions", "RedisSource", "RedisViewOptions"]
