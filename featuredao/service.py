@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from os import PathLike
@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from featuredao import factory, stages
+from featuredao._service_reads import ServiceReads
 from featuredao.config import Config, ServiceConfig, View
 from featuredao.dao import FeatureDao
 from featuredao.deadline import Deadline
@@ -25,16 +26,13 @@ from featuredao.errors import (
     Closed,
     FetchError,
     InvalidKeyError,
-    Overloaded,
     UnknownView,
     UsageError,
-    reason_of,
 )
 from featuredao.factory import SourceHealth
 from featuredao.lifecycle import Gate, Slots
 from featuredao.metrics import Metrics
 from featuredao.request import Part, Request, Shape, shape
-from featuredao.resilience import served_some
 from featuredao.types import (
     BatchResult,
     CoercionError,
@@ -92,7 +90,7 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-class FeatureService:
+class FeatureService(ServiceReads):
     """What a recommendation service calls: ``fetch`` (threads) or ``await afetch`` (asyncio)."""
 
     def __init__(self, daos: Mapping[str, FeatureDao], settings: ServiceConfig | None = None, *,
@@ -146,135 +144,6 @@ class FeatureService:
         """How long a view may take: its ``timeout_ms``; with a fallback chain, the whole request's
         time (the chain gives the primary its ``timeout_ms`` share and the fallbacks the rest)."""
         return budget if view.fallback else min(budget, view.timeout_ms / 1000.0)
-
-    def _start(self, tasks: list[Part], deadline: Deadline, *,
-               inline: bool = False) -> list[Future[BatchResult]]:
-        """Answer from L1 at once where it holds every key; read the rest on workers, lane by lane.
-
-        Views of one source share its pool: at most ``pool_size`` of them run at once, the others
-        queue on the same workers (each one's time counted from when it starts, capped by the
-        deadline) instead of timing out in the pool and counting as a failure of the store.
-        With ``inline``, the caller's thread reads one lane itself when every read of it is bounded by
-        its time (``bounded_reads``): the workers only fan out, and a one-view request needs none.
-        """
-        futures: list[Future[BatchResult]] = [Future() for _ in tasks]
-        lanes: dict[object, list[list[tuple[Part, Future[BatchResult]]]]] = {}
-        for task, fut in zip(tasks, futures, strict=True):
-            started = time.perf_counter()
-            hit = task.dao.peek(task.keys)
-            if hit is not None:
-                self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), hit.found)
-                fut.set_result(hit)
-                continue
-            lane = task.dao.lane()
-            if lane is None:
-                lanes[id(task)] = [[(task, fut)]]
-                continue
-            group = lanes.setdefault(lane[0], [])
-            if len(group) < max(1, lane[1]):
-                group.append([(task, fut)])
-            else:
-                slot = group[sum(len(g) for g in group) % len(group)]
-                task.first = False
-                slot.append((task, fut))
-        queues = [queue for group in lanes.values() for queue in group]
-        mine = next((q for q in reversed(queues) if all(t.dao.bounded_reads() for t, _ in q)), None) \
-            if inline else None
-        for queue in queues:
-            if queue is not mine:
-                self._submit(queue, deadline)
-        if mine is not None:
-            try:
-                self._run_lane(mine, deadline)
-            except Closed:
-                self._fail(mine)  # closed meanwhile: its reads answer Closed, as on a worker
-        return futures
-
-    def _shed(self, tasks: list[Part]) -> list[BatchResult | BaseException | None]:
-        """Too many requests in flight: what L1 holds at once, defaults for the rest, no store read."""
-        out: list[BatchResult | BaseException | None] = []
-        shed = Overloaded(f"shed: {self.max_in_flight} requests already in flight")
-        for task in tasks:
-            hit = task.dao.peek(task.keys)
-            if hit is None:
-                self._metrics.error(task.view.name, Reason.OVERLOADED.value)
-            out.append(hit if hit is not None else shed)
-        return out
-
-    def _submit(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
-        try:
-            worker = self._pool.submit(self._run_lane, queue, deadline)
-        except RuntimeError:  # shut down by close() meanwhile
-            worker = None
-        if worker is None or worker.cancelled():
-            self._fail(queue)
-            return
-        # Whatever ended the lane (cancelled by close, refused by a closed gate), nobody waits in vain.
-        worker.add_done_callback(lambda _: self._fail(queue))
-
-    @staticmethod
-    def _fail(queue: list[tuple[Part, Future[BatchResult]]]) -> None:
-        for _, fut in queue:
-            if not fut.done():
-                fut.set_exception(Closed("the service was closed"))
-
-    def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
-        with self._gate.admit():
-            for task, fut in queue:
-                if fut.done():
-                    continue
-                try:
-                    # Its own timeout counts from when its read starts, never past the request's deadline.
-                    fut.set_result(self._read(task, deadline.within(task.timeout_s)))
-                except BaseException as exc:  # handed to the waiting request
-                    fut.set_exception(exc)
-
-    def _read(self, task: Part, deadline: Deadline) -> BatchResult:
-        started = time.perf_counter()
-        try:
-            result = task.dao.read_partial(task.keys, as_of=task.as_of, deadline=deadline)
-        except Exception as exc:
-            self._metrics.error(task.view.name, reason_of(exc).value)
-            raise
-        return self._checked(task, result, started)
-
-    async def _aread(self, task: Part, deadline: Deadline) -> BatchResult:
-        """``_read`` on the loop, for a DAO that reads with the driver's asyncio client."""
-        started = time.perf_counter()
-        try:
-            # As on a worker: its own timeout counts from when the loop starts it, capped by the deadline.
-            result = await task.dao.aread_partial(task.keys, as_of=task.as_of,
-                                                  deadline=deadline.within(task.timeout_s))
-        except Exception as exc:
-            self._metrics.error(task.view.name, reason_of(exc).value)
-            raise
-        return self._checked(task, result, started)
-
-    def _checked(self, task: Part, result: BatchResult, started: float) -> BatchResult:
-        """A read's answer, or its error when nothing was served; counted in metrics."""
-        if result.error is not None:
-            if not served_some(result):
-                # Nothing served: the whole view degrades, with its reason.
-                self._metrics.error(task.view.name, reason_of(result.error).value)
-                raise result.error
-            # Served in part (a dead cluster node's keys failed, the others' not): the failed keys are
-            # missing with a degraded entry, the rest is served.
-            result.degraded.append(Degraded(task.view.name, reason_of(result.error),
-                                            f"{len(result.failed)} key(s) not served: {result.error}",
-                                            tuple(result.failed[:20])))
-        self._metrics.read(task.view.name, time.perf_counter() - started, len(task.keys), result.found)
-        return result
-
-    @staticmethod
-    def _wait_s(task: Part, started: float, budget: float, admitted: float) -> float:
-        """How much longer to wait for a task; a small grace lets the adapter's own deadline fire first.
-
-        A task that starts at once may take its own timeout from when the request was admitted (time
-        spent waiting for a slot is not its fault), never past the request's deadline.
-        """
-        deadline = started + budget * 1.1 + 0.002
-        own = admitted + task.timeout_s * 1.1 + 0.002 if task.first else deadline
-        return min(own, deadline) - time.perf_counter()
 
     def _shape(self, view: View) -> Shape:
         found = self._shapes.get(view.name)
@@ -432,26 +301,6 @@ class FeatureService:
         finally:
             self._slots.release()
         return self._result(request, ctx, started, strict)
-
-    def _astart(self, parts: list[Part], deadline: Deadline) -> list[asyncio.Future[BatchResult]]:
-        """Parts whose DAO reads on the loop run as tasks (L1 answers at once); the rest on threads."""
-        native = {id(p) for p in parts if p.dao.native_async()}
-        threaded = iter(self._start([p for p in parts if id(p) not in native], deadline))
-        out: list[asyncio.Future[BatchResult]] = []
-        for part in parts:
-            if id(part) not in native:
-                out.append(asyncio.wrap_future(next(threaded)))
-                continue
-            started = time.perf_counter()
-            hit = part.dao.peek(part.keys)
-            if hit is not None:
-                self._metrics.read(part.view.name, time.perf_counter() - started, len(part.keys), hit.found)
-                done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-                done.set_result(hit)
-                out.append(done)
-            else:
-                out.append(asyncio.ensure_future(self._aread(part, deadline)))
-        return out
 
     def _shed_request(self, request: Request, plan: list[list[FeatureDao]], budget: float,
                       ctx: dict[str, FeatureValue], started: float, strict: bool | None) -> FetchResult:
