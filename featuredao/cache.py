@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import queue
 import random
 import threading
 import time
@@ -24,6 +23,8 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from featuredao._background import flush_background as flush_background  # where callers find it
+from featuredao._background import refreshes, writeback
 from featuredao.config import CacheConfig
 from featuredao.dao import FeatureDao, KeyValueStore, invalid_keys
 from featuredao.deadline import Deadline
@@ -35,50 +36,6 @@ from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, R
 log = logging.getLogger("featuredao")
 
 CHANNEL = "featuredao:invalidate"
-# Background refreshes (stale-while-revalidate) of every cached view share these few threads.
-class _Background:
-    """Work off the request path on one daemon thread, behind a bounded queue: full means dropped."""
-
-    def __init__(self, name: str, size: int = 1024) -> None:
-        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(size)
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> bool:
-        """Queue ``job``; False (and nothing queued) when the queue is full."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
-
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until the work queued before this call is done (tests, orderly shutdowns)."""
-        done = threading.Event()
-        return self.submit(done.set) and done.wait(timeout_s)
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                job()
-            except Exception:  # one failed job must not stop the others
-                log.exception("background cache work failed")
-
-
-# L2 write-backs and stale-while-revalidate refreshes: never on the request path, never unbounded.
-_writeback = _Background("featuredao-l2-writeback")
-_refreshes = _Background("featuredao-refresh", 256)
-
-
-def flush_background(timeout_s: float = 5.0) -> bool:
-    """Wait for the L2 write-backs and refreshes queued so far; False if they did not end in time."""
-    return _writeback.flush(timeout_s) and _refreshes.flush(timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +399,7 @@ class CachedDao(FeatureDao):
                 ttl = self.config.negative_ttl_s if row is None else self._l2_ttl
                 ttl = ttl * (1 + random.uniform(-jitter, jitter)) + self._stale_window
                 items.append((self._prefix + str(k), self._pack([now, row]), ttl))
-            if not _writeback.submit(lambda: self._write_l2(items)):
+            if not writeback.submit(lambda: self._write_l2(items)):
                 self._metrics.cache(self.view.name, "l2", "dropped", len(items))
 
     def _write_l2(self, items: list[tuple[str, bytes, float]]) -> None:
@@ -470,7 +427,7 @@ class CachedDao(FeatureDao):
                     with self._lock:
                         self._refreshing.difference_update(keys)
 
-            if not _refreshes.submit(refresh):
+            if not refreshes.submit(refresh):
                 with self._lock:
                     self._refreshing.difference_update(keys)
                 self._metrics.cache(self.view.name, "l1", "refresh_dropped", len(keys))
