@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 from featuredao.deadline import Deadline
 from featuredao.errors import Closed, Overloaded, reason_of
@@ -91,19 +92,20 @@ class ServiceReads:
     @staticmethod
     def _fail(queue: list[tuple[Part, Future[BatchResult]]]) -> None:
         for _, fut in queue:
-            if not fut.done():
-                fut.set_exception(Closed("the service was closed"))
+            _settle(fut, error=Closed("the service was closed"))
 
     def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
         with self._gate.admit():
             for task, fut in queue:
                 if fut.done():
-                    continue
+                    continue  # the request stopped waiting for it before it started
                 try:
                     # Its own timeout counts from when its read starts, never past the request's deadline.
-                    fut.set_result(self._read(task, deadline.within(task.timeout_s)))
+                    result = self._read(task, deadline.within(task.timeout_s))
                 except BaseException as exc:  # handed to the waiting request
-                    fut.set_exception(exc)
+                    _settle(fut, error=exc)
+                else:
+                    _settle(fut, result)
 
     def _read(self, task: Part, deadline: Deadline) -> BatchResult:
         started = time.perf_counter()
@@ -171,3 +173,18 @@ class ServiceReads:
             else:
                 out.append(asyncio.ensure_future(self._aread(part, deadline)))
         return out
+
+
+def _settle(fut: Future[BatchResult], result: BatchResult | None = None, *,
+            error: BaseException | None = None) -> None:
+    """Hand a part's outcome to its request, unless the request stopped waiting for it meanwhile.
+
+    A late read's future is cancelled by the request while the read runs; setting it then raises, and
+    the lane would end there, leaving the parts queued behind it unread.
+    """
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            fut.set_exception(error)
+        elif result is not None:
+            fut.set_result(result)
+

@@ -77,3 +77,21 @@ def test_afetch_never_reads_on_the_loops_thread() -> None:
 
     loop_thread = asyncio.run(main())
     assert dao.threads and dao.threads[0] is not loop_thread
+
+
+class LaneDao(FakeDao):
+    """A fake on one shared lane of one connection: its views are read one after another on a worker."""
+
+    def lane(self) -> tuple[str, int] | None:
+        return "one-connection", 1
+
+
+def test_a_late_view_leaves_the_views_queued_behind_it_to_be_read() -> None:
+    late = LaneDao(make_view("v0", "item", prefix="v0_", timeout_ms=100), {"i1": {"a": 0, "b": "x"}},
+                   delay=0.3)
+    rest = [LaneDao(make_view(n, "item", prefix=f"{n}_", timeout_ms=2000), {"i1": {"a": i, "b": "y"}})
+            for i, n in enumerate(("v1", "v2"), start=1)]
+    with FeatureService({d.view.name: d for d in (late, *rest)}, ServiceConfig(deadline_ms=2000)) as svc:
+        result = svc.fetch(None, ["i1"])
+    assert [(d.view, d.reason.value) for d in result.degraded] == [("v0", "timeout")]
+    assert result.items == [{"v0_a": -1, "v0_b": None, "v1_a": 1, "v1_b": "y", "v2_a": 2, "v2_b": "y"}]
