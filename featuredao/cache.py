@@ -8,7 +8,6 @@ background refresh runs (stale-while-revalidate) or when the source fails (stale
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import random
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
@@ -32,6 +31,9 @@ from featuredao.errors import BackendTimeout
 from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    import asyncio
 
 log = logging.getLogger("featuredao")
 
@@ -312,6 +314,7 @@ class CachedDao(FeatureDao):
 
     async def _aload(self, keys: list[Key], deadline: Deadline, as_of: float | None) -> _Outcome:
         """``_load`` on the loop: the inner read awaited, reads in flight elsewhere awaited too."""
+        import asyncio
         mine, waits, own = self._claim(keys)
         merged = _Outcome({}, set(), None, [])
         if mine:

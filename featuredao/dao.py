@@ -8,7 +8,6 @@ coercion, realignment in input order) happens here, once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from pydantic import BaseModel
 
@@ -61,6 +60,9 @@ from featuredao.types import (
     coercer,
     coercion_plan,
 )
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    pass
 
 log = logging.getLogger("featuredao")
 
@@ -372,6 +374,7 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` with the driver's asyncio client: chunks concurrently, no thread."""
+        import asyncio
         deadline = Deadline.of(deadline, timeout_s)
         if not self.native_async():
             return await super().aread_partial(keys, features, as_of=as_of, deadline=deadline)
@@ -391,6 +394,7 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
         return self._assemble(result, unique, fields, chunks, parts, started)
 
     async def _acall(self, keys: list[Key], fields: list[str], deadline: Deadline) -> RawRows:
+        import asyncio
         with self.source.operation(self.view.name):
             try:
                 left = deadline.remaining()

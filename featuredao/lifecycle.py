@@ -11,7 +11,6 @@ runs, wait for it within a bound, and only then free anything. Owners close toge
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -19,9 +18,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from featuredao.deadline import Deadline
 from featuredao.errors import Closed
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    import asyncio
 
 log = logging.getLogger("featuredao")
 
@@ -184,6 +187,7 @@ class Slots:
 
     async def acquire_async(self, timeout_s: float) -> bool:
         """``acquire`` for a coroutine: the event loop runs on while it waits."""
+        import asyncio
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._take():

@@ -9,14 +9,13 @@ deadline with ``BackendTimeout``), ``down`` and ``fail_next`` (injected failures
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -25,6 +24,9 @@ from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
 from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
 from featuredao.sequence import Event, SequenceQuery, order_key
 from featuredao.types import Key, RawRows, Row
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    pass
 
 _ERRORS: dict[str, type[BackendError]] = {
     "unavailable": BackendUnavailable, "timeout": BackendTimeout, "query": BackendQueryError}
@@ -135,6 +137,7 @@ class MemorySource(Source):
 
     async def around_trip(self, timeout_s: float | None = None) -> None:
         """``round_trip`` on the loop: the latency awaited, not slept."""
+        import asyncio
         self._count()
         latency = self.latency_s
         if latency > 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import threading
@@ -11,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featuredao.config import CircuitBreakerConfig, RetryConfig
 from featuredao.dao import FeatureDao, invalid_keys
@@ -28,6 +27,9 @@ from featuredao.errors import (
 from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    pass
 
 log = logging.getLogger("featuredao")
 
@@ -315,6 +317,7 @@ class ResilientDao(FeatureDao):
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:
         """``read_partial`` on the loop: the same breaker and retries, for a view without fallbacks."""
+        import asyncio
         deadline = Deadline.of(deadline, timeout_s)
         if not self.native_async():
             return await super().aread_partial(keys, features, as_of=as_of, deadline=deadline)
@@ -339,6 +342,7 @@ class ResilientDao(FeatureDao):
 
     async def _aretried(self, dao: FeatureDao, keys: Sequence[Key], features: Sequence[str] | None,
                         as_of: float | None, deadline: Deadline) -> BatchResult:
+        import asyncio
         async def attempt(these: Sequence[Key]) -> BatchResult:
             try:
                 return await dao.aread_partial(these, features, as_of=as_of, deadline=deadline)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -14,7 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from os import PathLike
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from featuredao import factory, stages
 from featuredao._service_reads import ServiceReads
@@ -43,6 +42,9 @@ from featuredao.types import (
     Reason,
     coerce,
 )
+
+if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
+    pass
 
 log = logging.getLogger("featuredao")
 
@@ -86,6 +88,7 @@ class FetchResult:
 
 def _cancelling() -> bool:
     """Whether the running task itself is being cancelled (not merely something it awaited)."""
+    import asyncio
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -272,6 +275,7 @@ class FeatureService(ServiceReads):
                      strict: bool | None = None) -> FetchResult:
         """The asyncio twin of ``fetch``: a view whose driver has an asyncio client is read on the loop,
         the others on the service's threads; the loop never blocks."""
+        import asyncio
         started = time.perf_counter()
         request, ctx, budget, plan = self._begin(user_id, item_ids, context, keys, scene, deadline_ms)
         deadline = Deadline.after(budget, start=started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import featuredao
 
@@ -24,6 +25,21 @@ def test_importing_featuredao_imports_no_driver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_threaded_service_starts_without_asyncio(tmp_path: Path) -> None:
+    """asyncio is a tenth of start-up: only afetch, on a running loop, imports it."""
+    code = (
+        "import sys\n"
+        "from featuredao import FeatureService\n"
+        f"cfg = {{'sources': {{'db': {{'type': 'sqlite', 'path': {str(tmp_path / 'x.db')!r}}}}},\n"
+        "       'views': [{'name': 'v', 'entity': 'item', 'source': 'db', 'table': 't', 'key': 'id',\n"
+        "                  'features': {'a': 'int'}}]}\n"
+        "FeatureService.from_config(cfg).close()\n"
+        "print('asyncio' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_adapters_come_from_entry_points() -> None:
