@@ -53,10 +53,21 @@ _create = families(_core)
 
 
 class Metrics:
-    """What featuredao records; every method is a no-op without prometheus_client."""
+    """What featuredao records; every method is a no-op without prometheus_client.
+
+    The families are made on the first thing recorded, not when the service is built: importing
+    prometheus_client is about a tenth of a service's start-up.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
-        self._m = _create() if enabled else None
+        self._enabled = enabled
+        self._m: dict[str, Any] | None = None
+
+    def _families(self) -> dict[str, Any] | None:
+        if self._m is None and self._enabled:
+            self._m = _create()
+            self._enabled = self._m is not None
+        return self._m
 
     @classmethod
     def disabled(cls) -> Metrics:
@@ -66,44 +77,51 @@ class Metrics:
     @property
     def enabled(self) -> bool:
         """True when prometheus_client is recording."""
-        return self._m is not None
+        return self._families() is not None
 
     def read(self, view: str, seconds: float, requested: int, found: int) -> None:
         """One read of a view: its latency and how many keys it found."""
-        if self._m is not None:
-            self._m["requests"].labels(view).inc()
-            self._m["latency"].labels(view).observe(seconds)
-            self._m["keys"].labels(view, "requested").inc(requested)
-            self._m["keys"].labels(view, "found").inc(found)
+        m = self._m or self._families()
+        if m is not None:
+            m["requests"].labels(view).inc()
+            m["latency"].labels(view).observe(seconds)
+            m["keys"].labels(view, "requested").inc(requested)
+            m["keys"].labels(view, "found").inc(found)
 
     def error(self, view: str, kind: str) -> None:
         """A failed read (kind: timeout, unavailable, circuit_open, query_error, ...)."""
-        if self._m is not None:
-            self._m["errors"].labels(view, kind).inc()
+        m = self._m or self._families()
+        if m is not None:
+            m["errors"].labels(view, kind).inc()
 
     def fallback(self, view: str, fallback: str) -> None:
         """Keys of ``view`` sent to ``fallback``."""
-        if self._m is not None:
-            self._m["fallbacks"].labels(view, fallback).inc()
+        m = self._m or self._families()
+        if m is not None:
+            m["fallbacks"].labels(view, fallback).inc()
 
     def breaker_state(self, source: str, state: str) -> None:
         """The breaker of ``source`` moved to ``state``."""
-        if self._m is not None:
+        m = self._m or self._families()
+        if m is not None:
             for s in ("closed", "open", "half_open"):
-                self._m["breaker"].labels(source, s).set(1.0 if s == state else 0.0)
+                m["breaker"].labels(source, s).set(1.0 if s == state else 0.0)
 
     def cache(self, view: str, level: str, outcome: str, count: int = 1) -> None:
         """Cache lookups and L2 writes: level l1/l2, outcome hit (a cached missing key too), miss, stale,
         error, or dropped (L2 writes the full write-back queue refused)."""
-        if self._m is not None and count:
-            self._m["cache"].labels(view, level, outcome).inc(count)
+        m = self._m or self._families()
+        if m is not None and count:
+            m["cache"].labels(view, level, outcome).inc(count)
 
     def sync_rows(self, job: str, target: str, outcome: str, count: int = 1) -> None:
         """Rows of a sync job: outcome read/written/deleted/filtered/failed (target "" for reads)."""
-        if self._m is not None and count:
-            self._m["sync_rows"].labels(job, target, outcome).inc(count)
+        m = self._m or self._families()
+        if m is not None and count:
+            m["sync_rows"].labels(job, target, outcome).inc(count)
 
     def sync_lag(self, job: str, target: str, seconds: float) -> None:
         """Seconds between a change in the source and its write into the target."""
-        if self._m is not None:
-            self._m["sync_lag"].labels(job, target).set(seconds)
+        m = self._m or self._families()
+        if m is not None:
+            m["sync_lag"].labels(job, target).set(seconds)
