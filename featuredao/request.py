@@ -115,7 +115,7 @@ class Request:
                 return [self.own_key(owner, i) for i in range(len(targets))]
             return [self.own_key(owner, 0)] * len(targets)
         if owner == entity:
-            return [row.get(name) for row in targets]
+            return list(map(dict.get, targets, repeat(name)))
         return [self.rows_of(owner)[0].get(name)] * len(targets)
 
     def absorb(self, part: Part, outcome: BatchResult | BaseException | None, shape: Shape,
@@ -160,8 +160,9 @@ class Request:
                 continue  # the request has no row of that entity
             columns = [self._column(name, spec.entity, rows, context, own_keys) for name in spec.input_names]
             values, failed = compute(spec, columns, now)
-            for row, value in zip(rows, values, strict=True):
-                row[spec.name] = value
+            if len(values) != len(rows):
+                raise ValueError(f"derived feature {spec.name!r}: {len(values)} values for {len(rows)} rows")
+            list(map(dict.__setitem__, rows, repeat(spec.name), values))  # one C loop
             # A null input (a missing row, a null feature) gives the default quietly: it is not a failure
             # of the computation, and missing rows are reported where they are missing.
             failed = [i for i in failed if all(column[i] is not None for column in columns)]
@@ -181,7 +182,7 @@ class Request:
                 return [self.own_key(owner, i) for i in range(len(rows))]
             return [self.own_key(owner, 0)] * len(rows)
         if owner == entity:
-            return [row.get(feature) for row in rows]
+            return list(map(dict.get, rows, repeat(feature)))
         return [self.rows_of(owner)[0].get(feature)] * len(rows)
 
     def _fresh(self, view: View, rows: Sequence[Row | None],
@@ -247,6 +248,9 @@ def output_rows(shape: Shape, rows: Sequence[Row | None]) -> list[dict[str, Feat
     for row in rows:
         if row is None:
             append(default_row.copy())
+            continue
+        if type(row) is FinalRow:  # the requested fields in their order, no null
+            append(dict(zip(names, row.values(), strict=True)) if renamed else dict(row))
             continue
         values = dict(zip(names, map(row.get, fields), strict=True)) \
             if renamed or len(row) != len(fields) else dict(row)
