@@ -57,6 +57,17 @@ def redis_server() -> Iterator[RedisServer]:
     yield from _serve(RedisServer, "Redis server")
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis for one test that kills or freezes it: thawed, then stopped, whatever the test left."""
+    for server in _serve(RedisServer, "Redis server"):
+        try:
+            yield server
+        finally:
+            if server.frozen:
+                server.thaw()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     yield from _serve(RedisCluster, "Redis Cluster")

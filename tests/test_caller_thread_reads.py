@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,12 +25,9 @@ BOUND_S = 1.0  # scheduling slack on a loaded 2-core machine; the socket and poo
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    if server.frozen:
-        server.thaw()
-    server.stop()
+def server(own_redis: RedisServer) -> RedisServer:
+    """The test's own Redis (it freezes it)."""
+    return own_redis
 
 
 def config(server: RedisServer) -> dict[str, Any]:

@@ -8,7 +8,6 @@ fallback, stale or default values and a degraded entry, and never raise.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,9 @@ ITEMS = [f"i{n}" for n in range(50)]
 
 
 @pytest.fixture
-def primary() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    if server.frozen:
-        server.thaw()
-    server.stop()
+def primary(own_redis: RedisServer) -> RedisServer:
+    """The primary's own Redis (the tests kill and freeze it)."""
+    return own_redis
 
 
 def config(tmp_path: Path, primary: RedisServer, cache: dict[str, Any] | None = None,

@@ -7,7 +7,6 @@ request's deadline; SIGSTOP holds every socket read (and the setup of every new 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,12 +25,9 @@ ITEMS = [f"i{n}" for n in range(20)]
 
 
 @pytest.fixture
-def l2() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    if server.frozen:
-        server.thaw()
-    server.stop()
+def l2(own_redis: RedisServer) -> RedisServer:
+    """The shared tier's own Redis (the test freezes it)."""
+    return own_redis
 
 
 def config(l2: RedisServer) -> dict[str, Any]:
