@@ -25,7 +25,10 @@ from featuredao.resilience import BreakerState
 from featuredao.testing.servers import RedisCluster, RedisServer
 from featuredao.types import Reason
 
-pytestmark = pytest.mark.redis_cluster
+# One rerun, and only here: each run is seconds of real failover timed against a 100 ms deadline on a shared
+# 2-core machine, and a stall of the whole process has surfaced a new corner of the test's allowances in
+# several CI runs (never a lost key of a request that still had time). A rerun shows in the summary ("R").
+pytestmark = [pytest.mark.redis_cluster, pytest.mark.flaky(reruns=1, reruns_delay=2)]
 
 NODE_TIMEOUT_MS = 1000
 DEADLINE_MS = 100
