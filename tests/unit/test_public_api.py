@@ -16,30 +16,26 @@ def test_all_lists_exactly_the_public_names() -> None:
     assert len(featuredao.__all__) == len(set(featuredao.__all__))
 
 
+def loaded_after(code: str, modules: list[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded once it ran ``code``."""
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {modules!r} if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
 def test_importing_featuredao_imports_no_driver() -> None:
-    code = (
-        "import sys, featuredao, featuredao.service, featuredao.cli\n"
-        "drivers = ['pymysql', 'psycopg', 'redis', 'happybase', 'thriftpy2', 'clickhouse_driver',"
-        " 'tablestore', 'featuredao.adapters.sqlite']\n"
-        "print(','.join(d for d in drivers if d in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    drivers = ["pymysql", "psycopg", "redis", "happybase", "thriftpy2", "clickhouse_driver", "tablestore",
+               "featuredao.adapters.sqlite"]
+    assert loaded_after("import featuredao, featuredao.service, featuredao.cli", drivers) == []
 
 
 def test_a_threaded_service_starts_without_asyncio(tmp_path: Path) -> None:
     """asyncio is a tenth of start-up: only afetch, on a running loop, imports it."""
-    code = (
-        "import sys\n"
-        "from featuredao import FeatureService\n"
-        f"cfg = {{'sources': {{'db': {{'type': 'sqlite', 'path': {str(tmp_path / 'x.db')!r}}}}},\n"
-        "       'views': [{'name': 'v', 'entity': 'item', 'source': 'db', 'table': 't', 'key': 'id',\n"
-        "                  'features': {'a': 'int'}}]}\n"
-        "FeatureService.from_config(cfg).close()\n"
-        "print('asyncio' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    cfg = {"sources": {"db": {"type": "sqlite", "path": str(tmp_path / "x.db")}},
+           "views": [{"name": "v", "entity": "item", "source": "db", "table": "t", "key": "id",
+                      "features": {"a": "int"}}]}
+    code = f"from featuredao import FeatureService\nFeatureService.from_config({cfg!r}).close()"
+    assert loaded_after(code, ["asyncio"]) == []
 
 
 def test_adapters_come_from_entry_points() -> None:
