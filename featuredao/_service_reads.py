@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,11 @@ from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
 from featuredao.request import Part
 from featuredao.resilience import served_some
+from featuredao.steps import drive
 from featuredao.types import BatchResult, Degraded, Reason
+
+Queue = list[tuple[Part, "Future[BatchResult]"]]
+"""Parts one worker (or the caller's thread) reads, with the futures their request waits on."""
 
 if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
     import asyncio
@@ -39,6 +44,7 @@ class ServiceReads:
         """
         futures: list[Future[BatchResult]] = [Future() for _ in tasks]
         lanes: dict[object, list[list[tuple[Part, Future[BatchResult]]]]] = {}
+        together: dict[str, list[tuple[Part, Future[BatchResult]]]] = {}
         for task, fut in zip(tasks, futures, strict=True):
             started = time.perf_counter()
             hit = task.dao.peek(task.keys)
@@ -47,27 +53,27 @@ class ServiceReads:
                 fut.set_result(hit)
                 continue
             lane = task.dao.lane()
-            if lane is None:
-                lanes[id(task)] = [[(task, fut)]]
-                continue
-            group = lanes.setdefault(lane[0], [])
-            if len(group) < max(1, lane[1]):
-                group.append([(task, fut)])
+            if lane is not None and task.dao.grouped():
+                together.setdefault(lane[0], []).append((task, fut))
             else:
-                slot = group[sum(len(g) for g in group) % len(group)]
-                task.first = False
-                slot.append((task, fut))
-        queues = [queue for group in lanes.values() for queue in group]
-        mine = next((q for q in reversed(queues) if all(t.dao.bounded_reads() for t, _ in q)), None) \
+                _enqueue(lanes, task, fut, lane)
+        runs: list[tuple[Callable[[Queue, Deadline], None], Queue]] = []
+        for members in together.values():
+            if len(members) > 1:  # the views of one source read together: one round trip for all
+                runs.append((self._run_group, members))
+            else:
+                _enqueue(lanes, *members[0], members[0][0].dao.lane())
+        runs += [(self._run_lane, queue) for group in lanes.values() for queue in group]
+        mine = next((r for r in reversed(runs) if all(t.dao.bounded_reads() for t, _ in r[1])), None) \
             if inline else None
-        for queue in queues:
-            if queue is not mine:
-                self._submit(queue, deadline)
+        for run in runs:
+            if run is not mine:
+                self._submit(*run, deadline)
         if mine is not None:
             try:
-                self._run_lane(mine, deadline)
+                mine[0](mine[1], deadline)
             except Closed:
-                self._fail(mine)  # closed meanwhile: its reads answer Closed, as on a worker
+                self._fail(mine[1])  # closed meanwhile: its reads answer Closed, as on a worker
         return futures
 
     def _shed(self, tasks: list[Part]) -> list[BatchResult | BaseException | None]:
@@ -81,9 +87,9 @@ class ServiceReads:
             out.append(hit if hit is not None else shed)
         return out
 
-    def _submit(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
+    def _submit(self, run: Callable[[Queue, Deadline], None], queue: Queue, deadline: Deadline) -> None:
         try:
-            worker = self._pool.submit(self._run_lane, queue, deadline)
+            worker = self._pool.submit(run, queue, deadline)
         except RuntimeError:  # shut down by close() meanwhile
             worker = None
         if worker is None or worker.cancelled():
@@ -93,11 +99,11 @@ class ServiceReads:
         worker.add_done_callback(lambda _: self._fail(queue))
 
     @staticmethod
-    def _fail(queue: list[tuple[Part, Future[BatchResult]]]) -> None:
+    def _fail(queue: Queue) -> None:
         for _, fut in queue:
             _settle(fut, error=Closed("the service was closed"))
 
-    def _run_lane(self, queue: list[tuple[Part, Future[BatchResult]]], deadline: Deadline) -> None:
+    def _run_lane(self, queue: Queue, deadline: Deadline) -> None:
         with self._gate.admit():
             for task, fut in queue:
                 if fut.done():
@@ -105,6 +111,24 @@ class ServiceReads:
                 try:
                     # Its own timeout counts from when its read starts, never past the request's deadline.
                     result = self._read(task, deadline.within(task.timeout_s))
+                except BaseException as exc:  # handed to the waiting request
+                    _settle(fut, error=exc)
+                else:
+                    _settle(fut, result)
+
+    def _run_group(self, queue: Queue, deadline: Deadline) -> None:
+        """Views of one source read together (``featuredao.steps``): their fetches share round trips."""
+        with self._gate.admit():
+            live = [(task, fut) for task, fut in queue if not fut.done()]
+            started = time.perf_counter()
+            reads = [task.dao.read_steps(task.keys, as_of=task.as_of,
+                                         deadline=deadline.within(task.timeout_s)) for task, _ in live]
+            for (task, fut), outcome in zip(live, drive(reads), strict=True):
+                try:
+                    if not isinstance(outcome, BatchResult):
+                        self._metrics.error(task.view.name, reason_of(outcome).value)
+                        raise outcome
+                    result = self._checked(task, outcome, started)
                 except BaseException as exc:  # handed to the waiting request
                     _settle(fut, error=exc)
                 else:
@@ -177,6 +201,21 @@ class ServiceReads:
             else:
                 out.append(asyncio.ensure_future(self._aread(part, deadline)))
         return out
+
+
+def _enqueue(lanes: dict[object, list[Queue]], task: Part, fut: Future[BatchResult],
+             lane: tuple[str, int] | None) -> None:
+    """A part into its lane: a queue of its own while the lane has room, else behind others."""
+    if lane is None:
+        lanes[id(task)] = [[(task, fut)]]
+        return
+    group = lanes.setdefault(lane[0], [])
+    if len(group) < max(1, lane[1]):
+        group.append([(task, fut)])
+    else:
+        slot = group[sum(len(g) for g in group) % len(group)]
+        task.first = False
+        slot.append((task, fut))
 
 
 def _settle(fut: Future[BatchResult], result: BatchResult | None = None, *,

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from featuredao.deadline import Deadline
 from featuredao.errors import BackendTimeout
 from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
+from featuredao.steps import Chunks, Fetch, ReadSteps
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason, Row
 
 if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
@@ -132,6 +133,18 @@ class CachedDao(FeatureDao):
         deadline = Deadline.of(deadline, timeout_s)
         look = self._lookup(keys, deadline)
         outcome = self._load(look.pending, deadline, as_of) if look.pending else None
+        return self._answer(look, outcome, features, started)
+
+    def grouped(self) -> bool:
+        """L1 only in front of a DAO that reads in a group."""
+        return self._l2 is None and self.inner.grouped()
+
+    def read_steps(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                   as_of: float | None = None, deadline: Deadline) -> ReadSteps:
+        """``read_partial`` as steps: L1 first, the misses fetched with the other views of the source."""
+        started = time.perf_counter()
+        look = self._lookup(keys, deadline)
+        outcome = (yield from self._load_steps(look.pending, deadline, as_of)) if look.pending else None
         return self._answer(look, outcome, features, started)
 
     def native_async(self) -> bool:
@@ -305,12 +318,37 @@ class CachedDao(FeatureDao):
                 raise
             finally:
                 self._unclaim(mine, own)
+        self._wait_shared(merged, waits, deadline)
+        return merged
+
+    def _load_steps(self, keys: list[Key], deadline: Deadline,
+                    as_of: float | None) -> Generator[Fetch, Chunks, _Outcome]:
+        """``_load`` as steps: the inner read's fetch goes out with the other views' of its source."""
+        mine, waits, own = self._claim(keys)
+        merged = _Outcome({}, set(), None, [])
+        if mine:
+            try:
+                res = yield from self.inner.read_steps(mine, None, as_of=as_of, deadline=deadline)
+                merged = self._loaded(res, own)
+            except GeneratorExit:
+                own.set_exception(BackendTimeout("the read these keys waited for was given up",
+                                                 view=self.view.name))
+                raise
+            except BaseException as exc:
+                own.set_exception(exc)
+                raise
+            finally:
+                self._unclaim(mine, own)
+        self._wait_shared(merged, waits, deadline)
+        return merged
+
+    def _wait_shared(self, merged: _Outcome, waits: Mapping[Key, Future[_Outcome]],
+                     deadline: Deadline) -> None:
         for k, fut in waits.items():
             try:  # a coalesced waiter waits for the shared read no longer than its own deadline
                 self._shared(merged, k, fut.result(timeout=deadline.remaining()))
             except FutureTimeout:
                 self._shared(merged, k, None)
-        return merged
 
     async def _aload(self, keys: list[Key], deadline: Deadline, as_of: float | None) -> _Outcome:
         """``_load`` on the loop: the inner read awaited, reads in flight elsewhere awaited too."""

@@ -42,3 +42,6 @@ class Capabilities:
     bounded_reads: bool = False
     """Every wait of a table read (pool checkout, connect, each reply) ends within the time the read is
     given: ``fetch`` may run it in the caller's thread, since nothing but the time can hold it there."""
+    grouped_reads: bool = False
+    """Reads several views' chunks at once (``Source.read_group``): a request's views of this source
+    cost one round trip (Redis: one pipeline) instead of one each."""

@@ -43,6 +43,7 @@ from featuredao.ports import KeyValueStore as KeyValueStore
 from featuredao.ports import StateStore as StateStore
 from featuredao.sequence import SequenceQuery, Sequencer
 from featuredao.sequence_hooks import SequenceHooks
+from featuredao.steps import Chunks, Fetch, ReadSteps
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -113,6 +114,15 @@ class FeatureDao(ABC):
         """Whether a read never waits past the time it is given (so a caller may run it in its thread)."""
         return False
 
+    def grouped(self) -> bool:
+        """Whether ``read_steps`` can read this view together with other views of its source."""
+        return False
+
+    def read_steps(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                   as_of: float | None = None, deadline: Deadline) -> ReadSteps:
+        """``read_partial`` as steps (``featuredao.steps``), where ``grouped()``."""
+        raise Unsupported(f"view {self.view.name!r} cannot be read in a group")
+
     async def aread_partial(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
                             timeout_s: float | None = None, as_of: float | None = None,
                             deadline: Deadline | None = None) -> BatchResult:
@@ -174,6 +184,11 @@ class Source(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Round-trip to the store; raise a mapped BackendError on failure."""
+
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+        """Several views' fetches at once (``capabilities.grouped_reads``): per fetch its chunks' rows
+        (or BackendUnavailable), or the error its read raises; called inside ``operation()``."""
+        raise Unsupported(f"adapter {self.type_name!r} has no grouped reads")
 
     @contextmanager
     def operation(self, view: str | None = None) -> Iterator[None]:
@@ -361,6 +376,22 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
         size = max(1, self.source.batch_size)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
         return self._assemble(result, unique, fields, chunks, self._run_chunks(chunks, fields, at), started)
+
+    def grouped(self) -> bool:
+        """Table views of adapters with ``capabilities.grouped_reads``."""
+        return self.source.capabilities.grouped_reads and self._sequencer is None
+
+    def read_steps(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                   as_of: float | None = None, deadline: Deadline) -> ReadSteps:
+        """``read_partial`` as steps: the chunks go to the source's ``read_group`` with other views'."""
+        started = time.perf_counter()
+        result, unique, fields = self._plan(keys, features, as_of)
+        if not unique:
+            return result
+        size = max(1, self.source.batch_size)
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        parts = yield Fetch(self.source, self, self.view.name, chunks, fields, deadline.at)
+        return self._assemble(result, unique, fields, chunks, parts, started)
 
     def native_async(self) -> bool:
         """Table views of adapters with ``capabilities.async_reads`` read on the loop."""

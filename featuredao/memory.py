@@ -23,6 +23,7 @@ from featuredao.config import StrictModel, View
 from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
 from featuredao.errors import BackendError, BackendQueryError, BackendTimeout, BackendUnavailable
 from featuredao.sequence import Event, SequenceQuery, order_key
+from featuredao.steps import Chunks, Fetch
 from featuredao.types import Key, RawRows, Row
 
 if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
@@ -95,7 +96,8 @@ class MemorySource(Source):
     type_name = "memory"
     options_model = MemoryOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True, async_reads=True)
+                                state=True, sequences=True, sequence_filters=True, async_reads=True,
+                                grouped_reads=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: MemoryOptions) -> None:
@@ -173,6 +175,11 @@ class MemorySource(Source):
     def ping(self) -> None:
         with self.operation():
             self.round_trip(5.0)
+
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+        """Every fetch's chunks in one round trip."""
+        self.round_trip(timeout_s)
+        return [[f.dao._rows_of(chunk, f.fields) for chunk in f.chunks] for f in fetches]
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         return exc.kind if isinstance(exc, MemoryStoreError) else None

@@ -26,6 +26,7 @@ from featuredao.errors import (
 )
 from featuredao.keys import normalise, normaliser, readable
 from featuredao.metrics import Metrics
+from featuredao.steps import ReadSteps
 from featuredao.types import BatchResult, Degraded, FeatureValue, Key, Reason
 
 if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs start-up ~10%
@@ -304,6 +305,44 @@ class ResilientDao(FeatureDao):
             self._raised(breaker, exc, claim)
             raise
         return self._counted(breaker, result, claim)
+
+    def grouped(self) -> bool:
+        """A view without fallbacks whose DAO reads in a group."""
+        return not self.fallbacks and self.primary.grouped()
+
+    def read_steps(self, keys: Sequence[Key], features: Sequence[str] | None = None, *,
+                   as_of: float | None = None, deadline: Deadline) -> ReadSteps:
+        """``read_partial`` as steps, for a view without fallbacks: the same breaker and retries."""
+        norm, invalid = normalise(keys, self._norm, self._key_type)
+        breaker = self.breaker
+        if not breaker.allow():
+            result = self._refused(self.primary, breaker, norm)
+        else:
+            try:
+                result = yield from self._attempt_steps(norm, features, as_of, deadline)
+                for pause in self._pauses(deadline, result):
+                    time.sleep(pause)
+                    again = yield from self._attempt_steps(result.failed, features, as_of, deadline)
+                    result = self._merge_retry(result, again)
+                    if not self._retriable(result):
+                        break
+            except GeneratorExit:
+                breaker.release()  # given up unread: nothing learnt about the store
+                raise
+            except BaseException as exc:
+                self._raised(breaker, exc, None)
+                raise
+            result = self._counted(breaker, result, None)
+        if invalid:
+            result.degraded.insert(0, invalid_keys(self.view.name, self.view.key_type, invalid))
+        return result
+
+    def _attempt_steps(self, keys: Sequence[Key], features: Sequence[str] | None, as_of: float | None,
+                       deadline: Deadline) -> ReadSteps:
+        try:
+            return (yield from self.primary.read_steps(keys, features, as_of=as_of, deadline=deadline))
+        except BackendUnavailable as exc:
+            return BatchResult(list(keys), [None] * len(keys), failed=list(keys), error=exc)
 
     def native_async(self) -> bool:
         """A view without fallbacks whose DAO reads on the loop (a chain runs on the service's threads)."""

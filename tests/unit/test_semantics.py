@@ -98,8 +98,9 @@ def test_features_keyed_by_features_join_their_rows(cfg: dict[str, Any]) -> None
     assert result.entities == {"shop": {"shop_rating": 4.5}}
     assert result.context == {"hour": 9, "device": "unknown"}
     assert result.missing == {"items": [99], "user_category": ["u1_20"]}
-    # Each view read once, its distinct keys in one batch: 3 views in stage 1, 3 in stage 2.
-    assert trips == 6
+    # Each view read once, its distinct keys in one batch, and the views of a stage (one source) in one
+    # round trip together: 3 views in stage 1, 3 in stage 2.
+    assert trips == 2
 
 
 def test_an_unknown_user_is_told_from_a_stored_one(cfg: dict[str, Any]) -> None:
