@@ -80,8 +80,9 @@ class BoundedSSLConnection(_BoundedConnect, redis.SSLConnection):
 
 
 def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]], timeout_s: float | None,
-             retries: int) -> list[Any]:
-    """The replies of ``commands`` sent together; the first error reply is raised once all are read.
+             retries: int, *, error_replies: bool = False) -> list[Any]:
+    """The replies of ``commands`` sent together; the first error reply is raised once all are read
+    (``error_replies``: returned in its place, for a caller that sent several reads' commands).
 
     A dropped connection before any reply (a stale pooled socket after a restart) is retried at once, at
     most ``retries`` times: reads are idempotent, and a timeout is never retried (it used the time up).
@@ -115,6 +116,8 @@ def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]], timeout_s
             raise
         finally:
             pool.release(conn)
+        if error_replies:
+            return replies
         for reply in replies:
             if isinstance(reply, rexc.ResponseError):
                 raise reply

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
@@ -59,6 +60,7 @@ from featuredao.errors import (
     Closed,
     Overloaded,
 )
+from featuredao.steps import Chunks, Fetch
 from featuredao.types import Key, RawRows, Row
 
 from ._per_loop import PerLoop
@@ -82,7 +84,7 @@ class RedisSource(Source):
     options_model = RedisOptions
     view_options_model = RedisViewOptions
     capabilities = Capabilities(create=False, key_value=True, delete=True, sequences=True, async_reads=True,
-                                bounded_reads=True)
+                                bounded_reads=True, grouped_reads=True)
     default_batch_size = 100
     error_map = (
         (rexc.AuthenticationError, BackendAuthError),
@@ -129,6 +131,35 @@ class RedisSource(Source):
                           ssl_cert_reqs="required" if opts.tls_verify else "none",
                           ssl_check_hostname=opts.tls_verify and opts.tls_check_hostname)
         return kwargs
+
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+        """Every fetch's chunks in one pipelined round trip; a view whose command the server rejected
+        (WRONGTYPE) fails alone."""
+        client: Any = self.client()
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        commands: list[tuple[Any, ...]] = []
+        sizes: list[int] = []
+        for fetch in fetches:
+            for chunk in fetch.chunks:
+                sent = fetch.dao._read_commands(chunk, fetch.fields)
+                sizes.append(len(sent))
+                commands.extend(sent)
+        replies = iter(exchange(client, commands, timeout_s, self.options.retries, error_replies=True))
+        counts = iter(sizes)
+        out: list[Chunks | Exception] = []
+        for fetch in fetches:
+            answers = [list(islice(replies, next(counts))) for _ in fetch.chunks]
+            rejected = next((r for a in answers for r in a if isinstance(r, rexc.ResponseError)), None)
+            if rejected is not None:
+                try:
+                    fetch.dao._raise_wrongtype(rejected)
+                    raise self.translate(rejected, fetch.view) from rejected
+                except Exception as exc:
+                    out.append(exc)
+                continue
+            out.append([fetch.dao._read_rows(client, chunk, answer, fetch.fields, deadline)
+                        for chunk, answer in zip(fetch.chunks, answers, strict=True)])
+        return out
 
     def _retry(self) -> Retry:
         # Only dropped connections are retried, at once: a timeout already used up the caller's budget.
@@ -302,16 +333,35 @@ class RedisDao(RedisSequences):
             deadline = None if timeout_s is None else time.perf_counter() + timeout_s
             # Without a _Lost (callers other than read_partial): all or nothing.
             return self._cluster_read(keys, fields, deadline, self._reads.get(id(keys)))
-        rkeys = self._redis_keys(keys)
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         client: Any = self.source.client()
         try:
-            if self._format == "hash":
-                return self._fetch_hash(client, keys, rkeys, fields, timeout_s)
-            values = exchange(client, [("MGET", *rkeys)], timeout_s, self.source.options.retries)[0]
+            replies = exchange(client, self._read_commands(keys, fields), timeout_s,
+                               self.source.options.retries)
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
-        return self._decode_strings(keys, values, fields)
+        return self._read_rows(client, keys, replies, fields, deadline)
+
+    def _read_commands(self, keys: list[Key], fields: list[str]) -> list[tuple[Any, ...]]:
+        """What one chunk's read sends: one MGET, or an HMGET per key."""
+        rkeys = self._redis_keys(keys)
+        if self._format != "hash":
+            return [("MGET", *rkeys)]
+        fields_b = [self._fields_b[f] for f in fields]
+        return [("HMGET", rk, *fields_b) for rk in rkeys]
+
+    def _read_rows(self, client: Any, keys: list[Key], replies: list[Any], fields: list[str],
+                   deadline: float | None) -> RawRows:
+        """One chunk's rows from the replies to ``_read_commands`` (a hash row of nulls asks EXISTS)."""
+        if self._format != "hash":
+            return self._decode_strings(keys, replies[0], fields)
+
+        def exists(unsure: list[str]) -> list[int]:
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            return exchange(client, [("EXISTS", rk) for rk in unsure], left, self.source.options.retries)
+
+        return self._hash_rows(keys, replies, fields, exists)
 
     def native_async(self) -> bool:
         """Table views of a standalone server read on the loop; a cluster's per-node outcomes need threads."""
@@ -320,6 +370,10 @@ class RedisDao(RedisSequences):
     def bounded_reads(self) -> bool:
         """Table views of a standalone server (every wait of ``exchange`` ends at the read's time)."""
         return super().bounded_reads() and not self.source.is_cluster
+
+    def grouped(self) -> bool:
+        """Table views of a standalone server (a cluster's reads go to each key's node)."""
+        return super().grouped() and not self.source.is_cluster
 
     async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
         rkeys = self._redis_keys(keys)
@@ -343,20 +397,6 @@ class RedisDao(RedisSequences):
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
-
-    def _fetch_hash(self, client: Any, keys: list[Key], rkeys: list[str], fields: list[str],
-                    timeout_s: float | None) -> RawRows:
-        fields_b = [self._fields_b[f] for f in fields]
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        retries = self.source.options.retries
-        replies: list[list[bytes | None]] = exchange(client, [("HMGET", rk, *fields_b) for rk in rkeys],
-                                                     timeout_s, retries)
-
-        def exists(unsure: list[str]) -> list[int]:
-            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-            return exchange(client, [("EXISTS", rk) for rk in unsure], left, retries)
-
-        return self._hash_rows(keys, replies, fields, exists)
 
     # -- writes ----------------------------------------------------------------------------------------
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:
