@@ -16,6 +16,7 @@ from conftest import DEFAULTS, SMALL_BATCH
 from featuredao import FeatureService, factory
 from featuredao.dao import BaseDao
 from featuredao.deadline import Deadline
+from featuredao.errors import BackendQueryError
 from featuredao.steps import Chunks, Fetch, drive
 from featuredao.types import BatchResult, Key, Row
 
@@ -44,7 +45,7 @@ def config(backend: ContractBackend, batch_size: int | None = None) -> dict[str,
     def view(name: str, entity: str, features: dict[str, str], prefix: str) -> dict[str, Any]:
         return {"name": name, "entity": entity, "source": "store",
                 "table": f"{backend.table_prefix}g{n}_{name}", "key": "id", "key_type": "str",
-                "features": features, "prefix": prefix,
+                "features": features, "prefix": prefix, "timeout_ms": 5000,
                 "defaults": {f: DEFAULTS[f] for f in features if f in DEFAULTS},
                 "options": backend.view_options}
 
@@ -56,24 +57,29 @@ def config(backend: ContractBackend, batch_size: int | None = None) -> dict[str,
 class Pair:
     """Both views' own DAOs on one runtime of the backend, their storage created."""
 
-    def __init__(self, backend: ContractBackend, batch_size: int | None = None) -> None:
+    def __init__(self, backend: ContractBackend, batch_size: int | None = None,
+                 prepare: Sequence[str] = ("users", "items")) -> None:
         self.config = config(backend, batch_size)
         self.runtime = factory.build(self.config)
         users, items = self.runtime.daos["users"], self.runtime.daos["items"]
         assert isinstance(users, BaseDao) and isinstance(items, BaseDao)
         self.users, self.items = users, items
-        for dao in (users, items):
-            dao.prepare()
+        for name in prepare:
+            self.runtime.daos[name].prepare()
         assert users.grouped() and items.grouped()
 
     def seed(self, users: Sequence[Key], items: Sequence[Key]) -> None:
         assert self.users.upsert((k, user_row(i)) for i, k in enumerate(users)) == len(set(users))
         assert self.items.upsert((k, item_row(i)) for i, k in enumerate(items)) == len(set(items))
 
-    def together(self, user_keys: Sequence[Key], item_keys: Sequence[Key]) -> list[BatchResult]:
+    def outcomes(self, user_keys: Sequence[Key], item_keys: Sequence[Key]) -> list[BatchResult | Exception]:
         """Both views read with one ``drive``: their fetches go to the source's ``read_group`` at once."""
-        outcomes = drive([self.users.read_steps(user_keys, deadline=Deadline.after(5)),
-                          self.items.read_steps(item_keys, deadline=Deadline.after(5))])
+        return drive([self.users.read_steps(user_keys, deadline=Deadline.after(5)),
+                      self.items.read_steps(item_keys, deadline=Deadline.after(5))])
+
+    def together(self, user_keys: Sequence[Key], item_keys: Sequence[Key]) -> list[BatchResult]:
+        """``outcomes``, each of them an answer."""
+        outcomes = self.outcomes(user_keys, item_keys)
         out = []
         for outcome in outcomes:
             assert isinstance(outcome, BatchResult), outcome
@@ -104,8 +110,8 @@ def same(got: BatchResult, alone: BatchResult) -> None:
 def pair(backend: ContractBackend) -> Iterator[Any]:
     made: list[Pair] = []
 
-    def build(batch_size: int | None = None) -> Pair:
-        p = Pair(backend, batch_size)
+    def build(batch_size: int | None = None, prepare: Sequence[str] = ("users", "items")) -> Pair:
+        p = Pair(backend, batch_size, prepare)
         made.append(p)
         return p
 
@@ -155,6 +161,20 @@ def test_an_empty_side_reads_nothing(pair: Any, monkeypatch: pytest.MonkeyPatch)
     assert groups == [{"items": [["b", "nope"]]}]  # the empty read sent nothing
     users, items = p.together([], [])
     assert list(users) == [] and list(items) == [] and len(groups) == 1
+
+
+@pytest.mark.needs("grouped_reads", "create")
+def test_a_missing_table_fails_its_own_view_only(pair: Any) -> None:
+    """One view's query the store rejects: that read raises, as read alone; the other view is answered."""
+    p: Pair = pair(prepare=["users"])  # the items' storage is never created
+    assert p.users.upsert([("u1", user_row(1))]) == 1
+    users, items = p.outcomes(["u1", "u9"], ["a"])
+    assert isinstance(items, BackendQueryError), items
+    assert isinstance(users, BatchResult), users
+    same(users, p.users.read(["u1", "u9"]))
+    assert users.rows == [user_row(1), None]
+    with pytest.raises(BackendQueryError):
+        p.items.read(["a"])
 
 
 def test_a_fetch_of_a_user_and_items_answers_as_each_view_alone(pair: Any,

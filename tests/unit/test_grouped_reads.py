@@ -368,3 +368,51 @@ def test_afetch_answers_as_the_grouped_fetch(svc: FeatureService) -> None:
         expected, cost = trips(svc, lambda: svc.fetch(user, items))  # noqa: B023 - called at once
         assert answer(got) == answer(expected)
         assert cost == 1  # the fetch it is compared with read its views together
+
+
+# -- what one view of the group meets costs that view only ----------------------------------------------
+
+def test_a_missing_table_of_one_view_fails_that_view_only() -> None:
+    """As when each view is read alone: the view whose table does not exist degrades ``query_error``,
+    the other views of its source are served (the store rejected one query, not the round trip)."""
+    def without_stats(grouped: bool) -> FeatureService:
+        svc = FeatureService.from_config(config())
+        assert svc.runtime is not None
+        source = mem(svc)
+        if not grouped:
+            off = dataclasses.replace(source.capabilities, grouped_reads=False)
+            setattr(source, "capabilities", off)  # noqa: B010 - an instance's own, over the class's
+        daos = svc.runtime.daos
+        for name in ("users", "items"):  # the stats table is never created
+            daos[name].prepare()
+        daos["users"].upsert([("u1", {"age": 30, "city": "Oslo"})])
+        daos["items"].upsert([(1, {"price": 0.5})])
+        return svc
+
+    with without_stats(True) as grouped, without_stats(False) as alone:
+        got, cost = trips(grouped, lambda: grouped.fetch("u1", [1]))
+        expected = alone.fetch("u1", [1])
+    assert cost == 1
+    assert reasons(expected) == {"stats": {Reason.QUERY_ERROR}}
+    assert reasons(got) == reasons(expected)
+    assert got.user == expected.user == {"u_age": 30, "u_city": "Oslo"}
+    assert got.items == expected.items == [{"price": 0.5, "s_clicks": 0}]
+
+
+def test_a_view_waiting_for_another_requests_read_does_not_hold_up_its_group() -> None:
+    """A cached view whose keys another request is loading waits for that read; the other views of its
+    group must not wait with it. Each round trip takes 400 ms: read alone, the user view (600 ms) is
+    served; held behind the wait (~350 ms) and then its own round trip it would run out of time."""
+    cfg = config(cache=["stats"], timeouts={"users": 600})
+    with seeded(cfg, latency_ms=400) as svc:
+        loading = threading.Thread(target=lambda: svc.daos["stats"].read_partial([1], timeout_s=5))
+        loading.start()
+        time.sleep(0.05)  # that read holds key 1 of stats while it waits out the round trip
+        try:
+            result, cost = trips(svc, lambda: svc.fetch("u1", [1]))
+        finally:
+            loading.join(5)
+    assert cost == 1  # this request's one group (users, items): stats waits for the read under way
+    assert result.degraded == [], [(d.view, d.reason, d.detail) for d in result.degraded]
+    assert result.user == {"u_age": 30, "u_city": "Oslo"}
+    assert result.items == [{"price": 0.5, "s_clicks": 10}]
