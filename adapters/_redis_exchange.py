@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -29,18 +28,6 @@ def _within(configured: float | None) -> float | None:
     if left is None:
         return configured
     return left if configured is None else min(configured, left)
-
-
-@contextmanager
-def _bounded(deadline: float | None) -> Iterator[None]:
-    if deadline is None:
-        yield
-        return
-    _bound.left = max(deadline - time.perf_counter(), 0.0)
-    try:
-        yield
-    finally:
-        _bound.left = None
 
 
 class BoundedPool(redis.BlockingConnectionPool):
@@ -91,12 +78,21 @@ def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]], timeout_s
     pool = client.connection_pool
     attempt = 0
     while True:
-        with _bounded(deadline):
+        if deadline is not None:  # the checkout, and the reconnect of a dropped connection, wait no longer
+            _bound.left = max(deadline - time.perf_counter(), 0.0)
+        try:
             conn: Any = pool.get_connection()
+        except BaseException:
+            _bound.left = None
+            raise
         replies: list[Any] = []
         try:
-            with _bounded(deadline):  # a dropped connection reconnects here
+            try:
+                if deadline is not None:
+                    _bound.left = max(deadline - time.perf_counter(), 0.0)
                 conn.send_packed_command(conn.pack_commands(commands))
+            finally:
+                _bound.left = None
             for _ in commands:
                 try:
                     if deadline is None:

@@ -50,7 +50,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from featuredao.config import View
-from featuredao.dao import Capabilities, Source
+from featuredao.dao import Capabilities, Chunks, Fetch, Source
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -60,7 +60,6 @@ from featuredao.errors import (
     Closed,
     Overloaded,
 )
-from featuredao.steps import Chunks, Fetch
 from featuredao.types import Key, RawRows, Row
 
 from ._per_loop import PerLoop

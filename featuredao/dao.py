@@ -15,7 +15,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -43,7 +42,9 @@ from featuredao.ports import KeyValueStore as KeyValueStore
 from featuredao.ports import StateStore as StateStore
 from featuredao.sequence import SequenceQuery, Sequencer
 from featuredao.sequence_hooks import SequenceHooks
-from featuredao.steps import Chunks, Fetch, ReadSteps
+from featuredao.steps import Chunks as Chunks
+from featuredao.steps import Fetch as Fetch
+from featuredao.steps import ReadSteps
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -68,6 +69,34 @@ if TYPE_CHECKING:  # asyncio is imported where a loop runs: at import it costs s
 log = logging.getLogger("featuredao")
 
 ErrorMap = Sequence[tuple[type[BaseException], type[BackendError]]]
+
+
+class _Operation:
+    """``Source.operation``'s context (a class, not a generator: it is entered on every read)."""
+
+    __slots__ = ("source", "view")
+
+    def __init__(self, source: Source, view: str | None) -> None:
+        self.source = source
+        self.view = view
+
+    def __enter__(self) -> None:
+        self.source._gate.enter()
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        source = self.source
+        source._gate.leave()
+        if exc is None or not isinstance(exc, Exception):
+            return
+        if source._gate.closed and not isinstance(exc, Closed):
+            # Interrupted (or its connection freed) by close(): say so, not "the store failed".
+            raise Closed(f"source {source.name!r} was closed during the operation") from exc
+        if isinstance(exc, FeatureDaoError):
+            return
+        mapped = source.translate(exc, self.view)
+        if mapped is not exc:
+            raise mapped from exc
 
 
 class FeatureDao(ABC):
@@ -190,27 +219,12 @@ class Source(ABC):
         (or BackendUnavailable), or the error its read raises; called inside ``operation()``."""
         raise Unsupported(f"adapter {self.type_name!r} has no grouped reads")
 
-    @contextmanager
-    def operation(self, view: str | None = None) -> Iterator[None]:
+    def operation(self, view: str | None = None) -> _Operation:
         """One unit of store work: refused after close, counted until it ends, driver errors mapped.
 
         The one place a driver exception becomes ours (``raise ... from`` the original).
         """
-        self._gate.enter()
-        try:
-            yield
-        except Exception as exc:
-            if self._gate.closed and not isinstance(exc, Closed):
-                # Interrupted (or its connection freed) by close(): say so, not "the store failed".
-                raise Closed(f"source {self.name!r} was closed during the operation") from exc
-            if isinstance(exc, FeatureDaoError):
-                raise
-            mapped = self.translate(exc, view)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-        finally:
-            self._gate.leave()
+        return _Operation(self, view)
 
     @property
     def closed(self) -> bool:

@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from featuredao.deadline import Deadline
@@ -32,36 +32,40 @@ log = logging.getLogger("featuredao")
 class Gate:
     """Admits work until closed; ``close`` waits (bounded) until the admitted work has left."""
 
-    __slots__ = ("_cond", "_in_flight", "_what", "closed")
+    __slots__ = ("_cond", "_in_flight", "_lock", "_what", "closed")
 
     def __init__(self, what: str) -> None:
         self._what = what
-        self._cond = threading.Condition(threading.Lock())
+        # Entered on every read: the plain lock (a C call), the condition only where close waits on it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._in_flight = 0
         self.closed = False
 
     def enter(self) -> None:
         """Admit one unit of work; raise Closed once the gate is closed."""
-        with self._cond:
+        with self._lock:
             if self.closed:
                 raise Closed(f"{self._what} is closed")
             self._in_flight += 1
 
     def leave(self) -> None:
         """The admitted unit of work has ended."""
-        with self._cond:
+        with self._lock:
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self.closed:  # only drain() waits, and only once closed
                 self._cond.notify_all()
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """``enter`` for the duration of a block."""
+    def admit(self) -> Gate:
+        """``enter`` for the duration of a ``with`` block."""
+        return self
+
+    def __enter__(self) -> None:
         self.enter()
-        try:
-            yield
-        finally:
-            self.leave()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.leave()
 
     def shut(self) -> bool:
         """Stop admitting work; True only for the first call (the one that must finish the close)."""
