@@ -44,8 +44,8 @@ def connection_lost(exc: BaseException) -> bool:
     return error_code(exc) in GONE_CODES and "timed out" not in str(exc)
 
 
-def _reusable(exc: BaseException) -> bool:
-    """The server answered with an error: the connection is still in step and can go back to the pool."""
+def statement_error(exc: BaseException) -> bool:
+    """The server answered with an error: the connection is still in step, fit for the next statement."""
     code = error_code(exc)
     return isinstance(exc, pymysql.err.MySQLError) and code is not None and code < 2000 \
         and code not in GONE_CODES
@@ -78,7 +78,7 @@ class ConnectionPool:
             try:
                 yield conn, fresh
             except BaseException as exc:
-                self._give_back(conn, _reusable(exc))
+                self._give_back(conn, statement_error(exc))
                 raise
             self._give_back(conn, True)
         finally:

@@ -9,6 +9,9 @@ chosen per view in ``options``:
 * ``tall``: rows of (key, feature name, value text[, event time]); with an event-time column the
   newest value per (key, feature) wins, as in PaiRec's Hologres/ClickHouse feature tables. A key is
   found when at least one of the requested features has a row.
+
+The views of one source that a request reads together (``read_group``) share one pool checkout: each
+chunk's statement runs on that connection in turn, limited by the time the group has left.
 """
 
 from __future__ import annotations
@@ -17,18 +20,32 @@ import datetime as dt
 import decimal
 import json
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from featuredao.config import View, quote_identifier
 from featuredao.dao import BaseDao, Source, StateStore
-from featuredao.errors import Unsupported
+from featuredao.errors import BackendTimeout, BackendUnavailable, Unsupported
 from featuredao.types import FeatureType, Key, RawRows, Row
 
 from ._sql_dialect import POSTGRES, Dialect, SqlViewOptions
 from ._sql_sequence import SqlSequenceDao
 from ._sql_statements import SqlStatements, decode_key
+
+_T = TypeVar("_T")
+_Chunks = list[RawRows | BackendUnavailable]
+"""A fetch's answer: per chunk its rows or the BackendUnavailable it failed with (``steps.Chunks``)."""
+
+
+class _Fetch(Protocol):
+    """What ``read_group`` uses of one view's fetch (``featuredao.steps.Fetch``)."""
+
+    dao: Any
+    view: str
+    chunks: list[list[Key]]
+    fields: list[str]
 
 
 class SqlSource(Source):
@@ -40,6 +57,61 @@ class SqlSource(Source):
     @abstractmethod
     def fetch(self, sql: str, params: Sequence[Any], timeout_s: float | None) -> Sequence[Sequence[Any]]:
         """Run one read statement (cancelled on the server when ``timeout_s`` runs out); return its rows."""
+
+    @abstractmethod
+    def _on_connection(self, work: Callable[[Any], _T], timeout_s: float | None) -> _T:
+        """Run ``work`` on one pooled connection within ``timeout_s`` (the checkout ``fetch`` makes)."""
+
+    @abstractmethod
+    def _select(self, conn: Any, sql: str, params: Sequence[Any],
+                timeout_s: float | None) -> Sequence[Sequence[Any]]:
+        """One read statement on ``conn``, cancelled on the server after ``timeout_s`` (``fetch``'s body)."""
+
+    @abstractmethod
+    def _statement_failed(self, exc: BaseException, conn: Any) -> bool:
+        """Whether the server refused one statement (a missing table...) and ``conn`` can run the next."""
+
+    def read_group(self, fetches: Sequence[_Fetch], timeout_s: float | None) -> list[_Chunks | Exception]:
+        """Every fetch's chunks on one pooled connection, a statement each, each limited by the time the
+        group has left. A statement the server refuses fails its fetch alone (the next runs on the same
+        connection); a connection-level error fails the group, as one round trip would."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def work(conn: Any) -> list[_Chunks | Exception]:
+            return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
+
+        answers: list[_Chunks | Exception] = self._on_connection(work, timeout_s)
+        return answers
+
+    def _read_chunks(self, conn: Any, fetch: _Fetch, deadline: float | None) -> _Chunks | Exception:
+        """One fetch's chunks, as its DAO's ``_fetch_batch`` reads each, or the error its read raises."""
+        st: SqlStatements = fetch.dao.statements
+        sql = st.select(fetch.fields)
+        parts: _Chunks = []
+        failure: BackendUnavailable | None = None
+        for chunk in fetch.chunks:
+            left = None if deadline is None else deadline - time.monotonic()
+            if failure is None and left is not None and left <= 0:
+                failure = BackendTimeout("deadline passed before the store answered", source=self.name,
+                                         view=fetch.view)
+            if failure is not None:
+                parts.append(failure)  # as a view read alone: no more statements after a failed chunk
+                continue
+            try:
+                rows = self._select(conn, sql, st.params(chunk, fetch.fields), left)
+            except Exception as exc:
+                if self.closed or not self._statement_failed(exc, conn):
+                    raise
+                mapped = self.translate(exc, fetch.view)
+                if mapped is not exc:
+                    mapped.__cause__ = exc  # as operation() raises it: from the driver's error
+                if not isinstance(mapped, BackendUnavailable):
+                    return mapped if isinstance(mapped, Exception) else exc
+                failure = mapped  # the server cancelled it at its time limit
+                parts.append(mapped)
+                continue
+            parts.append(st.decode(rows, fetch.fields))
+        return parts
 
     async def afetch(self, sql: str, params: Sequence[Any],
                      timeout_s: float | None) -> Sequence[Sequence[Any]]:

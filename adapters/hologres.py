@@ -99,7 +99,8 @@ class HologresSource(SqlSource):
     options_model = HologresOptions
     dialect = POSTGRES
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True, async_reads=True)
+                                state=True, sequences=True, sequence_filters=True, async_reads=True,
+                                grouped_reads=True)
     default_batch_size = 600
     error_map = (
         (psycopg.errors.QueryCanceled, BackendTimeout),
@@ -243,27 +244,36 @@ class HologresSource(SqlSource):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def fetch(self, sql: str, params: Sequence[Any], timeout_s: float | None) -> Sequence[Sequence[Any]]:
-        per_call = self.options.per_call_timeout
+        return self._run(lambda conn, left: self._select(conn, sql, params, left), timeout_s, own_limit=True)
 
-        def work(conn: psycopg.Connection[Any], left: float | None) -> list[Any]:
-            want = limit_ms(left, per_call)
-            with conn.cursor(binary=True) as cur:
-                if getattr(conn, "session_limit_ms", None) == want:
-                    cur.execute(sql, params)  # the session already runs with this limit
-                    return cur.fetchall()
-                try:
-                    # One round trip: the limit and the read share the pipeline's implicit transaction.
-                    with conn.pipeline():
-                        conn.execute(*limit_statement(want))
-                        cur.execute(sql, params)
-                except BaseException:
-                    # The failed transaction rolled the setting back (or not, if it failed later).
-                    conn.session_limit_ms = _UNKNOWN  # type: ignore[attr-defined]
-                    raise
-                conn.session_limit_ms = want  # type: ignore[attr-defined]
+    def _select(self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any],
+                timeout_s: float | None) -> list[Any]:
+        """One read on ``conn`` with ``statement_timeout`` for ``timeout_s`` (see the module docstring)."""
+        want = limit_ms(timeout_s, self.options.per_call_timeout)
+        with conn.cursor(binary=True) as cur:
+            if getattr(conn, "session_limit_ms", None) == want:
+                cur.execute(sql, params)  # the session already runs with this limit
                 return cur.fetchall()
+            try:
+                # One round trip: the limit and the read share the pipeline's implicit transaction.
+                with conn.pipeline():
+                    conn.execute(*limit_statement(want))
+                    cur.execute(sql, params)
+            except BaseException:
+                # The failed transaction rolled the setting back (or not, if it failed later).
+                conn.session_limit_ms = _UNKNOWN  # type: ignore[attr-defined]
+                raise
+            conn.session_limit_ms = want  # type: ignore[attr-defined]
+            return cur.fetchall()
 
-        return self._run(work, timeout_s, own_limit=True)
+    def _on_connection(self, work: Callable[[psycopg.Connection[Any]], _T], timeout_s: float | None) -> _T:
+        # Each statement sets its own limit (_select): no reset of the session limit first.
+        return self._run(lambda conn, left: work(conn), timeout_s, own_limit=True)
+
+    def _statement_failed(self, exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
+        # The server answered with an error and the session goes on: autocommit connections (the pool's,
+        # _connect_kwargs) end the failed statement's implicit transaction with it, so nothing to roll back.
+        return isinstance(exc, psycopg.Error) and exc.sqlstate is not None and not conn.broken
 
     async def afetch(self, sql: str, params: Sequence[Any],
                      timeout_s: float | None) -> Sequence[Sequence[Any]]:

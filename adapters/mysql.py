@@ -23,7 +23,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pymysql
 import pymysql.converters
@@ -49,10 +49,13 @@ from ._mysql_pool import (
     close_quietly,
     connection_lost,
     error_code,
+    statement_error,
 )
 from ._sql_dialect import MYSQL, SqlSourceOptions
 
 __all__ = ["ConnectionPool", "FeedBatch", "FeedGap", "MySQLDao", "MySQLOptions", "MySQLSource"]
+
+_T = TypeVar("_T")
 
 # max_statement_time (MariaDB), MAX_EXECUTION_TIME (MySQL), KILL QUERY, lock wait timeout.
 _TIMEOUT_CODES = frozenset({1969, 3024, 1317, 1205})
@@ -78,7 +81,7 @@ class MySQLSource(FeedSource):
     options_model = MySQLOptions
     dialect = MYSQL
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True)
+                                state=True, sequences=True, sequence_filters=True, grouped_reads=True)
     default_batch_size = 1000
     error_map = (
         (pymysql.err.InterfaceError, BackendUnavailable),
@@ -133,16 +136,25 @@ class MySQLSource(FeedSource):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def fetch(self, sql: str, params: Sequence[Any], timeout_s: float | None) -> Sequence[Sequence[Any]]:
-        sql = self._limited(sql, self.options.read_timeout_ms / 1000 if timeout_s is None else timeout_s)
-
-        def work(conn: Connection) -> Sequence[Sequence[Any]]:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                rows: Sequence[Sequence[Any]] = cur.fetchall()
-                return rows
-
-        rows: Sequence[Sequence[Any]] = self._run(work, timeout_s)
+        rows: Sequence[Sequence[Any]] = self._run(lambda conn: self._select(conn, sql, params, timeout_s),
+                                                  timeout_s)
         return rows
+
+    def _select(self, conn: Connection, sql: str, params: Sequence[Any],
+                timeout_s: float | None) -> Sequence[Sequence[Any]]:
+        """One read on ``conn`` with the server-side limit ``timeout_s`` (None: ``read_timeout_ms``)."""
+        limit = self.options.read_timeout_ms / 1000 if timeout_s is None else timeout_s
+        with conn.cursor() as cur:
+            cur.execute(self._limited(sql, limit), params)
+            rows: Sequence[Sequence[Any]] = cur.fetchall()
+            return rows
+
+    def _on_connection(self, work: Callable[[Connection], _T], timeout_s: float | None) -> _T:
+        result: _T = self._run(work, timeout_s)
+        return result
+
+    def _statement_failed(self, exc: BaseException, conn: Connection) -> bool:
+        return statement_error(exc)
 
     def write(self, sql: str, params: list[tuple[Any, ...]]) -> None:
         def work(conn: Connection) -> None:
@@ -196,10 +208,7 @@ class MySQLSource(FeedSource):
         return self._connect()
 
     def raw_rows(self, conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-        with conn.cursor() as cur:
-            cur.execute(self._limited(sql, self.options.read_timeout_ms / 1000), params)
-            rows: Sequence[Sequence[Any]] = cur.fetchall()
-            return rows
+        return self._select(conn, sql, params, None)
 
     def ping(self) -> None:
         self.fetch("SELECT 1", (), self.options.read_timeout_ms / 1000)
