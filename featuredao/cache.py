@@ -325,22 +325,20 @@ class CachedDao(FeatureDao):
                     as_of: float | None) -> Generator[Fetch, Chunks, _Outcome]:
         """``_load`` as steps: the inner read's fetch goes out with the other views' of its source."""
         mine, waits, own = self._claim(keys)
-        merged = _Outcome({}, set(), None, [])
-        if mine:
-            try:
-                res = yield from self.inner.read_steps(mine, None, as_of=as_of, deadline=deadline)
-                merged = self._loaded(res, own)
-            except GeneratorExit:
-                own.set_exception(BackendTimeout("the read these keys waited for was given up",
-                                                 view=self.view.name))
-                raise
-            except BaseException as exc:
-                own.set_exception(exc)
-                raise
-            finally:
-                self._unclaim(mine, own)
-        self._wait_shared(merged, waits, deadline)
-        return merged
+        # Keys another request is loading are read again rather than waited for: the wait would hold
+        # up every view of this round trip, which carries them at little cost.
+        try:
+            res = yield from self.inner.read_steps([*mine, *waits], None, as_of=as_of, deadline=deadline)
+            return self._loaded(res, own)
+        except GeneratorExit:
+            own.set_exception(BackendTimeout("the read these keys waited for was given up",
+                                             view=self.view.name))
+            raise
+        except BaseException as exc:
+            own.set_exception(exc)
+            raise
+        finally:
+            self._unclaim(mine, own)
 
     def _wait_shared(self, merged: _Outcome, waits: Mapping[Key, Future[_Outcome]],
                      deadline: Deadline) -> None:

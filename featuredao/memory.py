@@ -177,9 +177,15 @@ class MemorySource(Source):
             self.round_trip(5.0)
 
     def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
-        """Every fetch's chunks in one round trip."""
+        """Every fetch's chunks in one round trip; a view whose table is missing fails alone."""
         self.round_trip(timeout_s)
-        return [[f.dao._rows_of(chunk, f.fields) for chunk in f.chunks] for f in fetches]
+        out: list[Chunks | Exception] = []
+        for f in fetches:
+            try:
+                out.append([f.dao._rows_of(chunk, f.fields) for chunk in f.chunks])
+            except MemoryStoreError as exc:
+                out.append(self.translate(exc, f.view))  # type: ignore[arg-type]
+        return out
 
     def map_error(self, exc: BaseException) -> type[BackendError] | None:
         return exc.kind if isinstance(exc, MemoryStoreError) else None

@@ -18,6 +18,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 
 VARIANTS = [(f"redis_{name}", "redis") for name in LAYOUTS] + \
     [(f"redis_cluster_{name}", "redis_cluster") for name in LAYOUTS]
+# A cluster's reads go to each key's node on their own: its views are not read in one group.
+LACKS = {f"redis_cluster_{name}": frozenset({"grouped_reads"}) for name in LAYOUTS}
 # A sequence view's layout (a sorted set per key) does not depend on the table layouts: one variant each.
 SEQUENCE_VARIANTS = ["redis_msgpack", "redis_cluster_msgpack"]
 
