@@ -23,10 +23,10 @@ import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from featuredao.config import View, quote_identifier
-from featuredao.dao import BaseDao, Source, StateStore
+from featuredao.dao import BaseDao, Chunks, Fetch, Source, StateStore
 from featuredao.errors import BackendTimeout, BackendUnavailable, Unsupported
 from featuredao.types import FeatureType, Key, RawRows, Row
 
@@ -35,17 +35,6 @@ from ._sql_sequence import SqlSequenceDao
 from ._sql_statements import SqlStatements, decode_key
 
 _T = TypeVar("_T")
-_Chunks = list[RawRows | BackendUnavailable]
-"""A fetch's answer: per chunk its rows or the BackendUnavailable it failed with (``steps.Chunks``)."""
-
-
-class _Fetch(Protocol):
-    """What ``read_group`` uses of one view's fetch (``featuredao.steps.Fetch``)."""
-
-    dao: Any
-    view: str
-    chunks: list[list[Key]]
-    fields: list[str]
 
 
 class SqlSource(Source):
@@ -71,23 +60,23 @@ class SqlSource(Source):
     def _statement_failed(self, exc: BaseException, conn: Any) -> bool:
         """Whether the server refused one statement (a missing table...) and ``conn`` can run the next."""
 
-    def read_group(self, fetches: Sequence[_Fetch], timeout_s: float | None) -> list[_Chunks | Exception]:
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
         """Every fetch's chunks on one pooled connection, a statement each, each limited by the time the
         group has left. A statement the server refuses fails its fetch alone (the next runs on the same
         connection); a connection-level error fails the group, as one round trip would."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
-        def work(conn: Any) -> list[_Chunks | Exception]:
+        def work(conn: Any) -> list[Chunks | Exception]:
             return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
 
-        answers: list[_Chunks | Exception] = self._on_connection(work, timeout_s)
+        answers: list[Chunks | Exception] = self._on_connection(work, timeout_s)
         return answers
 
-    def _read_chunks(self, conn: Any, fetch: _Fetch, deadline: float | None) -> _Chunks | Exception:
+    def _read_chunks(self, conn: Any, fetch: Fetch, deadline: float | None) -> Chunks | Exception:
         """One fetch's chunks, as its DAO's ``_fetch_batch`` reads each, or the error its read raises."""
         st: SqlStatements = fetch.dao.statements
         sql = st.select(fetch.fields)
-        parts: _Chunks = []
+        parts: Chunks = []
         failure: BackendUnavailable | None = None
         for chunk in fetch.chunks:
             left = None if deadline is None else deadline - time.monotonic()
