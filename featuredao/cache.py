@@ -331,14 +331,17 @@ class CachedDao(FeatureDao):
             res = yield from self.inner.read_steps([*mine, *waits], None, as_of=as_of, deadline=deadline)
             return self._loaded(res, own)
         except GeneratorExit:
-            own.set_exception(BackendTimeout("the read these keys waited for was given up",
-                                             view=self.view.name))
+            self._given_up(own)
             raise
         except BaseException as exc:
             own.set_exception(exc)
             raise
         finally:
             self._unclaim(mine, own)
+
+    def _given_up(self, own: Future[_Outcome]) -> None:
+        # This request gave up (its deadline); the others waiting for these keys have not.
+        own.set_exception(BackendTimeout("the read these keys waited for was given up", view=self.view.name))
 
     def _wait_shared(self, merged: _Outcome, waits: Mapping[Key, Future[_Outcome]],
                      deadline: Deadline) -> None:
@@ -358,9 +361,7 @@ class CachedDao(FeatureDao):
                 res = await self.inner.aread_partial(mine, None, as_of=as_of, deadline=deadline)
                 merged = self._loaded(res, own)
             except asyncio.CancelledError:
-                # This request gave up (its deadline); the others waiting for these keys have not.
-                own.set_exception(BackendTimeout("the read these keys waited for was given up",
-                                                 view=self.view.name))
+                self._given_up(own)
                 raise
             except BaseException as exc:
                 own.set_exception(exc)

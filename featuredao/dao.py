@@ -387,8 +387,7 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result  # no round trip for an empty batch
-        size = max(1, self.source.batch_size)
-        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        chunks = self._chunks(unique)
         return self._assemble(result, unique, fields, chunks, self._run_chunks(chunks, fields, at), started)
 
     def grouped(self) -> bool:
@@ -402,8 +401,7 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result
-        size = max(1, self.source.batch_size)
-        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        chunks = self._chunks(unique)
         parts = yield Fetch(self.source, self, self.view.name, chunks, fields, deadline.at)
         return self._assemble(result, unique, fields, chunks, parts, started)
 
@@ -427,8 +425,7 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
         result, unique, fields = self._plan(keys, features, as_of)
         if not unique:
             return result
-        size = max(1, self.source.batch_size)
-        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        chunks = self._chunks(unique)
         outcomes = await asyncio.gather(*(self._acall(c, fields, deadline) for c in chunks),
                                         return_exceptions=True)
         for outcome in outcomes:
@@ -446,6 +443,10 @@ class BaseDao(SequenceHooks, SyncHooks, FeatureDao):
                 return await asyncio.wait_for(self._afetch_batch(keys, fields, left), left)
             except TimeoutError:
                 raise self._timeout() from None
+
+    def _chunks(self, unique: list[Key]) -> list[list[Key]]:
+        size = max(1, self.source.batch_size)
+        return [unique[i:i + size] for i in range(0, len(unique), size)]
 
     def _plan(self, keys: Sequence[Key], features: Sequence[str] | None,
               as_of: float | None) -> tuple[BatchResult, list[Key], list[str]]:
