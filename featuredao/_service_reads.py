@@ -59,7 +59,10 @@ class ServiceReads:
                 _enqueue(lanes, task, fut, lane)
         runs: list[tuple[Callable[[Queue, Deadline], None], Queue]] = []
         for members in together.values():
-            if len(members) > 1:  # the views of one source read together: one round trip for all
+            # The views of one source read together: one round trip for all. A lone view too, where its
+            # reads are bounded (the caller's thread may run it): its chunks then share one round trip
+            # instead of queueing for the GIL on the source's threads.
+            if len(members) > 1 or members[0][0].dao.bounded_reads():
                 runs.append((self._run_group, members))
             else:
                 _enqueue(lanes, *members[0], members[0][0].dao.lane())
