@@ -51,6 +51,9 @@ life of the DAO (no further round trips; a table altered later is seen after a r
   creates the full layout above and forgets what was cached.
 
 The first use spends one extra round trip inside its own deadline.
+
+The views of one source that a request reads together share one Client of the pool (``read_group``, in
+``_clickhouse_group``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,7 +74,7 @@ from clickhouse_driver import errors as ch_errors
 from pydantic import Field, SecretStr
 
 from featuredao.config import Identifier, StrictModel, View
-from featuredao.dao import BaseDao, Capabilities, Source
+from featuredao.dao import BaseDao, Capabilities, Chunks, Fetch, Source
 from featuredao.errors import (
     BackendAuthError,
     BackendError,
@@ -82,9 +85,10 @@ from featuredao.errors import (
 )
 from featuredao.types import FeatureType, Key, RawRows, Row
 
+from ._clickhouse_group import read_on_one_client
 from ._clickhouse_sequence import ClickHouseSequenceDao
 from ._clickhouse_sync import ClickHouseSyncDao
-from ._clickhouse_table import ClickHouseViewOptions, Layout, TableLayout, q
+from ._clickhouse_table import ClickHouseViewOptions, Layout, Query, TableLayout, q
 
 __all__ = ["ClickHouseDao", "ClickHouseOptions", "ClickHouseSource", "ClickHouseViewOptions"]
 
@@ -184,7 +188,7 @@ class ClickHouseSource(Source):
     options_model = ClickHouseOptions
     view_options_model = ClickHouseViewOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, sequences=True,
-                                sequence_filters=True)
+                                sequence_filters=True, grouped_reads=True)
     default_batch_size = 1000
 
     def __init__(self, name: str, options: ClickHouseOptions) -> None:
@@ -220,32 +224,37 @@ class ClickHouseSource(Source):
             timeout_s = self.options.read_timeout_ms / 1000
         deadline = time.perf_counter() + timeout_s
         with self._pool.client(timeout_s) as client:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise BackendTimeout("deadline passed before the query was sent", source=self.name)
-            self._arm(client, left)
-            limit = max(1, math.ceil(left))
-            if self._max_execution_time:  # a configured limit still caps long deadlines
-                limit = min(limit, self._max_execution_time)
-            settings = {
-                **self._settings,
-                "max_execution_time": limit,
-                # Progress packets at this interval let the loop below notice the deadline.
-                "interactive_delay": int(min(100_000, max(5_000, left * 250_000))),
-            }
-            if len(sql) > 200_000 or (params and _rough_size(params) > 200_000):
-                settings["max_query_size"] = 64 * 1024 * 1024  # the default 256 KiB fits ~5000 keys
-            progress = client.execute_with_progress(sql, params, settings=settings,
-                                                    query_id=uuid.uuid4().hex)
-            for _ in progress:
-                if time.perf_counter() >= deadline:
-                    self._cancel(client)
-                    break
-            else:
-                rows: list[Any] = progress.get_result()
-                return rows
-        # Raised outside the borrow: a cleanly cancelled Client goes back to the pool.
-        raise BackendTimeout(f"query cancelled after {timeout_s:.3f}s", source=self.name)
+            rows = self._select_on(client, sql, params, deadline)
+        if rows is None:  # raised outside the borrow: a cleanly cancelled Client goes back to the pool
+            raise BackendTimeout(f"query cancelled after {timeout_s:.3f}s", source=self.name)
+        return rows
+
+    def _select_on(self, client: Any, sql: str, params: dict[str, Any] | None,
+                   deadline: float) -> list[Any] | None:
+        """One SELECT on a borrowed Client, ended by ``deadline`` (``time.perf_counter``): its rows, or None
+        when it was cancelled then (the Client stays usable: drained, or disconnected to reconnect)."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise BackendTimeout("deadline passed before the query was sent", source=self.name)
+        self._arm(client, left)
+        limit = max(1, math.ceil(left))
+        if self._max_execution_time:  # a configured limit still caps long deadlines
+            limit = min(limit, self._max_execution_time)
+        settings = {
+            **self._settings,
+            "max_execution_time": limit,
+            # Progress packets at this interval let the loop below notice the deadline.
+            "interactive_delay": int(min(100_000, max(5_000, left * 250_000))),
+        }
+        if len(sql) > 200_000 or (params and _rough_size(params) > 200_000):
+            settings["max_query_size"] = 64 * 1024 * 1024  # the default 256 KiB fits ~5000 keys
+        progress = client.execute_with_progress(sql, params, settings=settings, query_id=uuid.uuid4().hex)
+        for _ in progress:
+            if time.perf_counter() >= deadline:
+                self._cancel(client)
+                return None
+        rows: list[Any] = progress.get_result()
+        return rows
 
     def _cancel(self, client: Any) -> None:
         """Stop the running query on the server and drain its stream so the Client stays usable."""
@@ -266,6 +275,11 @@ class ClickHouseSource(Source):
                 client.execute(sql, settings=self._settings or None)
             else:
                 client.execute(sql, data, settings=self._settings or None)
+
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+        """Every fetch's chunks on one borrowed Client, each statement limited by the time the group has
+        left (``_clickhouse_group``)."""
+        return read_on_one_client(self, self._pool.client, self._select_on, fetches, timeout_s)
 
     def next_version(self) -> int:
         """A version larger than every one this process handed out (nanoseconds since the epoch)."""
@@ -379,10 +393,15 @@ class ClickHouseDao(ClickHouseSyncDao, ClickHouseSequenceDao, BaseDao):
         return sql, with_nulls
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        return self.read_chunk(self.source.query, keys, fields, timeout_s)
+
+    def read_chunk(self, query: Query, keys: list[Key], fields: list[str],
+                   timeout_s: float | None) -> RawRows:
+        """One chunk's statement sent with ``query`` (the source's own, or a group's Client), decoded."""
         layout = self._tables.known
         if layout is None:  # first use: the inspection spends part of this read's time
             started = time.perf_counter()
-            layout = self._layout(timeout_s)
+            layout = self._tables.get(query, timeout_s)
             if timeout_s is not None:
                 timeout_s -= time.perf_counter() - started
                 if timeout_s <= 0:
@@ -394,14 +413,14 @@ class ClickHouseDao(ClickHouseSyncDao, ClickHouseSequenceDao, BaseDao):
             if fields:
                 params["fields"] = tuple(fields)
             tall: dict[Key, dict[str, Any]] = {}
-            for row in self.source.query(sql, params, timeout_s):
+            for row in query(sql, params, timeout_s):
                 found = tall.get(row[0])
                 if found is None:
                     tall[row[0]] = found = {}
                 if len(row) > 1:
                     found[row[1]] = row[2]
             return tall
-        rows = self.source.query(sql, params, timeout_s)
+        rows = query(sql, params, timeout_s)
         if not with_nulls:
             return {r[0]: dict(zip(fields, r[1:], strict=True)) for r in rows}
         out: dict[Key, dict[str, Any]] = {}

@@ -1,4 +1,8 @@
-"""The embedded SQLite adapter: wide tables (one row per key, one column per feature), lists as JSON text."""
+"""The embedded SQLite adapter: wide tables (one row per key, one column per feature), lists as JSON text.
+
+The views of one source that a request reads together (``read_group``) share one pooled connection: each
+chunk's statement runs on it in turn, interrupted when the group's time is up.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator
 
 from featuredao.config import StrictModel, View, quote_identifier
-from featuredao.dao import BaseDao, Capabilities, Change, Source, StateStore
+from featuredao.dao import BaseDao, Capabilities, Change, Chunks, Fetch, Source, StateStore
 from featuredao.errors import (
     BackendError,
     BackendQueryError,
@@ -60,7 +64,7 @@ class SqliteSource(Source):
     type_name = "sqlite"
     options_model = SqliteOptions
     capabilities = Capabilities(server_timeout=True, scan=True, changes=True, delete=True, change_feed=True,
-                                state=True, sequences=True, sequence_filters=True)
+                                state=True, sequences=True, sequence_filters=True, grouped_reads=True)
     default_batch_size = 500
 
     def __init__(self, name: str, options: SqliteOptions) -> None:
@@ -131,6 +135,49 @@ class SqliteSource(Source):
         else:
             conn.close()  # by the thread that ran on it: no statement is running any more
 
+    def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+        """Every fetch's chunks on one pooled connection, a statement each, interrupted when the group's
+        time is up (the borrow's progress handler). A statement SQLite refuses (one view's missing table)
+        fails its fetch alone and the next runs on the same connection; a file that cannot be read fails
+        the group."""
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        try:
+            with self.connection(timeout_s) as conn:
+                return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
+        except Overloaded:
+            # No connection of our own pool in time: each read fails as this process's load (not as the
+            # store's timeout, which a late answer of chunks would become), as when it waits alone.
+            return [Overloaded("no free connection of the pool in time", source=self.name, view=f.view)
+                    for f in fetches]
+
+    def _read_chunks(self, conn: sqlite3.Connection, fetch: Fetch,
+                     deadline: float | None) -> Chunks | Exception:
+        """One fetch's chunks, each as its DAO's ``_fetch_batch`` reads it, or the error its read raises.
+
+        As a view read alone, no statement follows a chunk that failed: the rest fail with it.
+        """
+        dao: SqliteDao = fetch.dao
+        parts: Chunks = []
+        for i, chunk in enumerate(fetch.chunks):
+            left = len(fetch.chunks) - i
+            if deadline is not None and time.perf_counter() >= deadline:
+                late = BackendTimeout("deadline passed before the store answered", source=self.name,
+                                      view=fetch.view)
+                return [*parts, *[late] * left]
+            try:
+                rows = dao._statement(conn, chunk, fetch.fields)
+            except sqlite3.Error as exc:
+                kind = self.map_error(exc)
+                if self.closed or kind is None or kind is BackendUnavailable:
+                    raise  # interrupted by close, or the file itself failed: the whole group
+                error = kind(self.error_detail(exc, kind, fetch.view), source=self.name, view=fetch.view)
+                error.__cause__ = exc  # as operation() raises it: from the driver's error
+                if isinstance(error, BackendTimeout):  # interrupted at the group's deadline, or still locked
+                    return [*parts, *[error] * left]
+                return error  # refused (no such table...): the connection runs the next fetch
+            parts.append(dao._decode(rows, fetch.fields))
+        return parts
+
     def dao(self, view: View) -> SqliteDao:
         return SqliteDao(self, view)
 
@@ -180,10 +227,17 @@ class SqliteDao(SqliteSequenceDao, BaseDao):
         self._exact: dict[tuple[str, ...], tuple[type[Any], ...]] = {}
 
     def _fetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
+        with self.source.connection(timeout_s) as conn:
+            rows = self._statement(conn, keys, fields)
+        return self._decode(rows, fields)
+
+    def _statement(self, conn: sqlite3.Connection, keys: list[Key], fields: list[str]) -> list[Any]:
+        """One chunk's read statement on ``conn``: its rows as stored (``_decode`` makes them RawRows)."""
         cols = ", ".join([self._key, *(quote_identifier(f) for f in fields)])
         sql = f"SELECT {cols} FROM {self._table} WHERE {self._key} IN ({', '.join('?' * len(keys))})"
-        with self.source.connection(timeout_s) as conn:
-            rows = conn.execute(sql, keys).fetchall()
+        return conn.execute(sql, keys).fetchall()
+
+    def _decode(self, rows: list[Any], fields: list[str]) -> RawRows:
         exact = self._exact.get(tuple(fields))
         if exact is None:
             # Rows whose every value has its feature's exact type need no coercion: compared in C per row
