@@ -75,6 +75,18 @@ from ._redis_sequence import RedisSequences
 __all__ = ["PartialWrite", "RedisDao", "RedisOptions", "RedisSource", "RedisViewOptions"]
 
 
+def _group_commands(fetches: Sequence[Fetch]) -> tuple[list[tuple[Any, ...]], list[int]]:
+    """Every chunk's read commands in order, and how many each chunk sent."""
+    commands: list[tuple[Any, ...]] = []
+    sizes: list[int] = []
+    for fetch in fetches:
+        for chunk in fetch.chunks:
+            sent = fetch.dao._read_commands(chunk, fetch.fields)
+            sizes.append(len(sent))
+            commands.extend(sent)
+    return commands, sizes
+
+
 class RedisSource(Source):
     """One Redis server or cluster, with its connection pool(s)."""
 
@@ -136,28 +148,48 @@ class RedisSource(Source):
         (WRONGTYPE) fails alone."""
         client: Any = self.client()
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        commands: list[tuple[Any, ...]] = []
-        sizes: list[int] = []
-        for fetch in fetches:
-            for chunk in fetch.chunks:
-                sent = fetch.dao._read_commands(chunk, fetch.fields)
-                sizes.append(len(sent))
-                commands.extend(sent)
-        replies = iter(exchange(client, commands, timeout_s, self.options.retries, error_replies=True))
-        counts = iter(sizes)
+        commands, sizes = _group_commands(fetches)
+        replies = exchange(client, commands, timeout_s, self.options.retries, error_replies=True)
+        return [answer if isinstance(answer, Exception) else
+                [fetch.dao._read_rows(client, chunk, replies, fetch.fields, deadline)
+                 for chunk, replies in zip(fetch.chunks, answer, strict=True)]
+                for fetch, answer in zip(fetches, self._split(fetches, sizes, replies), strict=True)]
+
+    async def aread_group(self, fetches: Sequence[Fetch],
+                          timeout_s: float | None) -> list[Chunks | Exception]:
+        """``read_group`` with the running loop's asyncio client: one pipelined round trip."""
+        client = await self.aclient()
+        commands, sizes = _group_commands(fetches)
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies = await pipe.execute(raise_on_error=False)
         out: list[Chunks | Exception] = []
-        for fetch in fetches:
-            answers = [list(islice(replies, next(counts))) for _ in fetch.chunks]
-            rejected = next((r for a in answers for r in a if isinstance(r, rexc.ResponseError)), None)
-            if rejected is not None:
-                try:
-                    fetch.dao._raise_wrongtype(rejected)
-                    raise self.translate(rejected, fetch.view) from rejected
-                except Exception as exc:
-                    out.append(exc)
+        for fetch, answer in zip(fetches, self._split(fetches, sizes, replies), strict=True):
+            if isinstance(answer, Exception):
+                out.append(answer)
                 continue
-            out.append([fetch.dao._read_rows(client, chunk, answer, fetch.fields, deadline)
-                        for chunk, answer in zip(fetch.chunks, answers, strict=True)])
+            out.append([await fetch.dao._aread_rows(client, chunk, replies, fetch.fields)
+                        for chunk, replies in zip(fetch.chunks, answer, strict=True)])
+        return out
+
+    def _split(self, fetches: Sequence[Fetch], sizes: list[int],
+               replies: list[Any]) -> list[list[list[Any]] | Exception]:
+        """Per fetch, its chunks' replies, or the error of a command the server rejected."""
+        stream = iter(replies)
+        counts = iter(sizes)
+        out: list[list[list[Any]] | Exception] = []
+        for fetch in fetches:
+            answers = [list(islice(stream, next(counts))) for _ in fetch.chunks]
+            rejected = next((r for a in answers for r in a if isinstance(r, rexc.ResponseError)), None)
+            if rejected is None:
+                out.append(answers)
+                continue
+            try:
+                fetch.dao._raise_wrongtype(rejected)
+                raise self.translate(rejected, fetch.view) from rejected
+            except Exception as exc:
+                out.append(exc)
         return out
 
     def _retry(self) -> Retry:
@@ -375,27 +407,34 @@ class RedisDao(RedisSequences):
         return super().grouped() and not self.source.is_cluster
 
     async def _afetch_batch(self, keys: list[Key], fields: list[str], timeout_s: float | None) -> RawRows:
-        rkeys = self._redis_keys(keys)
         client = await self.source.aclient()
+        commands = self._read_commands(keys, fields)
         try:
-            if self._format != "hash":
-                values = await client.execute_command("MGET", *rkeys)  # type: ignore[no-untyped-call]
-                return self._decode_strings(keys, values, fields)
-            fields_b = [self._fields_b[f] for f in fields]
-            pipe = client.pipeline(transaction=False)
-            for rk in rkeys:
-                pipe.execute_command("HMGET", rk, *fields_b)
-            found_keys, found, unsure = self._hash_found(keys, await pipe.execute(), fields)
-            answers: list[int] = []
-            if unsure:
+            if len(commands) == 1:  # one MGET: no pipeline around it
+                replies = [await client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
+            else:
                 pipe = client.pipeline(transaction=False)
-                for rk in self._redis_keys(found_keys[i] for i in unsure):
-                    pipe.execute_command("EXISTS", rk)
-                answers = list(await pipe.execute())
-            return self._hash_decode(found_keys, found, unsure, answers, fields)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute()
         except rexc.ResponseError as exc:
             self._raise_wrongtype(exc)
             raise
+        return await self._aread_rows(client, keys, replies, fields)
+
+    async def _aread_rows(self, client: Any, keys: list[Key], replies: list[Any],
+                          fields: list[str]) -> RawRows:
+        """``_read_rows`` with the asyncio client (a hash row of nulls asks EXISTS)."""
+        if self._format != "hash":
+            return self._decode_strings(keys, replies[0], fields)
+        found_keys, found, unsure = self._hash_found(keys, replies, fields)
+        answers: list[int] = []
+        if unsure:
+            pipe = client.pipeline(transaction=False)
+            for rk in self._redis_keys(found_keys[i] for i in unsure):
+                pipe.execute_command("EXISTS", rk)
+            answers = list(await pipe.execute())
+        return self._hash_decode(found_keys, found, unsure, answers, fields)
 
     # -- writes ----------------------------------------------------------------------------------------
     def _write_batch(self, rows: list[tuple[Key, Row]]) -> None:

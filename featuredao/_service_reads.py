@@ -14,7 +14,7 @@ from featuredao.lifecycle import Gate
 from featuredao.metrics import Metrics
 from featuredao.request import Part
 from featuredao.resilience import served_some
-from featuredao.steps import drive
+from featuredao.steps import adrive, drive
 from featuredao.types import BatchResult, Degraded, Reason
 
 Queue = list[tuple[Part, "Future[BatchResult]"]]
@@ -128,14 +128,39 @@ class ServiceReads:
                                          deadline=deadline.within(task.timeout_s)) for task, _ in live]
             for (task, fut), outcome in zip(live, drive(reads), strict=True):
                 try:
-                    if not isinstance(outcome, BatchResult):
-                        self._metrics.error(task.view.name, reason_of(outcome).value)
-                        raise outcome
-                    result = self._checked(task, outcome, started)
+                    result = self._finished(task, outcome, started)
                 except BaseException as exc:  # handed to the waiting request
                     _settle(fut, error=exc)
                 else:
                     _settle(fut, result)
+
+    async def _arun_group(self, queue: list[tuple[Part, asyncio.Future[BatchResult]]],
+                          deadline: Deadline) -> None:
+        """``_run_group`` on the loop: the views' fetches go to the source's ``aread_group`` at once."""
+        started = time.perf_counter()
+        reads = [task.dao.read_steps(task.keys, as_of=task.as_of, deadline=deadline.within(task.timeout_s))
+                 for task, _ in queue]
+        try:
+            outcomes = await adrive(reads)
+        except BaseException as exc:  # cancelled (the request, or close): nobody waits in vain
+            for _, fut in queue:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else Closed("the read was stopped"))
+            raise
+        for (task, fut), outcome in zip(queue, outcomes, strict=True):
+            if fut.done():
+                continue  # the request stopped waiting for it
+            try:
+                fut.set_result(self._finished(task, outcome, started))
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    def _finished(self, task: Part, outcome: BatchResult | Exception, started: float) -> BatchResult:
+        """A grouped read's outcome as its request takes it: checked and counted, or its error raised."""
+        if not isinstance(outcome, BatchResult):
+            self._metrics.error(task.view.name, reason_of(outcome).value)
+            raise outcome
+        return self._checked(task, outcome, started)
 
     def _read(self, task: Part, deadline: Deadline) -> BatchResult:
         started = time.perf_counter()
@@ -189,21 +214,41 @@ class ServiceReads:
         import asyncio
         native = {id(p) for p in parts if p.dao.native_async()}
         threaded = iter(self._start([p for p in parts if id(p) not in native], deadline))
-        out: list[asyncio.Future[BatchResult]] = []
+        loop = asyncio.get_running_loop()
+        out: list[asyncio.Future[BatchResult] | None] = []
+        together: dict[str, list[int]] = {}
         for part in parts:
             if id(part) not in native:
                 out.append(asyncio.wrap_future(next(threaded)))
                 continue
             started = time.perf_counter()
             hit = part.dao.peek(part.keys)
+            lane = part.dao.lane()
             if hit is not None:
                 self._metrics.read(part.view.name, time.perf_counter() - started, len(part.keys), hit.found)
-                done: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+                done: asyncio.Future[BatchResult] = loop.create_future()
                 done.set_result(hit)
                 out.append(done)
+            elif lane is not None and part.dao.grouped():
+                together.setdefault(lane[0], []).append(len(out))
+                out.append(None)  # below: read with the other views of its source, or alone
             else:
                 out.append(asyncio.ensure_future(self._aread(part, deadline)))
-        return out
+        for members in together.values():
+            if len(members) == 1:
+                out[members[0]] = asyncio.ensure_future(self._aread(parts[members[0]], deadline))
+                continue
+            queue = [(parts[i], loop.create_future()) for i in members]  # one round trip, as in fetch
+            for i, (_, fut) in zip(members, queue, strict=True):
+                out[i] = fut
+            asyncio.ensure_future(self._arun_group(queue, deadline)).add_done_callback(_retrieved)
+        return [fut for fut in out if fut is not None]
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Read a finished group task's outcome: its error reached the request through the parts' futures."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _enqueue(lanes: dict[object, list[Queue]], task: Part, fut: Future[BatchResult],

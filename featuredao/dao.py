@@ -44,7 +44,7 @@ from featuredao.sequence import SequenceQuery, Sequencer
 from featuredao.sequence_hooks import SequenceHooks
 from featuredao.steps import Chunks as Chunks
 from featuredao.steps import Fetch as Fetch
-from featuredao.steps import ReadSteps
+from featuredao.steps import ReadSteps, each_alone
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -218,6 +218,12 @@ class Source(ABC):
         """Several views' fetches at once (``capabilities.grouped_reads``): per fetch its chunks' rows
         (or BackendUnavailable), or the error its read raises; called inside ``operation()``."""
         raise Unsupported(f"adapter {self.type_name!r} has no grouped reads")
+
+    async def aread_group(self, fetches: Sequence[Fetch],
+                          timeout_s: float | None) -> list[Chunks | Exception]:
+        """``read_group`` with the driver's asyncio client (``grouped_reads`` and ``async_reads``); by
+        default each view's chunks read as when it is read alone, concurrently."""
+        return await each_alone(self, fetches, timeout_s)
 
     def operation(self, view: str | None = None) -> _Operation:
         """One unit of store work: refused after close, counted until it ends, driver errors mapped.

@@ -179,6 +179,15 @@ class MemorySource(Source):
     def read_group(self, fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
         """Every fetch's chunks in one round trip; a view whose table is missing fails alone."""
         self.round_trip(timeout_s)
+        return self._group_rows(fetches)
+
+    async def aread_group(self, fetches: Sequence[Fetch],
+                          timeout_s: float | None) -> list[Chunks | Exception]:
+        """``read_group`` with the round trip awaited."""
+        await self.around_trip(timeout_s)
+        return self._group_rows(fetches)
+
+    def _group_rows(self, fetches: Sequence[Fetch]) -> list[Chunks | Exception]:
         out: list[Chunks | Exception] = []
         for f in fetches:
             try:

@@ -4,6 +4,7 @@ answers each view read alone."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -204,3 +205,28 @@ def test_a_fetch_of_a_user_and_items_answers_as_each_view_alone(pair: Any,
                             for r in items.rows]
     assert result.items[0] == {f"i_{k}": v for k, v in item_row(2).items()}
     assert result.missing == {"items": ["zz"]}
+
+
+@pytest.mark.needs("grouped_reads", "async_reads")
+def test_an_afetch_of_a_user_and_items_is_one_group_answering_as_fetch(
+        pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the loop, the views of one source go to ``aread_group`` together and answer as ``fetch``."""
+    p: Pair = pair()
+    p.seed(["u1", "u2"], ["a", "b", "c"])
+    item_keys = ["c", "zz", "a", "c"]
+    with FeatureService.from_config(p.config) as service:
+        assert service.runtime is not None
+        source = service.runtime.sources["store"]
+        seen: list[list[str]] = []
+        real = source.aread_group
+
+        async def spy(fetches: Sequence[Fetch], timeout_s: float | None) -> list[Chunks | Exception]:
+            seen.append(sorted(f.view for f in fetches))
+            return await real(fetches, timeout_s)
+
+        expected = service.fetch("u2", item_keys)
+        monkeypatch.setattr(source, "aread_group", spy)
+        got = asyncio.run(service.afetch("u2", item_keys))
+    assert seen == [["items", "users"]]
+    assert got.degraded == [] and expected.degraded == []
+    assert (got.user, got.items, got.missing) == (expected.user, expected.items, expected.missing)

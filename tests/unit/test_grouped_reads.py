@@ -370,6 +370,26 @@ def test_afetch_answers_as_the_grouped_fetch(svc: FeatureService) -> None:
         assert cost == 1  # the fetch it is compared with read its views together
 
 
+def test_afetch_reads_the_views_of_one_source_in_one_round_trip(svc: FeatureService) -> None:
+    """On the loop too: the views' fetches go to the source's aread_group together, awaited."""
+    expected = svc.fetch("u1", [1, 2, 99])
+    got, cost = trips(svc, lambda: asyncio.run(svc.afetch("u1", [1, 2, 99])))
+    assert cost == 1
+    assert answer(got) == answer(expected)
+
+
+def test_afetch_of_a_view_out_of_time_degrades_that_view_only() -> None:
+    """A group on the loop keeps each view's own timeout: the short one times out, the others serve."""
+    with seeded(config(timeouts={"users": 100}, deadline_ms=3000), latency_ms=400) as slow:
+        started = time.perf_counter()
+        result, cost = trips(slow, lambda: asyncio.run(slow.afetch("u1", [1, 2])))
+        took = time.perf_counter() - started
+    assert cost == 1
+    assert {d.view: d.reason for d in result.degraded} == {"users": Reason.TIMEOUT}
+    assert result.items == [{"price": 0.5, "s_clicks": 10}, {"price": 1.0, "s_clicks": 20}]
+    assert took < 3.1  # the request's deadline, never the store's pace
+
+
 # -- what one view of the group meets costs that view only ----------------------------------------------
 
 def test_a_missing_table_of_one_view_fails_that_view_only() -> None:
