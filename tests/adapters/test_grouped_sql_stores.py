@@ -1,8 +1,11 @@
-"""Views of one SQLite or ClickHouse source read together (``read_group``): one pool checkout for all.
+"""Views of one SQL-like source read together (``read_group``): one pool checkout for all their statements.
 
-Runs on a SQLite file of the test and on the throwaway ClickHouse server (wide and tall layouts). The
-checkouts are counted on the real pool objects (SQLite's ``_checkout``, the ClickHouse pool's ``client``),
-each wrapper calling through to the original; the drivers stay real.
+Every test runs once per store through the ``backend`` fixture: sqlite on a file of the test, mysql on
+MariaDB, hologres on PostgreSQL and ClickHouse in its wide and tall layouts, on the throwaway servers. What
+differs between them is in each :class:`Backend`: the source config built from its server, how a pool
+checkout is counted on the real pool object (each wrapper calling through to the original, the drivers
+stay real), how a connection of the pool is held, the driver's missing-table error and how a slow table
+is made. Tests that hold for some stores only take their own subset of the same params.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import pytest
 from clickhouse_driver import Client
 from clickhouse_driver import errors as ch_errors
+from test_sql import HOLOGRES, MYSQL, Dialect, SqlBackend
 
 from featuredao import FeatureService, factory
 from featuredao.dao import BaseDao
@@ -37,16 +42,16 @@ _names = itertools.count()
 
 @dataclass
 class Backend:
-    """One store variant: its source options, view options and how to make a slow "table" in it."""
+    """One store variant: its source and view options and what differs in its pool, errors and SQL."""
 
-    kind: str
-    """``sqlite`` or ``clickhouse``."""
+    name: str
+    """The param id."""
     source_options: dict[str, Any]
     view_options: dict[str, Any] = field(default_factory=dict)
-    server: ClickHouseServer | None = None
     run: str = field(default_factory=lambda: f"{time.time_ns() % 10**9}_{next(_names)}")
 
     def table(self, what: str) -> str:
+        """A table name no other test uses."""
         return f"g_{what}_{self.run}"
 
     def source(self, **extra: Any) -> dict[str, Any]:
@@ -57,21 +62,100 @@ class Backend:
                 "key_type": "str", "features": features, "prefix": f"{name}_", "options": self.view_options,
                 **extra}
 
+    def count_checkouts(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+        """Each connection (Client) the source's own pool hands out from now on."""
+        raise NotImplementedError
+
+    def hold(self, source: Any) -> AbstractContextManager[Any]:
+        """Borrow the pool's connection (Client) until the block ends."""
+        raise NotImplementedError
+
     def missing_table(self, error: BaseException | None) -> bool:
         """Whether ``error`` is the driver's own "no such table" error."""
-        if self.kind == "sqlite":
-            return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
+        raise NotImplementedError
+
+    def make_slow(self) -> tuple[str, dict[str, Any]]:
+        """A table (key ``id``, feature ``n``, row ``k0``) that any read of it takes seconds over, and the
+        options its view needs."""
+        raise NotImplementedError
+
+    def trace_statements(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """Each statement the source sends from now on."""
+        raise NotImplementedError
+
+    def reads_keys(self, statement: str) -> bool:
+        """Whether a traced statement is a read of keys (not the store's own bookkeeping)."""
+        return "IN" in statement.upper()
+
+
+@dataclass
+class SqliteBackend(Backend):
+    def count_checkouts(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+        handed: list[Any] = []
+        checkout: Callable[[], Any] = source._checkout
+
+        def counting_checkout() -> Any:
+            conn = checkout()
+            handed.append(conn)
+            return conn
+
+        monkeypatch.setattr(source, "_checkout", counting_checkout)
+        return handed
+
+    def hold(self, source: Any) -> AbstractContextManager[Any]:
+        return source.connection()  # type: ignore[no-any-return]
+
+    def missing_table(self, error: BaseException | None) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
+
+    def make_slow(self) -> tuple[str, dict[str, Any]]:
+        table = self.table("slow")
+        with contextlib.closing(sqlite3.connect(self.source_options["path"])) as conn:
+            conn.execute(f'CREATE VIEW "{table}" AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL '
+                         "SELECT x + 1 FROM c WHERE x < 1000000000) "
+                         'SELECT CAST(x AS TEXT) AS "id", x AS "n" FROM c')
+        return table, {}
+
+    def trace_statements(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        sent: list[str] = []
+        checkout = source._checkout
+
+        def traced() -> Any:
+            conn = checkout()
+            conn.set_trace_callback(sent.append)  # every statement SQLite is asked to run
+            return conn
+
+        monkeypatch.setattr(source, "_checkout", traced)
+        return sent
+
+
+@dataclass
+class ClickHouseBackend(Backend):
+    server: ClickHouseServer | None = None
+
+    def count_checkouts(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+        handed: list[Any] = []
+        pool = source._pool
+        borrow = pool.client
+
+        @contextlib.contextmanager
+        def counting_borrow(wait_s: float | None) -> Iterator[Any]:
+            with borrow(wait_s) as client:
+                handed.append(client)
+                yield client
+
+        monkeypatch.setattr(pool, "client", counting_borrow)
+        return handed
+
+    def hold(self, source: Any) -> AbstractContextManager[Any]:
+        return source._pool.client(None)  # type: ignore[no-any-return]
+
+    def missing_table(self, error: BaseException | None) -> bool:
         return isinstance(error, ch_errors.ServerException) and error.code == 60
 
-    def make_slow(self, table: str) -> None:
-        """A view named ``table`` (key ``id``, feature ``n``) that any read scans for many seconds."""
-        if self.kind == "sqlite":
-            with contextlib.closing(sqlite3.connect(self.source_options["path"])) as conn:
-                conn.execute(f'CREATE VIEW "{table}" AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL '
-                             "SELECT x + 1 FROM c WHERE x < 1000000000) "
-                             'SELECT CAST(x AS TEXT) AS "id", x AS "n" FROM c')
-            return
+    def make_slow(self) -> tuple[str, dict[str, Any]]:
         assert self.server is not None
+        table = self.table("slow")
         raw = Client(self.server.host, port=self.server.port, user=self.server.user,
                      password=self.server.password, database=self.server.database)
         try:
@@ -79,31 +163,129 @@ class Backend:
                         "FROM system.numbers WHERE sipHash64(number) = 1")
         finally:
             raw.disconnect()
+        return table, {"options": {"layout": "wide", "final": False}}  # no FINAL over a view
+
+    def trace_statements(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        sent: list[str] = []
+        select_on = source._select_on
+
+        def counted(client: Any, sql: str, params: Any, deadline: float) -> Any:
+            sent.append(sql)
+            return select_on(client, sql, params, deadline)
+
+        monkeypatch.setattr(source, "_select_on", counted)
+        return sent
+
+
+@dataclass
+class ServerSqlBackend(Backend):
+    """mysql or hologres: a :class:`Dialect` of test_sql with its live server."""
+
+    sql: SqlBackend | None = None
+
+    @property
+    def _sql(self) -> SqlBackend:
+        assert self.sql is not None
+        return self.sql
+
+    def count_checkouts(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+        handed: list[Any] = []
+        if source.type_name == "mysql":
+            pool = source._pool  # featuredao's pool for pymysql: a context manager of (connection, fresh)
+            borrow = pool.connection
+
+            @contextlib.contextmanager
+            def counting_borrow(timeout_s: float | None) -> Iterator[Any]:
+                with borrow(timeout_s) as (conn, fresh):
+                    handed.append(conn)
+                    yield conn, fresh
+
+            monkeypatch.setattr(pool, "connection", counting_borrow)
+            return handed
+        pool = source._pool_ready()  # psycopg_pool's ConnectionPool
+        getconn: Callable[..., Any] = pool.getconn
+
+        def counting_getconn(*args: Any, **kwargs: Any) -> Any:
+            conn = getconn(*args, **kwargs)
+            handed.append(conn)
+            return conn
+
+        monkeypatch.setattr(pool, "getconn", counting_getconn)
+        return handed
+
+    def hold(self, source: Any) -> AbstractContextManager[Any]:
+        if source.type_name == "mysql":
+            return source._pool.connection(None)  # type: ignore[no-any-return]
+        return source._connection(None)  # type: ignore[no-any-return]
+
+    def missing_table(self, error: BaseException | None) -> bool:
+        kind, code = self._sql.dialect.missing_table_error
+        return isinstance(error, kind) and self._sql.dialect.error_code(error) == code
+
+    def make_slow(self) -> tuple[str, dict[str, Any]]:
+        d = self._sql.dialect
+        table = self.table("base")
+        with self._sql.cursor() as cur:
+            cur.execute(f"CREATE TABLE {table} (id {d.key_type} PRIMARY KEY, n BIGINT)")
+            cur.execute(f"INSERT INTO {table} VALUES ('k0', 0)")
+            cur.execute(d.slow_view.format(table=table))
+        return f"{table}_slow", {}
+
+    def trace_statements(self, source: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        sent: list[str] = []
+        select = source._select
+
+        def counted(conn: Any, sql: str, params: Any, timeout_s: float | None) -> Any:
+            sent.append(sql)
+            return select(conn, sql, params, timeout_s)
+
+        monkeypatch.setattr(source, "_select", counted)
+        return sent
+
+    def reads_keys(self, statement: str) -> bool:
+        return True  # only the reads' own statements are traced (the session's limits are not)
 
 
 def _sqlite(request: pytest.FixtureRequest) -> Backend:
     tmp: Path = request.getfixturevalue("tmp_path")
-    return Backend("sqlite", {"type": "sqlite", "path": str(tmp / "grouped.db")})
+    return SqliteBackend("sqlite", {"type": "sqlite", "path": str(tmp / "grouped.db")})
 
 
-def _clickhouse(request: pytest.FixtureRequest, options: dict[str, Any]) -> Backend:
+def _server_sql(request: pytest.FixtureRequest, dialect: Dialect) -> Backend:
+    sql = SqlBackend(dialect, request.getfixturevalue(dialect.server_fixture))
+    return ServerSqlBackend(dialect.name, sql.source(), sql=sql)
+
+
+def _clickhouse(request: pytest.FixtureRequest, name: str, options: dict[str, Any]) -> Backend:
     server: ClickHouseServer = request.getfixturevalue("clickhouse_server")
-    return Backend("clickhouse", {"type": "clickhouse", "host": server.host, "port": server.port,
-                                  "user": server.user, "password": server.password,
-                                  "database": server.database}, options, server)
+    return ClickHouseBackend(name, {"type": "clickhouse", "host": server.host, "port": server.port,
+                                    "user": server.user, "password": server.password,
+                                    "database": server.database}, options, server=server)
 
 
-_WIDE = {"layout": "wide"}
-_TALL = {"layout": "tall", "event_time_column": "event_time"}
+_MAKE: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": _sqlite,
+    "mysql": lambda request: _server_sql(request, MYSQL),
+    "hologres": lambda request: _server_sql(request, HOLOGRES),
+    "clickhouse_wide": lambda request: _clickhouse(request, "clickhouse_wide", {"layout": "wide"}),
+    "clickhouse_tall": lambda request: _clickhouse(request, "clickhouse_tall",
+                                                   {"layout": "tall", "event_time_column": "event_time"}),
+}
+_MARKS = {"sqlite": pytest.mark.sqlite, "mysql": pytest.mark.mysql, "hologres": pytest.mark.hologres,
+          "clickhouse_wide": pytest.mark.clickhouse, "clickhouse_tall": pytest.mark.clickhouse}
 
 
-@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.sqlite),
-                        pytest.param("clickhouse_wide", marks=pytest.mark.clickhouse),
-                        pytest.param("clickhouse_tall", marks=pytest.mark.clickhouse)])
+def _params(*names: str) -> list[Any]:
+    """The backends ``names``, each marked with its store's marker (``-m mysql`` and so on select it)."""
+    return [pytest.param(name, id=name, marks=_MARKS[name]) for name in names]
+
+
+ALL = _params(*_MAKE)
+
+
+@pytest.fixture(params=ALL)
 def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "sqlite":
-        return _sqlite(request)
-    return _clickhouse(request, _WIDE if request.param == "clickhouse_wide" else _TALL)
+    return _MAKE[request.param](request)
 
 
 def _views(backend: Backend, missing: bool = False) -> list[dict[str, Any]]:
@@ -128,32 +310,6 @@ def _runtime(backend: Backend, missing: bool = False, **source: Any) -> factory.
         b.prepare()
         b.upsert([(f"k{i}", {"x": i / 2}) for i in range(0, 7, 2)])  # k1, k3, k5: rows of a only
     return runtime
-
-
-def _count_checkouts(source: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Each connection (SQLite) or Client (ClickHouse) the source's own pool hands out from now on."""
-    handed: list[Any] = []
-    if source.type_name == "sqlite":
-        checkout: Callable[[], Any] = source._checkout
-
-        def counting_checkout() -> Any:
-            conn = checkout()
-            handed.append(conn)
-            return conn
-
-        monkeypatch.setattr(source, "_checkout", counting_checkout)
-        return handed
-    pool = source._pool
-    borrow = pool.client
-
-    @contextlib.contextmanager
-    def counting_borrow(wait_s: float | None) -> Iterator[Any]:
-        with borrow(wait_s) as client:
-            handed.append(client)
-            yield client
-
-    monkeypatch.setattr(pool, "client", counting_borrow)
-    return handed
 
 
 def _together(runtime: factory.Runtime, *names: str, timeout_s: float = 5) -> list[BatchResult | Exception]:
@@ -183,8 +339,11 @@ def test_views_read_together_answer_as_each_alone(backend: Backend) -> None:
 def test_one_pool_checkout_for_the_whole_group(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = _runtime(backend)
     try:
-        _dao(runtime, "b").read(["k0"])  # both tables' layouts are known (ClickHouse inspects on first use)
-        checkouts = _count_checkouts(runtime.sources["db"], monkeypatch)
+        # The pool is open with a connection, both tables' layouts are known (ClickHouse inspects on first
+        # use).
+        _dao(runtime, "a").read(["k0"])
+        _dao(runtime, "b").read(["k0"])
+        checkouts = backend.count_checkouts(runtime.sources["db"], monkeypatch)
         _dao(runtime, "a").read(KEYS)
         assert len(checkouts) == 5  # the counter sees every checkout: one per chunk when a view reads alone
         checkouts.clear()
@@ -195,17 +354,15 @@ def test_one_pool_checkout_for_the_whole_group(backend: Backend, monkeypatch: py
         runtime.close()
 
 
-@pytest.mark.clickhouse
-def test_first_use_inspects_the_table_on_the_groups_own_client(clickhouse_server: ClickHouseServer,
-                                                              request: pytest.FixtureRequest,
+@pytest.mark.parametrize("backend", _params("clickhouse_wide", "clickhouse_tall"), indirect=True)
+def test_first_use_inspects_the_table_on_the_groups_own_client(backend: Backend,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh runtime of one Client: the layout inspections of both views run inside the group's borrow."""
-    backend = _clickhouse(request, _WIDE)
     _runtime(backend).close()
     runtime = factory.build({"sources": {"db": backend.source(batch_size=2, pool_size=1)},
                              "views": _views(backend)})
     try:
-        checkouts = _count_checkouts(runtime.sources["db"], monkeypatch)
+        checkouts = backend.count_checkouts(runtime.sources["db"], monkeypatch)
         got_a, got_b = _together(runtime, "a", "b", timeout_s=10)
         assert isinstance(got_a, BatchResult) and isinstance(got_b, BatchResult)
         assert got_a.failed == [] and got_b.failed == []
@@ -220,7 +377,7 @@ def test_a_missing_table_fails_its_view_alone(backend: Backend, monkeypatch: pyt
     runtime = _runtime(backend, missing=True, pool_size=1)
     try:
         expected = _dao(runtime, "a").read(KEYS).rows
-        checkouts = _count_checkouts(runtime.sources["db"], monkeypatch)
+        checkouts = backend.count_checkouts(runtime.sources["db"], monkeypatch)
         for order in (("b", "a"), ("a", "b"), ("b", "a")):
             got = dict(zip(order, _together(runtime, *order), strict=True))
             assert isinstance(got["b"], BackendQueryError), repr(got["b"])
@@ -230,7 +387,7 @@ def test_a_missing_table_fails_its_view_alone(backend: Backend, monkeypatch: pyt
             assert got["a"].rows == expected and got["a"].failed == [] and got["a"].degraded == []
         assert len(checkouts) == 3
         assert len({id(c) for c in checkouts}) == 1  # the one pooled connection (Client), kept each time
-        # It serves on, read alone without a deadline of the caller's.
+        # It serves on, read alone without a deadline of the caller's (the default statement limit back).
         assert _dao(runtime, "a").read(["k6"])[0] == {"n": 6, "s": "s6", "tags": None}
         with pytest.raises(BackendQueryError):
             _dao(runtime, "b").read(["k0"])
@@ -238,40 +395,18 @@ def test_a_missing_table_fails_its_view_alone(backend: Backend, monkeypatch: pyt
         runtime.close()
 
 
-@pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=pytest.mark.sqlite),
-                                  pytest.param("clickhouse", marks=pytest.mark.clickhouse)])
-def test_once_the_groups_time_is_gone_the_rest_is_not_sent(kind: str, request: pytest.FixtureRequest,
+def test_once_the_groups_time_is_gone_the_rest_is_not_sent(backend: Backend,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = _sqlite(request) if kind == "sqlite" else \
-        _clickhouse(request, {"layout": "wide", "final": False})
-    slow_table = backend.table("slow")
-    backend.make_slow(slow_table)
+    slow_table, slow_options = backend.make_slow()
     _runtime(backend).close()  # tables a and b, filled
     runtime = factory.build({"sources": {"db": backend.source(batch_size=2, pool_size=1)},
-                             "views": [*_views(backend), backend.view("slow", slow_table, {"n": "int"})]})
+                             "views": [*_views(backend),
+                                       backend.view("slow", slow_table, {"n": "int"}, **slow_options)]})
     try:
         _dao(runtime, "b").read(["k0"])
         with pytest.raises(BackendTimeout):  # the slow view's layout is inspected, its read times out
             _dao(runtime, "slow").read(["k0"], timeout_s=0.3)
-        source: Any = runtime.sources["db"]
-        sent: list[str] = []
-        if kind == "sqlite":
-            checkout = source._checkout
-
-            def traced() -> Any:
-                conn = checkout()
-                conn.set_trace_callback(sent.append)  # every statement SQLite is asked to run
-                return conn
-
-            monkeypatch.setattr(source, "_checkout", traced)
-        else:
-            select_on = source._select_on
-
-            def counted(client: Any, sql: str, params: Any, deadline: float) -> Any:
-                sent.append(sql)
-                return select_on(client, sql, params, deadline)
-
-            monkeypatch.setattr(source, "_select_on", counted)
+        sent = backend.trace_statements(runtime.sources["db"], monkeypatch)
         started = time.perf_counter()
         got_slow, got_b = _together(runtime, "slow", "b", timeout_s=0.5)
         took = time.perf_counter() - started
@@ -279,23 +414,26 @@ def test_once_the_groups_time_is_gone_the_rest_is_not_sent(kind: str, request: p
         assert sorted(got_slow.failed) == sorted(set(KEYS)) and sorted(got_b.failed) == sorted(set(KEYS))
         assert took < 3, took
         # One statement of the slow view ran to the deadline; none of its later chunks, none of b's, was sent.
-        assert [s for s in sent if "IN" in s.upper()] == [s for s in sent if slow_table in s]
+        assert [s for s in sent if backend.reads_keys(s)] == [s for s in sent if slow_table in s]
         assert len([s for s in sent if slow_table in s]) == 1
-        if kind == "sqlite":
-            monkeypatch.undo()
+        monkeypatch.undo()
         # The pool's only connection serves on.
         assert _dao(runtime, "b").read(["k0"])[0] == {"x": 0.0}
     finally:
         runtime.close()
 
 
+# sqlite and clickhouse only: their read_group answers each fetch with its own Overloaded. The mysql and
+# hologres read_group raise the pool's Overloaded for the whole group, which reaches each view as a
+# BatchResult whose keys all failed (error Overloaded without the view), so this does not hold there.
+@pytest.mark.parametrize("backend", _params("sqlite", "clickhouse_wide", "clickhouse_tall"),
+                         indirect=True)
 def test_a_pool_without_a_free_connection_fails_each_read_as_overloaded(backend: Backend) -> None:
     """Our own pool's wait is this process's load: each read fails Overloaded, not as the store's timeout."""
     runtime = _runtime(backend, pool_size=1)
     try:
         source: Any = runtime.sources["db"]
-        held = source.connection() if backend.kind == "sqlite" else source._pool.client(None)
-        with held:
+        with backend.hold(source):
             started = time.perf_counter()
             got = _together(runtime, "a", "b", timeout_s=0.3)
             assert time.perf_counter() - started < 2
@@ -333,7 +471,7 @@ def test_a_request_reads_a_user_view_and_an_item_view_with_one_checkout(
         _fill_service(service)
         assert service.runtime is not None
         source: Any = service.runtime.sources["db"]
-        checkouts = _count_checkouts(source, monkeypatch)
+        checkouts = backend.count_checkouts(source, monkeypatch)
         grouped = service.fetch("u1", items)
         assert len(checkouts) == 1  # the user's view and the items' view (three chunks) together
         assert grouped.user == {"u_age": 30, "u_city": "Oslo"}
