@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from featuredao.config import View, quote_identifier
 from featuredao.dao import BaseDao, Chunks, Fetch, Source, StateStore
-from featuredao.errors import BackendTimeout, BackendUnavailable, Unsupported
+from featuredao.errors import BackendTimeout, BackendUnavailable, Overloaded, Unsupported
 from featuredao.types import FeatureType, Key, RawRows, Row
 
 from ._sql_dialect import POSTGRES, Dialect, SqlViewOptions
@@ -69,7 +69,12 @@ class SqlSource(Source):
         def work(conn: Any) -> list[Chunks | Exception]:
             return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
 
-        answers: list[Chunks | Exception] = self._on_connection(work, timeout_s)
+        try:
+            answers: list[Chunks | Exception] = self._on_connection(work, timeout_s)
+        except Overloaded:
+            # No connection of our own pool in time: each read fails as this process's load, by name.
+            return [Overloaded("no free connection of the pool in time", source=self.name, view=f.view)
+                    for f in fetches]
         return answers
 
     def _read_chunks(self, conn: Any, fetch: Fetch, deadline: float | None) -> Chunks | Exception:

@@ -423,11 +423,6 @@ def test_once_the_groups_time_is_gone_the_rest_is_not_sent(backend: Backend,
         runtime.close()
 
 
-# sqlite and clickhouse only: their read_group answers each fetch with its own Overloaded. The mysql and
-# hologres read_group raise the pool's Overloaded for the whole group, which reaches each view as a
-# BatchResult whose keys all failed (error Overloaded without the view), so this does not hold there.
-@pytest.mark.parametrize("backend", _params("sqlite", "clickhouse_wide", "clickhouse_tall"),
-                         indirect=True)
 def test_a_pool_without_a_free_connection_fails_each_read_as_overloaded(backend: Backend) -> None:
     """Our own pool's wait is this process's load: each read fails Overloaded, not as the store's timeout."""
     runtime = _runtime(backend, pool_size=1)
