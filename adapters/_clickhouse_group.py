@@ -21,14 +21,14 @@ from typing import Any
 
 from clickhouse_driver import errors as ch_errors
 
-from featuredao.dao import Chunks, Fetch, Source
+from featuredao.dao import Chunks, Fetch, Source, chunks_in_turn
 from featuredao.errors import (
     BackendQueryError,
     BackendTimeout,
-    BackendUnavailable,
     FeatureDaoError,
     Overloaded,
 )
+from featuredao.types import Key, RawRows
 
 from ._clickhouse_table import Query
 
@@ -62,29 +62,15 @@ def read_on_one_client(source: Source, borrow: Borrow, select_on: SelectOn, fetc
 
 
 def read_fetch(source: Source, query: Query, fetch: Fetch, until: float | None) -> Chunks | Exception:
-    """One fetch's chunks, or the error its read raises; ``until`` is the group's deadline
-    (``time.perf_counter``). As a view read alone, no statement follows a chunk that failed."""
+    """One fetch's chunks on the group's Client, as its DAO's ``_fetch_batch`` reads each
+    (``chunks_in_turn``); ``until`` is the group's deadline (``time.perf_counter``)."""
     dao: Any = fetch.dao
-    answers: Chunks = []
-    total = len(fetch.chunks)
-    while len(answers) < total:
-        budget = None if until is None else until - time.perf_counter()
-        if budget is not None and budget <= 0:
-            gone = BackendTimeout("deadline passed before the store answered", source=source.name,
-                                  view=fetch.view)
-            return answers + [gone] * (total - len(answers))
-        try:
-            answers.append(dao.read_chunk(query, fetch.chunks[len(answers)], fetch.fields, budget))
-        except Exception as exc:
-            if source.closed or not _refused(source, exc):
-                raise  # the connection failed (or close() ended it): the whole group with it
-            mapped = source.translate(exc, fetch.view)
-            if mapped is not exc:
-                mapped.__cause__ = exc  # as operation() raises it: from the driver's error
-            if isinstance(mapped, BackendUnavailable):  # cancelled at its time limit, or the server busy
-                return answers + [mapped] * (total - len(answers))
-            return mapped if isinstance(mapped, Exception) else exc
-    return answers
+
+    def read_chunk(keys: list[Key], left: float | None) -> RawRows:
+        rows: RawRows = dao.read_chunk(query, keys, fetch.fields, left)
+        return rows
+
+    return chunks_in_turn(source, fetch, until, read_chunk, lambda exc: _refused(source, exc))
 
 
 def _refused(source: Source, exc: Exception) -> bool:

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from featuredao.config import View, quote_identifier
-from featuredao.dao import BaseDao, Chunks, Fetch, Source, StateStore
-from featuredao.errors import BackendTimeout, BackendUnavailable, Overloaded, Unsupported
+from featuredao.dao import BaseDao, Chunks, Fetch, Source, StateStore, chunks_in_turn
+from featuredao.errors import Overloaded, Unsupported
 from featuredao.types import FeatureType, Key, RawRows, Row
 
 from ._sql_dialect import POSTGRES, Dialect, SqlViewOptions
@@ -64,10 +64,10 @@ class SqlSource(Source):
         """Every fetch's chunks on one pooled connection, a statement each, each limited by the time the
         group has left. A statement the server refuses fails its fetch alone (the next runs on the same
         connection); a connection-level error fails the group, as one round trip would."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        until = None if timeout_s is None else time.perf_counter() + timeout_s
 
         def work(conn: Any) -> list[Chunks | Exception]:
-            return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
+            return [self._read_chunks(conn, fetch, until) for fetch in fetches]
 
         try:
             answers: list[Chunks | Exception] = self._on_connection(work, timeout_s)
@@ -77,35 +77,15 @@ class SqlSource(Source):
                     for f in fetches]
         return answers
 
-    def _read_chunks(self, conn: Any, fetch: Fetch, deadline: float | None) -> Chunks | Exception:
-        """One fetch's chunks, as its DAO's ``_fetch_batch`` reads each, or the error its read raises."""
+    def _read_chunks(self, conn: Any, fetch: Fetch, until: float | None) -> Chunks | Exception:
+        """One fetch's chunks on ``conn``, as its DAO's ``_fetch_batch`` reads each (``chunks_in_turn``)."""
         st: SqlStatements = fetch.dao.statements
         sql = st.select(fetch.fields)
-        parts: Chunks = []
-        failure: BackendUnavailable | None = None
-        for chunk in fetch.chunks:
-            left = None if deadline is None else deadline - time.monotonic()
-            if failure is None and left is not None and left <= 0:
-                failure = BackendTimeout("deadline passed before the store answered", source=self.name,
-                                         view=fetch.view)
-            if failure is not None:
-                parts.append(failure)  # as a view read alone: no more statements after a failed chunk
-                continue
-            try:
-                rows = self._select(conn, sql, st.params(chunk, fetch.fields), left)
-            except Exception as exc:
-                if self.closed or not self._statement_failed(exc, conn):
-                    raise
-                mapped = self.translate(exc, fetch.view)
-                if mapped is not exc:
-                    mapped.__cause__ = exc  # as operation() raises it: from the driver's error
-                if not isinstance(mapped, BackendUnavailable):
-                    return mapped if isinstance(mapped, Exception) else exc
-                failure = mapped  # the server cancelled it at its time limit
-                parts.append(mapped)
-                continue
-            parts.append(st.decode(rows, fetch.fields))
-        return parts
+
+        def read_chunk(keys: list[Key], left: float | None) -> RawRows:
+            return st.decode(self._select(conn, sql, st.params(keys, fetch.fields), left), fetch.fields)
+
+        return chunks_in_turn(self, fetch, until, read_chunk, lambda exc: self._statement_failed(exc, conn))
 
     async def afetch(self, sql: str, params: Sequence[Any],
                      timeout_s: float | None) -> Sequence[Sequence[Any]]:

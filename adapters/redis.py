@@ -151,8 +151,8 @@ class RedisSource(Source):
         commands, sizes = _group_commands(fetches)
         replies = exchange(client, commands, timeout_s, self.options.retries, error_replies=True)
         return [answer if isinstance(answer, Exception) else
-                [fetch.dao._read_rows(client, chunk, replies, fetch.fields, deadline)
-                 for chunk, replies in zip(fetch.chunks, answer, strict=True)]
+                [fetch.dao._read_rows(client, chunk, sent, fetch.fields, deadline)
+                 for chunk, sent in zip(fetch.chunks, answer, strict=True)]
                 for fetch, answer in zip(fetches, self._split(fetches, sizes, replies), strict=True)]
 
     async def aread_group(self, fetches: Sequence[Fetch],
@@ -169,8 +169,8 @@ class RedisSource(Source):
             if isinstance(answer, Exception):
                 out.append(answer)
                 continue
-            out.append([await fetch.dao._aread_rows(client, chunk, replies, fetch.fields)
-                        for chunk, replies in zip(fetch.chunks, answer, strict=True)])
+            out.append([await fetch.dao._aread_rows(client, chunk, sent, fetch.fields)
+                        for chunk, sent in zip(fetch.chunks, answer, strict=True)])
         return out
 
     def _split(self, fetches: Sequence[Fetch], sizes: list[int],

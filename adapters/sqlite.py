@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator
 
 from featuredao.config import StrictModel, View, quote_identifier
-from featuredao.dao import BaseDao, Capabilities, Change, Chunks, Fetch, Source, StateStore
+from featuredao.dao import BaseDao, Capabilities, Change, Chunks, Fetch, Source, StateStore, chunks_in_turn
 from featuredao.errors import (
     BackendError,
     BackendQueryError,
@@ -140,43 +140,29 @@ class SqliteSource(Source):
         time is up (the borrow's progress handler). A statement SQLite refuses (one view's missing table)
         fails its fetch alone and the next runs on the same connection; a file that cannot be read fails
         the group."""
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        until = None if timeout_s is None else time.perf_counter() + timeout_s
         try:
             with self.connection(timeout_s) as conn:
-                return [self._read_chunks(conn, fetch, deadline) for fetch in fetches]
+                return [self._read_chunks(conn, fetch, until) for fetch in fetches]
         except Overloaded:
             # No connection of our own pool in time: each read fails as this process's load (not as the
             # store's timeout, which a late answer of chunks would become), as when it waits alone.
             return [Overloaded("no free connection of the pool in time", source=self.name, view=f.view)
                     for f in fetches]
 
-    def _read_chunks(self, conn: sqlite3.Connection, fetch: Fetch,
-                     deadline: float | None) -> Chunks | Exception:
-        """One fetch's chunks, each as its DAO's ``_fetch_batch`` reads it, or the error its read raises.
-
-        As a view read alone, no statement follows a chunk that failed: the rest fail with it.
-        """
+    def _read_chunks(self, conn: sqlite3.Connection, fetch: Fetch, until: float | None) -> Chunks | Exception:
+        """One fetch's chunks on ``conn``, as its DAO's ``_fetch_batch`` reads each (``chunks_in_turn``)."""
         dao: SqliteDao = fetch.dao
-        parts: Chunks = []
-        for i, chunk in enumerate(fetch.chunks):
-            left = len(fetch.chunks) - i
-            if deadline is not None and time.perf_counter() >= deadline:
-                late = BackendTimeout("deadline passed before the store answered", source=self.name,
-                                      view=fetch.view)
-                return [*parts, *[late] * left]
-            try:
-                rows = dao._statement(conn, chunk, fetch.fields)
-            except sqlite3.Error as exc:
-                kind = self.map_error(exc)
-                if self.closed or kind is None or kind is BackendUnavailable:
-                    raise  # interrupted by close, or the file itself failed: the whole group
-                error = kind(self.error_detail(exc, kind, fetch.view), source=self.name, view=fetch.view)
-                error.__cause__ = exc  # as operation() raises it: from the driver's error
-                if isinstance(error, BackendTimeout):  # interrupted at the group's deadline, or still locked
-                    return [*parts, *[error] * left]
-                return error  # refused (no such table...): the connection runs the next fetch
-            parts.append(dao._decode(rows, fetch.fields))
-        return parts
+
+        def read_chunk(keys: list[Key], left: float | None) -> RawRows:
+            return dao._decode(dao._statement(conn, keys, fetch.fields), fetch.fields)
+
+        def refused(exc: Exception) -> bool:
+            # Not the file itself failing (BackendUnavailable), which fails the group; a timeout here is
+            # the group's deadline interrupting the statement (the borrow's progress handler).
+            return isinstance(exc, sqlite3.Error) and self.map_error(exc) not in (None, BackendUnavailable)
+
+        return chunks_in_turn(self, fetch, until, read_chunk, refused)
 
     def dao(self, view: View) -> SqliteDao:
         return SqliteDao(self, view)

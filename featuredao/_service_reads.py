@@ -223,13 +223,12 @@ class ServiceReads:
                 continue
             started = time.perf_counter()
             hit = part.dao.peek(part.keys)
-            lane = part.dao.lane()
             if hit is not None:
                 self._metrics.read(part.view.name, time.perf_counter() - started, len(part.keys), hit.found)
                 done: asyncio.Future[BatchResult] = loop.create_future()
                 done.set_result(hit)
                 out.append(done)
-            elif lane is not None and part.dao.grouped():
+            elif (lane := part.dao.lane()) is not None and part.dao.grouped():
                 together.setdefault(lane[0], []).append(len(out))
                 out.append(None)  # below: read with the other views of its source, or alone
             else:

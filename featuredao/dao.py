@@ -46,6 +46,7 @@ from featuredao.sequence_hooks import SequenceHooks
 from featuredao.steps import Chunks as Chunks
 from featuredao.steps import Fetch as Fetch
 from featuredao.steps import ReadSteps, each_alone
+from featuredao.steps import chunks_in_turn as chunks_in_turn
 from featuredao.sync_hooks import SyncHooks
 from featuredao.types import (
     COERCION_ERRORS,
@@ -88,7 +89,7 @@ class _Operation:
                  tb: TracebackType | None) -> None:
         source = self.source
         source._gate.leave()
-        if exc is None or not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):  # no error, or one that is not the store's (KeyboardInterrupt)
             return
         if source._gate.closed and not isinstance(exc, Closed):
             # Interrupted (or its connection freed) by close(): say so, not "the store failed".

@@ -28,6 +28,9 @@ class GroupSource(Protocol):
 
     name: str
 
+    @property
+    def closed(self) -> bool: ...
+
     def operation(self, view: str | None = None) -> AbstractContextManager[None]: ...
 
     def translate(self, exc: BaseException, view: str | None = None) -> BaseException: ...
@@ -190,6 +193,38 @@ def _settled(fetches: list[Fetch], answers: list[Chunks | Exception], ready: lis
                                   view=fetch.view)
             answer = [c if isinstance(c, BackendUnavailable) else late for c in answer]
         answers[i] = answer
+    return answers
+
+
+def chunks_in_turn(source: GroupSource, fetch: Fetch, until: float | None,
+                   read_chunk: Callable[[list[Key], float | None], RawRows],
+                   refused: Callable[[Exception], bool]) -> Chunks | Exception:
+    """One fetch's chunks read one after another on the connection a group holds, or the error its read
+    raises: ``read_chunk(keys, time_left)`` reads one; ``until`` is the group's deadline (perf_counter).
+
+    As a view read alone, nothing is sent once the time is gone and no statement follows a chunk that
+    failed. A statement the store ``refused`` (a missing table) fails this fetch only, the connection
+    runs the next; any other error (the connection's, or close) is raised and fails the group.
+    """
+    answers: Chunks = []
+    total = len(fetch.chunks)
+    for chunk in fetch.chunks:
+        left = None if until is None else until - time.perf_counter()
+        if left is not None and left <= 0:
+            gone = BackendTimeout("deadline passed before the store answered", source=source.name,
+                                  view=fetch.view)
+            return answers + [gone] * (total - len(answers))
+        try:
+            answers.append(read_chunk(chunk, left))
+        except Exception as exc:
+            if source.closed or not refused(exc):
+                raise
+            mapped = source.translate(exc, fetch.view)
+            if mapped is not exc:
+                mapped.__cause__ = exc  # as operation() raises it: from the driver's error
+            if isinstance(mapped, BackendUnavailable):  # cancelled at its time limit: the rest with it
+                return answers + [mapped] * (total - len(answers))
+            return mapped if isinstance(mapped, Exception) else exc
     return answers
 
 
